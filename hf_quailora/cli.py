@@ -1,0 +1,118 @@
+"""`hf-quailora` command line: benchmark every rank of a dynamic-rank adapter, or export one rank.
+
+    hf-quailora eval --model smollm2-135m --adapter outputs/alpaca/adapter --ranks 1,2,4,8,16 \\
+        --tasks quailora_wiki_ppl,quailora_alpaca_loss --limit 50 --output_dir outputs/rank_sweep
+    hf-quailora export --model smollm2-135m --adapter outputs/alpaca/adapter --rank 4 --output_dir adapter-r4
+
+`hf-quailora <command> --help` explains every option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="base model: embedded name (smollm2-135m), local folder or Hub id (default: %(default)s)")
+    parser.add_argument("--adapter", required=True, help="folder of the saved (full-rank) dynamic-rank LoRA adapter")
+    parser.add_argument("--quantization", default=None, choices=["none", "nf4", "fp4", "int8"],
+                        help="load the base quantized by bitsandbytes (default: what dynamic_rank.json records the "
+                        "adapter was trained on, else none)")
+    parser.add_argument("--rank_scaling", default=None, choices=["per_rank", "constant", "rslora"],
+                        help="scaling the adapter was trained with (default: read from dynamic_rank.json, else per_rank)")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-quailora", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    evaluate = commands.add_parser("eval", help="lm-eval benchmarks of every rank of one adapter",
+                                   description="Run lm-evaluation-harness tasks at each rank of one dynamic-rank "
+                                   "adapter (the model is loaded once) and write results.json, results.md and "
+                                   "results.png.")
+    _add_model_arguments(evaluate)
+    evaluate.add_argument("--ranks", required=True, help="comma-separated ranks, e.g. 1,2,4,8")
+    evaluate.add_argument("--tasks", default="quailora_wiki_ppl",
+                          help="comma-separated lm-eval tasks; offline: quailora_wiki_ppl, quailora_alpaca_loss, "
+                          "quailora_alpaca_mc; others need the Hub or --include_path (default: %(default)s)")
+    evaluate.add_argument("--include_path", action="append", default=None, help="folder of extra task YAMLs (repeatable)")
+    evaluate.add_argument("--output_dir", required=True, help="where results.json/.md/.png are written")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace results already in --output_dir")
+    evaluate.add_argument("--limit", type=float, default=None, help="documents per task (int) or fraction (<1)")
+    evaluate.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples per prompt")
+    evaluate.add_argument("--batch_size", type=int, default=8, help="lm-eval batch size (default: %(default)s)")
+    evaluate.add_argument("--max_length", type=int, default=None, help="lm-eval context length (default: the model's)")
+    evaluate.add_argument("--apply_chat_template", action="store_true", help="format prompts with the chat template")
+    evaluate.add_argument("--no_base_baseline", action="store_true",
+                          help="skip the base model (adapter disabled) baseline row")
+
+    export = commands.add_parser("export", help="save one rank as an ordinary peft adapter",
+                                 description="Export rank b of a dynamic-rank adapter as a plain peft LoRA adapter "
+                                 "(r=b, lora_alpha set so peft's scaling equals the trained one).")
+    _add_model_arguments(export)
+    export.add_argument("--rank", type=int, required=True, help="the rank b to export")
+    export.add_argument("--output_dir", required=True, help="folder for adapter_config.json and the weights")
+    return parser
+
+
+def _load(args):
+    from peft import PeftModel
+
+    from .dynamic_rank import lora_rank_of
+    from .lm_eval_bridge import DYNAMIC_RANK_METADATA, read_dynamic_rank_metadata
+    from .quantization import load_quantized_model
+
+    metadata = read_dynamic_rank_metadata(args.adapter)
+    if metadata is None:
+        logging.getLogger("hf_quailora").warning(
+            "%s has no %s: not a dynamic-rank adapter; only its own rank is meaningful.", args.adapter,
+            DYNAMIC_RANK_METADATA,
+        )
+    quantization = args.quantization or (metadata or {}).get("quantization", "none")
+    base, tokenizer = load_quantized_model(args.model, quantization)
+    model = PeftModel.from_pretrained(base, args.adapter)
+    scaling = args.rank_scaling or (metadata or {}).get("rank_scaling", "per_rank")
+    return model, tokenizer, scaling, metadata, lora_rank_of(model)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = make_parser().parse_args(argv)
+    from .lm_eval_bridge import _check_output_dir, evaluate_ranks, parse_ranks, resolve_tasks
+
+    if args.command == "eval":
+        ranks = parse_ranks(args.ranks)
+        resolve_tasks(args.tasks, args.include_path)  # fail on task names before loading anything
+        _check_output_dir(args.output_dir, args.overwrite)
+        model, tokenizer, scaling, metadata, full_rank = _load(args)
+        if metadata is None and ranks != [full_rank]:
+            logging.getLogger("hf_quailora").warning("Evaluating only rank %d (the adapter's own).", full_rank)
+            ranks = [full_rank]
+        limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+        rows = evaluate_ranks(
+            model, tokenizer, ranks, args.tasks, include_path=args.include_path, output_dir=args.output_dir,
+            overwrite=args.overwrite, baselines=None if args.no_base_baseline else {"base model": "no_adapter"},
+            rank_scaling=scaling, limit=limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+            max_length=args.max_length, apply_chat_template=args.apply_chat_template,
+        )
+        from .reporting import rows_to_markdown
+
+        print(rows_to_markdown(rows))
+        print(f"Results written to {args.output_dir}/results.json, results.md, results.png")
+    else:
+        from .dynamic_rank import export_rank
+
+        model, _, scaling, _, full_rank = _load(args)
+        if not 1 <= args.rank <= full_rank:
+            raise SystemExit(f"--rank {args.rank} is outside this adapter's range 1..{full_rank}.")
+        path = export_rank(model, args.rank, args.output_dir, scaling=scaling)
+        print(f"Rank {args.rank} exported as a plain peft adapter to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""`DynamicRankConfig`: the `SFTConfig` of `DynamicRankTrainer` (DyLoRA, QDyLoRA and SoFT along the rank axis).
+
+Example:
+
+```python
+from hf_quailora import DynamicRankConfig
+
+args = DynamicRankConfig(output_dir="out", min_rank=1, update_rule="nested", eval_ranks=[1, 2, 4, 8], report_to="none")
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from trl import SFTConfig
+
+from .dynamic_rank import RANK_DISTRIBUTIONS, RANK_SCALINGS, UPDATE_RULES, check_rank_range, check_weighted_ranks
+
+
+def _has_bf16_accelerator() -> bool:
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+@dataclass
+class DynamicRankConfig(SFTConfig):
+    r"""Configuration of [`DynamicRankTrainer`]: an [`~trl.SFTConfig`] plus the dynamic-rank options.
+
+    One LoRA of maximum rank is trained so that every truncation `b` works on its own (DyLoRA, Valipour et al. 2023;
+    QDyLoRA, Rajabzadeh et al. 2024), or with the summed loss of several ranks every step (SoFT, Kavehzadeh et al.
+    2023).
+
+    Parameters:
+        > Rank sampling
+
+        min_rank (`int`, defaults to 1): smallest rank drawn.
+        max_rank (`int`, *optional*): largest rank drawn; defaults to the LoRA r of the model (the smallest r when
+            layers differ). Must not exceed it.
+        rank_distribution (`str`, defaults to `"uniform"`): `"uniform"` over `[min_rank, max_rank]` (DyLoRA) or
+            `"weighted"` over `rank_choices` with `rank_weights`.
+        rank_choices (`list[int]`, *optional*): ranks of the `"weighted"` distribution.
+        rank_weights (`list[float]`, *optional*): positive weights of `rank_choices` (equal when omitted).
+        rank_seed (`int`, *optional*): seed of the rank generator; defaults to `seed`. Every process uses the same.
+
+        > Update rule and scaling
+
+        update_rule (`str`, defaults to `"frozen"`): `"frozen"` (DyLoRA: only component b learns; at `b == min_rank`
+            all components `≤ min_rank` learn, since they would otherwise never do) or `"nested"` (QDyLoRA: every
+            component `≤ b` learns).
+        rank_scaling (`str`, defaults to `"per_rank"`): scaling at rank b: `"per_rank"` `α/b` (DyLoRA), `"constant"`
+            peft's `α/r` at every b (keeps QuAILoRA's sorted initialisation optimal at every rank), `"rslora"`
+            `α/√b`.
+
+        > SoFT
+
+        soft_ranks (`list[int]`, *optional*): when set, SoFT mode: the loss of every step is the weighted sum of the
+            losses at these ranks (no sampling).
+        soft_weights (`list[float]`, *optional*): weights of `soft_ranks` (1 each when omitted).
+
+        > Evaluation
+
+        eval_ranks (`list[int]`, *optional*): ranks that `evaluate()` reports as `eval_loss@r{b}`; defaults to
+            `min_rank`, the powers of two between, and `max_rank`.
+
+        > Defaults that differ from `SFTConfig`
+
+        bf16 (`bool`, *optional*): when not set, `True` only if a CUDA/XPU device is present (SFTConfig turns it on
+            everywhere, which fails on a CPU-only machine).
+    """
+
+    # Rank sampling
+    min_rank: int = field(default=1, metadata={"help": "Smallest rank drawn."})
+    max_rank: int | None = field(
+        default=None, metadata={"help": "Largest rank drawn; defaults to the LoRA r. Must not exceed it."}
+    )
+    rank_distribution: Literal["uniform", "weighted"] = field(
+        default="uniform",
+        metadata={"help": "Distribution of the rank drawn each optimizer step.", "choices": list(RANK_DISTRIBUTIONS)},
+    )
+    rank_choices: list[int] | None = field(default=None, metadata={"help": "Ranks of the 'weighted' distribution."})
+    rank_weights: list[float] | None = field(default=None, metadata={"help": "Weights of `rank_choices`."})
+    rank_seed: int | None = field(default=None, metadata={"help": "Seed of the rank generator; defaults to `seed`."})
+    # Update rule and scaling
+    update_rule: Literal["frozen", "nested"] = field(
+        default="frozen",
+        metadata={"help": "'frozen': only component b learns (DyLoRA); 'nested': all <= b (QDyLoRA).",
+                  "choices": list(UPDATE_RULES)},
+    )
+    rank_scaling: Literal["per_rank", "constant", "rslora"] = field(
+        default="per_rank",
+        metadata={"help": "Scaling at rank b: alpha/b, peft's constant alpha/r, or alpha/sqrt(b).",
+                  "choices": list(RANK_SCALINGS)},
+    )
+    # SoFT
+    soft_ranks: list[int] | None = field(
+        default=None, metadata={"help": "SoFT mode: sum the losses at these ranks every step instead of sampling."}
+    )
+    soft_weights: list[float] | None = field(default=None, metadata={"help": "Weights of `soft_ranks`."})
+    # Evaluation
+    eval_ranks: list[int] | None = field(
+        default=None, metadata={"help": "Ranks evaluate() reports as eval_loss@r{b}; default: powers of two."}
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None and not self.fp16:
+            self.bf16 = _has_bf16_accelerator()
+        super().__post_init__()
+
+        # Rank sampling (max_rank=None: checked against the LoRA r by the trainer)
+        check_rank_range(self.min_rank, self.max_rank if self.max_rank is not None else self.min_rank)
+        upper = self.max_rank if self.max_rank is not None else 1 << 30  # checked against the LoRA r by the trainer
+        if self.rank_distribution not in RANK_DISTRIBUTIONS:
+            raise ValueError(
+                f"`rank_distribution` must be one of {RANK_DISTRIBUTIONS}; got {self.rank_distribution!r}."
+            )
+        if self.rank_distribution == "weighted":
+            check_weighted_ranks(
+                self.rank_choices, self.rank_weights, self.min_rank, upper, "rank_choices", "rank_weights"
+            )
+        elif self.rank_choices is not None or self.rank_weights is not None:
+            raise ValueError(
+                "`rank_choices`/`rank_weights` are only used with rank_distribution='weighted'; got "
+                f"rank_choices={self.rank_choices!r}, rank_weights={self.rank_weights!r}. Set "
+                "rank_distribution='weighted' or drop them."
+            )
+        if self.update_rule not in UPDATE_RULES:
+            raise ValueError(f"`update_rule` must be one of {UPDATE_RULES}; got {self.update_rule!r}.")
+        if self.rank_scaling not in RANK_SCALINGS:
+            raise ValueError(f"`rank_scaling` must be one of {RANK_SCALINGS}; got {self.rank_scaling!r}.")
+        if self.soft_ranks is not None:
+            check_weighted_ranks(
+                self.soft_ranks, self.soft_weights, self.min_rank, upper, "soft_ranks", "soft_weights"
+            )
+        elif self.soft_weights is not None:
+            raise ValueError(f"`soft_weights` ({self.soft_weights}) needs `soft_ranks`; set both or neither.")
+        if self.eval_ranks is not None:
+            if len(self.eval_ranks) == 0:
+                raise ValueError("`eval_ranks` is empty; give at least one rank or leave it None for the default.")
+            check_weighted_ranks(self.eval_ranks, None, 1, upper, "eval_ranks", "eval_weights")
+        if self.rank_seed is not None and (isinstance(self.rank_seed, bool) or not isinstance(self.rank_seed, int)):
+            raise TypeError(f"`rank_seed` must be an integer; got {self.rank_seed!r}.")
+
+    @property
+    def soft_mode(self) -> bool:
+        return self.soft_ranks is not None
+
+
+def default_eval_ranks(min_rank: int, max_rank: int) -> list[int]:
+    """`min_rank`, the powers of two strictly between, and `max_rank`."""
+    ranks = {min_rank, max_rank}
+    power = 1
+    while power < max_rank:
+        if power > min_rank:
+            ranks.add(power)
+        power *= 2
+    return sorted(ranks)

@@ -1,0 +1,221 @@
+"""QDyLoRA + QuAILoRA fine-tuning on Alpaca: one run, every rank, from a calibrated start.
+
+With no arguments it runs a short but real fine-tune of the embedded SmolLM2-135M-Instruct (NF4) on the embedded
+Alpaca data, on a CPU, in a few minutes:
+
+    accelerate launch recipes/alpaca.py
+    python recipes/alpaca.py                                              # the same, one process
+    accelerate launch recipes/alpaca.py --config recipes/configs/alpaca_gpu.yaml      # 7B-class QLoRA on a GPU
+    accelerate launch --num_processes 4 recipes/alpaca.py --config recipes/configs/alpaca_multi_gpu.yaml
+    torchrun --nproc_per_node 2 recipes/alpaca.py --max_steps 10 --ddp_backend gloo  # two processes on a CPU
+
+Steps: (1) load the base quantized by bitsandbytes and wrap it in a LoRA of rank `lora_r`; (2) QuAILoRA
+initialises the factors from calibration text (`QuAILoRAInitCallback`); (3) `DynamicRankTrainer` trains with a
+rank drawn every optimizer step and reports the eval loss at every `eval_ranks` rank; (4) the adapter is saved, a
+final lm-eval sweep over ranks runs, and requested ranks are exported as ordinary peft adapters. The output folder
+holds `adapter/`, `adapter-r{b}/` (on request), `results.md|json|png` and `summary.json`.
+
+Every option: `python recipes/alpaca.py --help` (the script's own options, every `DynamicRankConfig` /
+`SFTConfig` / `TrainingArguments` option, and `--config FILE.yaml`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoraConfig, get_peft_model
+from trl import TrlParser
+
+from hf_quailora import DynamicRankConfig, DynamicRankTrainer, QuAILoRAConfig, QuAILoRAInitCallback, export_rank
+from hf_quailora.data import load_alpaca_sft, load_dataset_any
+from hf_quailora.quantization import load_quantized_model
+
+
+logger = logging.getLogger("recipes.alpaca")
+
+
+@dataclass
+class AlpacaScriptArguments:
+    """Model, LoRA, data, QuAILoRA and sweep settings of the Alpaca recipe (training settings: DynamicRankConfig)."""
+
+    # Model and quantization
+    model_name_or_path: str = field(default="smollm2-135m", metadata={"help": "Embedded name, folder or Hub id."})
+    quantization: str = field(
+        default="nf4", metadata={"help": "Base quantization.", "choices": ["nf4", "fp4", "int8", "none"]}
+    )
+    double_quant: bool = field(default=True, metadata={"help": "Double quantization of 4-bit statistics."})
+    # LoRA
+    lora_r: int = field(default=16, metadata={"help": "Maximum LoRA rank (every rank up to it is trained)."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "peft target_modules (comma-separated)."})
+    # Data
+    dataset_name: str = field(default="alpaca", metadata={"help": "Embedded 'alpaca', a local JSON, or a Hub id."})
+    eval_holdout: int = field(default=200, metadata={"help": "Last examples held out from training."})
+    num_eval_examples: int = field(default=32, metadata={"help": "Held-out examples used by evaluate()."})
+    num_train_examples: int | None = field(default=None, metadata={"help": "Cap on training examples."})
+    # QuAILoRA
+    quailora: bool = field(default=True, metadata={"help": "Initialise LoRA with QuAILoRA (False: B = 0, QLoRA)."})
+    calibration_dataset: str = field(default="c4", metadata={"help": "Calibration text (embedded name, file, Hub)."})
+    calibration_samples: int = field(default=32, metadata={"help": "Calibration sequences."})
+    calibration_length: int = field(default=256, metadata={"help": "Tokens per calibration sequence."})
+    quailora_solver: str = field(
+        default="closed_form", metadata={"help": "QuAILoRA solver.", "choices": ["closed_form", "als", "svd"]}
+    )
+    quailora_damping: float = field(default=1e-4, metadata={"help": "Relative damping of the Gram matrices."})
+    # Final rank sweep and export
+    sweep_tasks: str = field(default="quailora_wiki_ppl", metadata={"help": "lm-eval tasks of the final sweep ('' = skip)."})
+    sweep_ranks: str | None = field(default=None, metadata={"help": "Ranks of the final sweep (default: eval_ranks)."})
+    sweep_limit: int | None = field(default=16, metadata={"help": "Documents per task in the final sweep."})
+    export_ranks: str | None = field(default=None, metadata={"help": "Ranks to export as plain peft adapters, e.g. 4,16."})
+
+
+def _ranks(text: str | None, default: list[int]) -> list[int]:
+    if not text:
+        return list(default)
+    from hf_quailora.lm_eval_bridge import parse_ranks
+
+    return parse_ranks(text)
+
+
+def _check(script_args: AlpacaScriptArguments, training_args: DynamicRankConfig) -> None:
+    """Fail on bad settings before anything is loaded."""
+    if script_args.lora_r < 1:
+        raise ValueError(f"`lora_r` ({script_args.lora_r}) must be at least 1.")
+    if training_args.max_rank is not None and training_args.max_rank > script_args.lora_r:
+        raise ValueError(f"`max_rank` ({training_args.max_rank}) exceeds `lora_r` ({script_args.lora_r}).")
+    for name in ("sweep_ranks", "export_ranks"):
+        ranks = _ranks(getattr(script_args, name), [])
+        bad = [b for b in ranks if not 1 <= b <= script_args.lora_r]
+        if bad:
+            raise ValueError(f"`{name}` holds ranks {bad} outside 1..{script_args.lora_r} (lora_r).")
+    if script_args.num_eval_examples < 1 or script_args.eval_holdout < script_args.num_eval_examples:
+        raise ValueError(
+            f"`num_eval_examples` ({script_args.num_eval_examples}) must be between 1 and `eval_holdout` "
+            f"({script_args.eval_holdout})."
+        )
+    if script_args.quailora and script_args.quantization == "none":
+        raise ValueError("QuAILoRA corrects a quantization error: use a quantized base or `--quailora false`.")
+    if script_args.sweep_tasks:
+        from hf_quailora.lm_eval_bridge import resolve_tasks
+
+        resolve_tasks(script_args.sweep_tasks)
+
+
+def main(script_args: AlpacaScriptArguments, training_args: DynamicRankConfig) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _check(script_args, training_args)
+    started = time.perf_counter()
+
+    # 1. Quantized base + LoRA of the maximum rank.
+    model, tokenizer = load_quantized_model(
+        script_args.model_name_or_path, script_args.quantization, double_quant=script_args.double_quant
+    )
+    targets = script_args.lora_target_modules
+    model = get_peft_model(model, LoraConfig(
+        r=script_args.lora_r, lora_alpha=script_args.lora_alpha, lora_dropout=script_args.lora_dropout,
+        target_modules=targets if targets == "all-linear" else targets.split(","), task_type="CAUSAL_LM",
+    ))
+
+    # 2. Data: Alpaca as prompt/completion (loss on the response only); the last examples are held out.
+    data = load_alpaca_sft(script_args.dataset_name)
+    split = len(data) - script_args.eval_holdout
+    train = data.select(range(split if script_args.num_train_examples is None else min(split, script_args.num_train_examples)))
+    evaluation = data.select(range(split, split + script_args.num_eval_examples))
+
+    # 3. QuAILoRA start, then dynamic-rank training.
+    callbacks = []
+    if script_args.quailora:
+        calibration = load_dataset_any(script_args.calibration_dataset)
+        callbacks.append(QuAILoRAInitCallback(
+            calibration_dataset=calibration,
+            config=QuAILoRAConfig(
+                num_samples=script_args.calibration_samples, max_length=script_args.calibration_length,
+                solver=script_args.quailora_solver, damping=script_args.quailora_damping,
+            ),
+        ))
+    trainer = DynamicRankTrainer(model, args=training_args, train_dataset=train, eval_dataset=evaluation,
+                                 processing_class=tokenizer, callbacks=callbacks)
+    initial = None
+    if not training_args.eval_on_start:  # before training, and before QuAILoRA (it runs at train begin)
+        initial = trainer.evaluate()
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if training_args.eval_on_start:  # evaluated right after on_train_begin, i.e. at the QuAILoRA start
+        initial = next((e for e in trainer.state.log_history if "eval_loss" in e), None)
+    final = trainer.evaluate()
+
+    # 4. Save, sweep, export (main process).
+    adapter_dir = os.path.join(training_args.output_dir, "adapter")
+    trainer.save_model(adapter_dir)
+    summary: dict = {"output_dir": training_args.output_dir, "adapter": adapter_dir, "eval_ranks": trainer.eval_ranks}
+    if trainer.is_world_process_zero():
+        rows = []
+        start_label = "start" if training_args.eval_on_start or not script_args.quailora else "before QuAILoRA"
+        for label, metrics in ((start_label, initial), ("after training", final)):
+            for b in trainer.eval_ranks if metrics else []:
+                loss = metrics.get(f"eval_loss@r{b}")
+                if loss is not None:
+                    rows.append({"model": label, "rank": b, "task": "alpaca held-out", "metric": "eval_loss",
+                                 "value": loss, "stderr": None})
+        sweep_rows = []
+        if script_args.sweep_tasks:
+            from hf_quailora.lm_eval_bridge import evaluate_ranks
+
+            sweep_rows = evaluate_ranks(
+                model, tokenizer, _ranks(script_args.sweep_ranks, trainer.eval_ranks), script_args.sweep_tasks,
+                limit=script_args.sweep_limit, rank_scaling=training_args.rank_scaling,
+                baselines={"base model (no adapter)": "no_adapter"}, label="after training",
+            )
+        from hf_quailora.reporting import rows_to_markdown, write_rank_report
+
+        paths = write_rank_report(rows + sweep_rows, training_args.output_dir,
+                                  title=f"{script_args.model_name_or_path} ({script_args.quantization}) on Alpaca")
+        exported = {}
+        for b in _ranks(script_args.export_ranks, []):
+            exported[b] = export_rank(model, b, os.path.join(training_args.output_dir, f"adapter-r{b}"),
+                                      scaling=training_args.rank_scaling)
+        summary.update({"initial_metrics": initial, "final_metrics": final, "results": paths, "exported": exported,
+                        "seconds": time.perf_counter() - started})
+        with open(os.path.join(training_args.output_dir, "summary.json"), "w") as handle:
+            json.dump(summary, handle, indent=1, default=str)
+        print("\n" + rows_to_markdown(rows + sweep_rows))
+        print(f"Done in {summary['seconds']:.0f} s. Written to {training_args.output_dir}:")
+        print(f"  adapter (full rank {trainer.max_rank}): {adapter_dir}")
+        for b, path in exported.items():
+            print(f"  rank {b} as a plain peft adapter: {path}")
+        print(f"  results: {paths['markdown']}, {paths['json']}, {paths['plot']}")
+        print(f"  summary: {os.path.join(training_args.output_dir, 'summary.json')}")
+        if initial and final:
+            for b in trainer.eval_ranks:
+                before, after = initial.get(f"eval_loss@r{b}"), final.get(f"eval_loss@r{b}")
+                if before is not None and after is not None:
+                    print(f"  rank {b:>3}: eval loss {before:.4f} → {after:.4f} (ppl {math.exp(after):.2f})")
+    return summary
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((AlpacaScriptArguments, DynamicRankConfig))
+
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "alpaca.yaml")
+
+
+def parse_args_and_config(parser: TrlParser | None = None, args: list[str] | None = None):
+    """Parse `--config FILE.yaml` plus command-line overrides; without `--config`, the CPU demo config is used."""
+    parser = parser or make_parser()
+    args = list(args if args is not None else sys.argv[1:])
+    if "--config" not in args and not any(a in ("-h", "--help") for a in args):
+        args = ["--config", DEFAULT_CONFIG, *args]
+    return parser.parse_args_and_config(args=args)
+
+
+if __name__ == "__main__":
+    script_args, training_args = parse_args_and_config()
+    main(script_args, training_args)

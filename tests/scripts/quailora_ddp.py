@@ -1,0 +1,40 @@
+"""Run QuAILoRAInitCallback inside SFTTrainer under torchrun (gloo, CPU); each process saves its LoRA weights.
+
+    torchrun --nproc_per_node 2 tests/scripts/quailora_ddp.py MODEL_DIR OUT_DIR
+"""
+
+import os
+import sys
+
+import datasets
+import torch
+from peft import LoraConfig, get_peft_model
+from trl import SFTConfig, SFTTrainer
+
+from hf_quailora import QuAILoRAInitCallback
+from hf_quailora.quantization import load_quantized_model
+
+
+def main(model_dir: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from conftest import TINY_TEXTS
+
+    model, tokenizer = load_quantized_model(model_dir, "nf4")
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    texts = list(TINY_TEXTS)
+    data = datasets.Dataset.from_dict({"prompt": [t[:20] for t in texts], "completion": [t[20:] for t in texts]})
+    args = SFTConfig(output_dir=out_dir, max_steps=1, per_device_train_batch_size=2, max_length=64, bf16=False,
+                     use_cpu=True, report_to="none", save_strategy="no", learning_rate=0.0, ddp_backend="gloo")
+    callback = QuAILoRAInitCallback(calibration_dataset=texts, num_samples=8, max_length=32)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[callback])
+    trainer.train()
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    weights = {n: p.detach().float().clone() for n, p in model.named_parameters() if "lora_" in n}
+    torch.save({"weights": weights, "world": world, "tokens": callback.report.num_tokens},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
