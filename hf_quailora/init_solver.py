@@ -145,6 +145,15 @@ def solve_closed_form(E: torch.Tensor, H: torch.Tensor, r: int, damping: float =
     return B, A, S**2
 
 
+def _sort_whitened(B: torch.Tensor, AL: torch.Tensor, L: torch.Tensor):
+    """Sort the product `B (AL) L⁻¹` into components by calibrated gain, given `AL = A L` and the Cholesky factor L."""
+    Qb, Rb = torch.linalg.qr(B)  # B A L = Qb (Rb A L), and Rb A L is only k×in
+    U, S, Vh = torch.linalg.svd(Rb @ AL, full_matrices=False)
+    W = torch.linalg.solve_triangular(L.T, Vh.T, upper=True)
+    B_sorted, A_sorted = _balanced_factors(Qb @ U, S, W)
+    return B_sorted, A_sorted, S**2
+
+
 @torch.no_grad()
 def sort_components(B: torch.Tensor, A: torch.Tensor, H: torch.Tensor, damping: float = 1e-4):
     """Re-split a rank-`k` product `B @ A` into components sorted by calibrated error reduction.
@@ -155,11 +164,7 @@ def sort_components(B: torch.Tensor, A: torch.Tensor, H: torch.Tensor, damping: 
         `(B, A, gains)` as in `solve_closed_form`.
     """
     L = _cholesky(damp(H, damping))
-    Qb, Rb = torch.linalg.qr(B)  # B A L = Qb (Rb A L), and Rb A L is only k×in
-    U, S, Vh = torch.linalg.svd(Rb @ (A @ L), full_matrices=False)
-    W = torch.linalg.solve_triangular(L.T, Vh.T, upper=True)
-    B_sorted, A_sorted = _balanced_factors(Qb @ U, S, W)
-    return B_sorted, A_sorted, S**2
+    return _sort_whitened(B, A @ L, L)
 
 
 @torch.no_grad()
@@ -182,15 +187,26 @@ def _ridge_solve(G: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def solve_als(E: torch.Tensor, H: torch.Tensor, r: int, iterations: int = 20, damping: float = 1e-4):
+def solve_als(
+    E: torch.Tensor,
+    H: torch.Tensor,
+    r: int,
+    iterations: int = 20,
+    damping: float = 1e-4,
+    start: tuple[torch.Tensor, torch.Tensor] | None = None,
+):
     """QuAILoRA's alternating least squares on the calibrated objective, from the truncated SVD of E.
 
     B-step (A fixed): `B = (E H Aᵀ)(A H Aᵀ)⁻¹`;  A-step (B fixed): `A = (BᵀB)⁻¹ Bᵀ E` (H cancels).
-    `E H` is computed once; each iteration costs O(out·in·r + in²·r + r³).
+    The iterates are computed in whitened coordinates (`H = L Lᵀ`, `Ẽ = E L`, `Ã = A L`: the B-step is
+    `B = Ẽ Ãᵀ (Ã Ãᵀ)⁻¹`, the A-step `Ã = (BᵀB)⁻¹ Bᵀ Ẽ`), which are the same iterates without an O(in²·r) product per
+    iteration: each iteration costs O(out·in·r + r³).
 
     Args:
         E, H, r, damping: as in `solve_closed_form`.
         iterations (`int`, defaults to 20): number of (B-step, A-step) pairs.
+        start (`(B, A)`, *optional*): the starting factors (`M = B @ A`, rank `r`); defaults to `solve_svd(E, r)`.
+            Pass the SVD start when it is already computed.
 
     Returns:
         `(B, A, gains)`, sorted as in `sort_components`.
@@ -204,13 +220,23 @@ def solve_als(E: torch.Tensor, H: torch.Tensor, r: int, iterations: int = 20, da
     _check(E, H, r)
     if not isinstance(iterations, int) or iterations < 0:
         raise ValueError(f"`iterations` ({iterations}) must be a non-negative integer.")
-    Hd = damp(H, damping)
-    B, A, _ = solve_svd(E, r)
-    EH = E @ Hd
+    if start is None:
+        B, A, _ = solve_svd(E, r)
+    else:
+        B, A = start
+        if B.shape != (E.shape[0], r) or A.shape != (r, E.shape[1]):
+            raise ValueError(
+                f"`start` must be (B, A) of shapes {(E.shape[0], r)} and {(r, E.shape[1])}; "
+                f"got {tuple(B.shape)} and {tuple(A.shape)}."
+            )
+        B, A = B.to(E.dtype), A.to(E.dtype)
+    L = _cholesky(damp(H, damping))
+    EL = E @ L
+    AL = A @ L
     for _ in range(iterations):
-        B = _ridge_solve(A @ Hd @ A.T, A @ EH.T).T  # methods.md §1 B-step
-        A = _ridge_solve(B.T @ B, B.T @ E)  # methods.md §1 A-step
-    return sort_components(B, A, H, damping)
+        B = _ridge_solve(AL @ AL.T, AL @ EL.T).T  # methods.md §1 B-step, whitened
+        AL = _ridge_solve(B.T @ B, B.T @ EL)  # methods.md §1 A-step, whitened
+    return _sort_whitened(B, AL, L)
 
 
 @torch.no_grad()

@@ -438,7 +438,7 @@ def quailora_init(
         if config.solver == "closed_form":
             B, A, gains = solve_closed_form(E, H, plan.rank, config.damping)
         elif config.solver == "als":
-            B, A, gains = solve_als(E, H, plan.rank, config.als_iterations, config.damping)
+            B, A, gains = solve_als(E, H, plan.rank, config.als_iterations, config.damping, start=(B_svd, A_svd))
         else:
             B, A, gains = B_svd, A_svd, svd_gains
         B, A = _revive_dead_components(B, A, gains)

@@ -5,6 +5,7 @@ import torch
 
 from hf_quailora.init_solver import (
     calibrated_error,
+    damp,
     frobenius_error,
     solve_als,
     solve_closed_form,
@@ -83,6 +84,24 @@ def test_als_converges_to_closed_form():
     assert errors[0] > errors[-1]
     assert all(a >= b * (1 - 1e-9) for a, b in zip(errors, errors[1:])), errors  # monotone
     assert errors[-1] <= optimum * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_als_iterates_equal_the_textbook_steps(iterations):
+    # solve_als iterates in whitened coordinates; the products must equal methods.md's B-step / A-step verbatim.
+    E, X, H = make_problem()
+    Hd = damp(H, 1e-4)
+    B, A, _ = solve_svd(E, 5)
+    for _ in range(iterations):
+        B = (E @ Hd @ A.T) @ torch.linalg.inv(A @ Hd @ A.T)
+        A = torch.linalg.inv(B.T @ B) @ B.T @ E
+    B_als, A_als, _ = solve_als(E, H, 5, iterations=iterations, damping=1e-4)
+    torch.testing.assert_close(B_als @ A_als, B @ A, rtol=1e-8, atol=1e-10)
+    start = solve_svd(E, 5)[:2]
+    B_s, A_s, _ = solve_als(E, H, 5, iterations=iterations, damping=1e-4, start=start)
+    torch.testing.assert_close(B_s @ A_s, B @ A, rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="`start` must be"):
+        solve_als(E, H, 4, iterations=1, start=start)
 
 
 @pytest.mark.parametrize("solver", ["closed_form", "als"])
