@@ -233,9 +233,26 @@ def solve_als(
     L = _cholesky(damp(H, damping))
     EL = E @ L
     AL = A @ L
-    for _ in range(iterations):
-        B = _ridge_solve(AL @ AL.T, AL @ EL.T).T  # methods.md §1 B-step, whitened
-        AL = _ridge_solve(B.T @ B, B.T @ EL)  # methods.md §1 A-step, whitened
+    if iterations == 0:
+        return _sort_whitened(B, AL, L)
+    # Same iterates as alternating the two steps `iterations` times, but each pair in the middle touches only the Gram
+    # matrix of Ẽ's smaller side, O(min(out, in)²·r): eliminating Ã, a (A-step, B-step) pair maps B to
+    # G B (Bᵀ G B)⁻¹ (Bᵀ B) with G = Ẽ Ẽᵀ; eliminating B, a (B-step, A-step) pair maps Z = Ãᵀ to
+    # K Z (Zᵀ K Z)⁻¹ (Zᵀ Z) with K = Ẽᵀ Ẽ.
+    if EL.shape[0] <= EL.shape[1]:
+        B = _ridge_solve(AL @ AL.T, AL @ EL.T).T  # B-step 1
+        G = EL @ EL.T
+        for _ in range(iterations - 1):  # A-step k, B-step k+1
+            GB = G @ B
+            B = GB @ _ridge_solve(B.T @ GB, B.T @ B)
+    else:
+        K = EL.T @ EL
+        Z = AL.T
+        for _ in range(iterations - 1):  # B-step k, A-step k
+            KZ = K @ Z
+            Z = KZ @ _ridge_solve(Z.T @ KZ, Z.T @ Z)
+        B = _ridge_solve(Z.T @ Z, Z.T @ EL.T).T  # B-step `iterations`
+    AL = _ridge_solve(B.T @ B, B.T @ EL)  # A-step `iterations` (methods.md §1, whitened)
     return _sort_whitened(B, AL, L)
 
 

@@ -86,10 +86,12 @@ def test_als_converges_to_closed_form():
     assert errors[-1] <= optimum * (1 + 1e-6)
 
 
-@pytest.mark.parametrize("iterations", [1, 3])
-def test_als_iterates_equal_the_textbook_steps(iterations):
-    # solve_als iterates in whitened coordinates; the products must equal methods.md's B-step / A-step verbatim.
-    E, X, H = make_problem()
+@pytest.mark.parametrize("iterations", [1, 2, 7])
+@pytest.mark.parametrize("out", [48, 20])  # out > in and out < in take different paths
+def test_als_iterates_equal_the_textbook_steps(iterations, out):
+    # solve_als iterates in whitened coordinates on Gram matrices; the products must equal methods.md's B-step /
+    # A-step applied verbatim.
+    E, X, H = make_problem(out=out)
     Hd = damp(H, 1e-4)
     B, A, _ = solve_svd(E, 5)
     for _ in range(iterations):
