@@ -104,6 +104,13 @@ def _top_singular(Y: torch.Tensor, r: int):
         V = evecs[:, -r:].flip(-1)
         S = evals[-r:].flip(-1).clamp_min(0).sqrt()
         U = (Y @ V) / S.clamp_min(tiny)
+    # Below σ_max·√eps the triplets are rounding noise (and dividing by them overflows): they become exact zeros,
+    # i.e. components that reduce nothing (callers give such components peft's default start).
+    negligible = S <= S.max() * math.sqrt(torch.finfo(Y.dtype).eps)
+    if negligible.any():
+        S = S.masked_fill(negligible, 0)
+        U = U.masked_fill(negligible, 0)
+        V = V.masked_fill(negligible, 0)
     return U, S, V
 
 

@@ -167,3 +167,17 @@ def test_bad_input():
         solve_als(E, H, 4, iterations=-1)
     with pytest.raises(ValueError, match="scaling"):
         split_for_lora(E, E, 0.0)
+
+
+@pytest.mark.parametrize("out", [48, 20])
+def test_rank_deficient_error_gives_finite_factors_and_zero_gains_beyond_its_rank(out):
+    # E of rank 3 solved at rank 16: the extra components must be exact zeros, never NaN/inf from 0/0.
+    generator = torch.Generator().manual_seed(1)
+    E = torch.randn(out, 3, generator=generator, dtype=torch.float64) @ torch.randn(3, 32, generator=generator,
+                                                                                    dtype=torch.float64)
+    _, X, H = make_problem(out=out)
+    base = calibrated_error(E, H)
+    for B, A, gains in (solve_closed_form(E, H, 16), solve_als(E, H, 16), solve_svd(E, 16)):
+        assert torch.isfinite(B).all() and torch.isfinite(A).all() and torch.isfinite(gains).all()
+        assert torch.all(gains[3:] <= gains[0] * 1e-12)
+        assert calibrated_error(E, H, B, A) <= base * 1e-10
