@@ -205,9 +205,9 @@ def solve_als(
     """QuAILoRA's alternating least squares on the calibrated objective, from the truncated SVD of E.
 
     B-step (A fixed): `B = (E H Aᵀ)(A H Aᵀ)⁻¹`;  A-step (B fixed): `A = (BᵀB)⁻¹ Bᵀ E` (H cancels).
-    The iterates are computed in whitened coordinates (`H = L Lᵀ`, `Ẽ = E L`, `Ã = A L`: the B-step is
-    `B = Ẽ Ãᵀ (Ã Ãᵀ)⁻¹`, the A-step `Ã = (BᵀB)⁻¹ Bᵀ Ẽ`), which are the same iterates without an O(in²·r) product per
-    iteration: each iteration costs O(out·in·r + r³).
+    The same iterates are computed in whitened coordinates (`H = L Lᵀ`, `Ẽ = E L`, `Ã = A L`), mostly on the Gram
+    matrix of `Ẽ`'s smaller side: after a one-off O(out·in·min(out, in)), each iteration costs
+    O(min(out, in)²·r + r³).
 
     Args:
         E, H, r, damping: as in `solve_closed_form`.

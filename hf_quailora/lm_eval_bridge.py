@@ -326,16 +326,12 @@ class DynamicRankLM(HFLM):
         lm-eval turns the value `none` into Python `None`, which here means "the quantization recorded with the
         adapter": without this, `quantization=none` would silently evaluate an NF4-trained adapter on an NF4 base.
         """
-        from lm_eval import utils as lm_eval_utils
-
-        additional_config = {} if additional_config is None else additional_config
-        args = lm_eval_utils.simple_parse_args_string(arg_string)
-        for item in (arg_string or "").split(","):
-            key, _, value = item.partition("=")
-            if key.strip() == "quantization" and value.strip().lower() == "none":
-                args["quantization"] = "none"
-        extra = {k: v for k, v in additional_config.items() if v is not None}
-        return cls(**args, **extra)
+        items = (arg_string or "").split(",")
+        pairs = [item.partition("=") for item in items]
+        if any(key.strip() == "quantization" and value.strip().lower() == "none" for key, _, value in pairs):
+            arg_string = ",".join(i for i in items if i.partition("=")[0].strip() != "quantization")
+            additional_config = {**(additional_config or {}), "quantization": "none"}
+        return super().create_from_arg_string(arg_string, additional_config)
 
     def _at_rank(self):
         _, use_rank = _rank_tools()
