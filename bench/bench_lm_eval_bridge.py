@@ -22,8 +22,8 @@ import torch
 from lm_eval import simple_evaluate
 from peft import LoraConfig, get_peft_model
 
-from hf_quailora.lm_eval_bridge import evaluate_ranks, resolve_tasks, write_dynamic_rank_metadata
-from hf_quailora.models import resolve
+from hf_quailora import DynamicRankMetadata, resolve
+from hf_quailora.evaluation.lm_eval_bridge import evaluate_ranks, resolve_tasks
 from hf_quailora.quantization import load_quantized_model
 
 
@@ -45,7 +45,7 @@ def main() -> None:
                                              init_lora_weights=False))
     adapter = tempfile.mkdtemp(prefix="bench-adapter-")
     model.save_pretrained(adapter)
-    write_dynamic_rank_metadata(adapter, 1, max(args.ranks), "per_rank")
+    DynamicRankMetadata(min_rank=1, max_rank=max(args.ranks), rank_scaling="per_rank").save(adapter)
     _, manager = resolve_tasks(args.task)
     options = dict(limit=args.limit, show_progress=False, bootstrap_iters=0)
 

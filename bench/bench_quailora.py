@@ -20,10 +20,16 @@ import time
 import torch
 from peft import LoraConfig, get_peft_model
 
-from hf_quailora import QuAILoRAConfig, compute_perplexity, load_dataset_any, load_quantized_model, make_token_windows
-from hf_quailora import quailora_init
-from hf_quailora.calibration import collect_gram_matrices, make_calibration_batches
-from hf_quailora.quailora import find_lora_layers
+from hf_quailora import (
+    QuAILoRAConfig,
+    compute_perplexity,
+    find_lora_layers,
+    load_dataset_any,
+    load_quantized_model,
+    make_token_windows,
+    quailora_init,
+)
+from hf_quailora.quailora.calibration import collect_gram_matrices, make_calibration_batches
 
 
 def main() -> None:

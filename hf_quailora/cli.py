@@ -13,15 +13,18 @@ import argparse
 import logging
 import sys
 
+from .dynamic_rank.spec import RANK_SCALINGS
+from .quantization import QUANTIZATIONS
+
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m",
                         help="base model: embedded name (smollm2-135m), local folder or Hub id (default: %(default)s)")
     parser.add_argument("--adapter", required=True, help="folder of the saved (full-rank) dynamic-rank LoRA adapter")
-    parser.add_argument("--quantization", default=None, choices=["none", "nf4", "fp4", "int8"],
+    parser.add_argument("--quantization", default=None, choices=list(QUANTIZATIONS),
                         help="load the base quantized by bitsandbytes (default: what dynamic_rank.json records the "
                         "adapter was trained on, else none)")
-    parser.add_argument("--rank_scaling", default=None, choices=["per_rank", "constant", "rslora"],
+    parser.add_argument("--rank_scaling", default=None, choices=list(RANK_SCALINGS),
                         help="scaling the adapter was trained with (default: read from dynamic_rank.json, else per_rank)")
 
 
@@ -60,57 +63,52 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from peft import PeftModel
+    from .dynamic_rank.export import load_dynamic_rank_adapter
 
-    from .dynamic_rank import lora_rank_of
-    from .lm_eval_bridge import DYNAMIC_RANK_METADATA, read_dynamic_rank_metadata
-    from .quantization import load_quantized_model
+    return load_dynamic_rank_adapter(args.model, args.adapter, args.quantization, args.rank_scaling)
 
-    metadata = read_dynamic_rank_metadata(args.adapter)
-    if metadata is None:
-        logging.getLogger("hf_quailora").warning(
-            "%s has no %s: not a dynamic-rank adapter; only its own rank is meaningful.", args.adapter,
-            DYNAMIC_RANK_METADATA,
-        )
-    quantization = args.quantization or (metadata or {}).get("quantization", "none")
-    base, tokenizer = load_quantized_model(args.model, quantization)
-    model = PeftModel.from_pretrained(base, args.adapter)
-    scaling = args.rank_scaling or (metadata or {}).get("rank_scaling", "per_rank")
-    return model, tokenizer, scaling, metadata, lora_rank_of(model)
+
+def _evaluate(args) -> None:
+    from .dynamic_rank.spec import parse_ranks
+    from .evaluation.lm_eval_bridge import _check_output_dir, evaluate_ranks, resolve_tasks
+    from .evaluation.reporting import rows_to_markdown
+
+    ranks = parse_ranks(args.ranks)
+    resolve_tasks(args.tasks, args.include_path)  # fail on task names before loading anything
+    _check_output_dir(args.output_dir, args.overwrite)
+    loaded = _load(args)
+    if loaded.metadata is None and ranks != [loaded.max_rank]:
+        logging.getLogger("hf_quailora").warning("Evaluating only rank %d (the adapter's own).", loaded.max_rank)
+        ranks = [loaded.max_rank]
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    rows = evaluate_ranks(
+        loaded.model, loaded.tokenizer, ranks, args.tasks, include_path=args.include_path,
+        output_dir=args.output_dir, overwrite=args.overwrite,
+        baselines=None if args.no_base_baseline else {"base model": "no_adapter"}, rank_scaling=loaded.rank_scaling,
+        limit=limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size, max_length=args.max_length,
+        apply_chat_template=args.apply_chat_template,
+    )
+    print(rows_to_markdown(rows))
+    print(f"Results written to {args.output_dir}/results.json, results.md, results.png")
+
+
+def _export(args) -> None:
+    from .dynamic_rank.export import export_rank
+
+    loaded = _load(args)
+    if not 1 <= args.rank <= loaded.max_rank:
+        raise SystemExit(f"--rank {args.rank} is outside this adapter's range 1..{loaded.max_rank}.")
+    path = export_rank(loaded.model, args.rank, args.output_dir, rank_scaling=loaded.rank_scaling)
+    print(f"Rank {args.rank} exported as a plain peft adapter to {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = make_parser().parse_args(argv)
-    from .lm_eval_bridge import _check_output_dir, evaluate_ranks, parse_ranks, resolve_tasks
+    from .quantization import quiet_bnb_warnings
 
-    if args.command == "eval":
-        ranks = parse_ranks(args.ranks)
-        resolve_tasks(args.tasks, args.include_path)  # fail on task names before loading anything
-        _check_output_dir(args.output_dir, args.overwrite)
-        model, tokenizer, scaling, metadata, full_rank = _load(args)
-        if metadata is None and ranks != [full_rank]:
-            logging.getLogger("hf_quailora").warning("Evaluating only rank %d (the adapter's own).", full_rank)
-            ranks = [full_rank]
-        limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-        rows = evaluate_ranks(
-            model, tokenizer, ranks, args.tasks, include_path=args.include_path, output_dir=args.output_dir,
-            overwrite=args.overwrite, baselines=None if args.no_base_baseline else {"base model": "no_adapter"},
-            rank_scaling=scaling, limit=limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
-            max_length=args.max_length, apply_chat_template=args.apply_chat_template,
-        )
-        from .reporting import rows_to_markdown
-
-        print(rows_to_markdown(rows))
-        print(f"Results written to {args.output_dir}/results.json, results.md, results.png")
-    else:
-        from .dynamic_rank import export_rank
-
-        model, _, scaling, _, full_rank = _load(args)
-        if not 1 <= args.rank <= full_rank:
-            raise SystemExit(f"--rank {args.rank} is outside this adapter's range 1..{full_rank}.")
-        path = export_rank(model, args.rank, args.output_dir, scaling=scaling)
-        print(f"Rank {args.rank} exported as a plain peft adapter to {path}")
+    quiet_bnb_warnings()
+    _evaluate(args) if args.command == "eval" else _export(args)
     return 0
 
 

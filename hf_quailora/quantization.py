@@ -1,10 +1,14 @@
-"""Loading bitsandbytes-quantized models safely, on CUDA and on the CPU.
+"""bitsandbytes quantization: loading quantized models safely, the exact dequantized weight `Q`, the CPU fast path.
+
+`Q` is the weight a quantized layer *actually* uses: bitsandbytes' own dequantization of its stored codes and
+quant state (NF4/FP4 with any block size, double quantization included; LLM.int8's row-wise int8).
 
 bitsandbytes' `Linear4bit` has a CPU fast path (AVX512-BF16) that repacks the weights in place the first time a
 layer runs in eval mode without gradients. Afterwards gradients silently stop flowing through LoRA training,
 layers whose sizes are not multiples of 32 crash, and saving can corrupt the weights (methods.md §5).
-`disable_bnb_cpu_fast_path` turns it off on every such layer; every hf_quailora entry point that loads,
-evaluates or initialises a 4-bit model calls it.
+`disable_bnb_cpu_fast_path` turns it off on every such layer. hf_quailora calls it where models are loaded
+(`load_quantized_model`), where training starts (`DynamicRankTrainer`, `quailora_init`, which needs the exact Q),
+and where a model it did not load is evaluated (`evaluate_ranks`, `compute_perplexity`).
 
 Example:
 
@@ -23,12 +27,13 @@ from typing import Literal
 import torch
 
 from ._import_utils import is_bitsandbytes_available
-from .models import resolve
+from .embedded.models import resolve
 
 
 logger = logging.getLogger(__name__)
 
-QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
+BNB_QUANTIZATIONS = ("nf4", "fp4", "int8")
+QUANTIZATIONS = (*BNB_QUANTIZATIONS, "none")
 
 
 class _OnceFilter(logging.Filter):
@@ -46,7 +51,12 @@ class _OnceFilter(logging.Filter):
         return True
 
 
-def _quiet_repeated_bnb_warnings() -> None:
+def quiet_bnb_warnings() -> None:
+    """Let each distinct bitsandbytes autograd warning through once (opt-in; the recipes and the CLI call it).
+
+    LLM.int8 layers log "inputs will be cast from … to float16" on every forward pass. This installs a filter on
+    bitsandbytes' own logger, for the whole process, so call it from scripts rather than from library code.
+    """
     bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
     if not any(isinstance(f, _OnceFilter) for f in bnb_logger.filters):
         bnb_logger.addFilter(_OnceFilter())
@@ -74,7 +84,6 @@ def disable_bnb_cpu_fast_path(model: torch.nn.Module) -> int:
         return 0
     import bitsandbytes as bnb
 
-    _quiet_repeated_bnb_warnings()
     count, repacked = 0, 0
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -125,8 +134,8 @@ def make_bnb_config(
     """
     from transformers import BitsAndBytesConfig
 
-    if quantization not in ("nf4", "fp4", "int8"):
-        raise ValueError(f"`quantization` must be one of 'nf4', 'fp4', 'int8'; got {quantization!r}.")
+    if quantization not in BNB_QUANTIZATIONS:
+        raise ValueError(f"`quantization` must be one of {BNB_QUANTIZATIONS}; got {quantization!r}.")
     if not is_bitsandbytes_available():
         raise ImportError("Quantized loading needs bitsandbytes: `pip install bitsandbytes`.")
     if quantization == "int8":
@@ -185,3 +194,60 @@ def load_quantized_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def quantization_kind(layer: torch.nn.Module) -> str | None:
+    """`"nf4"`, `"fp4"`, `"int8"` for a bitsandbytes layer, `None` for anything else."""
+    if not is_bitsandbytes_available():
+        return None
+    import bitsandbytes as bnb
+
+    if isinstance(layer, bnb.nn.Linear4bit):
+        state = layer.weight.quant_state
+        return getattr(state, "quant_type", None) or "4bit"
+    if isinstance(layer, bnb.nn.Linear8bitLt):
+        return "int8"
+    return None
+
+
+@torch.no_grad()
+def dequantize_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """The exact weight `Q` (out×in, float32) that a bitsandbytes layer uses in its forward pass.
+
+    Raises:
+        TypeError: `layer` is not a bitsandbytes 4-bit or 8-bit linear layer.
+        ValueError: the layer's codes were repacked by bitsandbytes' CPU fast path (Q is no longer exact).
+    """
+    kind = quantization_kind(layer)
+    if kind is None:
+        raise TypeError(f"{type(layer).__name__} is not a bitsandbytes Linear4bit/Linear8bitLt layer.")
+    import bitsandbytes.functional as F
+
+    weight = layer.weight
+    if kind == "int8":
+        if weight.dtype != torch.int8:  # not quantized yet (still on the meta/CPU staging path)
+            raise ValueError("This 8-bit layer holds no int8 codes yet; move the model to its device first.")
+        scb = getattr(weight, "SCB", None)
+        if scb is None:
+            scb = layer.state.SCB
+        if scb is None:
+            raise ValueError("This 8-bit layer has no row scales (SCB); it cannot be dequantized.")
+        return weight.data.float() * (scb.float().unsqueeze(1) / 127.0)  # LLM.int8 row-wise absmax
+    state = weight.quant_state
+    if state is None:
+        raise ValueError("This 4-bit layer has no quant state; it was never quantized.")
+    if getattr(state, "packing_format_for_cpu", False):
+        raise ValueError(
+            "This 4-bit layer was repacked by bitsandbytes' CPU fast path, so its exact Q is lost; reload the model "
+            "and call hf_quailora.quantization.disable_bnb_cpu_fast_path(model) before any evaluation."
+        )
+    return F.dequantize_4bit(weight.data, state).float()
+
+
+def base_quantization(layers) -> str:
+    """The bitsandbytes quantization of the first quantized base among peft LoRA `layers` (`"none"` if none is)."""
+    for layer in layers:
+        kind = quantization_kind(layer.get_base_layer())
+        if kind is not None:
+            return kind
+    return "none"

@@ -29,13 +29,24 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import torch
 from peft import LoraConfig, get_peft_model
 from trl import TrlParser
 
-from hf_quailora import DynamicRankConfig, DynamicRankTrainer, QuAILoRAConfig, QuAILoRAInitCallback, export_rank
-from hf_quailora.data import load_alpaca_sft, load_dataset_any
-from hf_quailora.quantization import load_quantized_model
+from hf_quailora import (
+    DynamicRankConfig,
+    DynamicRankTrainer,
+    QuAILoRAConfig,
+    QuAILoRAInitCallback,
+    export_rank,
+    load_alpaca_sft,
+    load_dataset_any,
+    load_quantized_model,
+    quiet_bnb_warnings,
+)
+from hf_quailora.dynamic_rank.spec import parse_ranks
+from hf_quailora.embedded.data import ALPACA_HOLDOUT, split_holdout
+from hf_quailora.quailora.config import SOLVERS
+from hf_quailora.quantization import QUANTIZATIONS
 
 
 logger = logging.getLogger("recipes.alpaca")
@@ -48,7 +59,7 @@ class AlpacaScriptArguments:
     # Model and quantization
     model_name_or_path: str = field(default="smollm2-135m", metadata={"help": "Embedded name, folder or Hub id."})
     quantization: str = field(
-        default="nf4", metadata={"help": "Base quantization.", "choices": ["nf4", "fp4", "int8", "none"]}
+        default="nf4", metadata={"help": "Base quantization.", "choices": list(QUANTIZATIONS)}
     )
     double_quant: bool = field(default=True, metadata={"help": "Double quantization of 4-bit statistics."})
     # LoRA
@@ -58,7 +69,7 @@ class AlpacaScriptArguments:
     lora_target_modules: str = field(default="all-linear", metadata={"help": "peft target_modules (comma-separated)."})
     # Data
     dataset_name: str = field(default="alpaca", metadata={"help": "Embedded 'alpaca', a local JSON, or a Hub id."})
-    eval_holdout: int = field(default=200, metadata={"help": "Last examples held out from training."})
+    eval_holdout: int = field(default=ALPACA_HOLDOUT, metadata={"help": "Last examples held out from training."})
     num_eval_examples: int = field(default=32, metadata={"help": "Held-out examples used by evaluate()."})
     num_train_examples: int | None = field(default=None, metadata={"help": "Cap on training examples."})
     # QuAILoRA
@@ -67,7 +78,7 @@ class AlpacaScriptArguments:
     calibration_samples: int = field(default=32, metadata={"help": "Calibration sequences."})
     calibration_length: int = field(default=256, metadata={"help": "Tokens per calibration sequence."})
     quailora_solver: str = field(
-        default="closed_form", metadata={"help": "QuAILoRA solver.", "choices": ["closed_form", "als", "svd"]}
+        default="closed_form", metadata={"help": "QuAILoRA solver.", "choices": list(SOLVERS)}
     )
     quailora_damping: float = field(default=1e-4, metadata={"help": "Relative damping of the Gram matrices."})
     # Final rank sweep and export
@@ -78,11 +89,7 @@ class AlpacaScriptArguments:
 
 
 def _ranks(text: str | None, default: list[int]) -> list[int]:
-    if not text:
-        return list(default)
-    from hf_quailora.lm_eval_bridge import parse_ranks
-
-    return parse_ranks(text)
+    return parse_ranks(text) if text else list(default)
 
 
 def _check(script_args: AlpacaScriptArguments, training_args: DynamicRankConfig) -> None:
@@ -104,13 +111,14 @@ def _check(script_args: AlpacaScriptArguments, training_args: DynamicRankConfig)
     if script_args.quailora and script_args.quantization == "none":
         raise ValueError("QuAILoRA corrects a quantization error: use a quantized base or `--quailora false`.")
     if script_args.sweep_tasks:
-        from hf_quailora.lm_eval_bridge import resolve_tasks
+        from hf_quailora.evaluation.lm_eval_bridge import resolve_tasks
 
         resolve_tasks(script_args.sweep_tasks)
 
 
 def main(script_args: AlpacaScriptArguments, training_args: DynamicRankConfig) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_bnb_warnings()
     _check(script_args, training_args)
     started = time.perf_counter()
 
@@ -125,10 +133,10 @@ def main(script_args: AlpacaScriptArguments, training_args: DynamicRankConfig) -
     ))
 
     # 2. Data: Alpaca as prompt/completion (loss on the response only); the last examples are held out.
-    data = load_alpaca_sft(script_args.dataset_name)
-    split = len(data) - script_args.eval_holdout
-    train = data.select(range(split if script_args.num_train_examples is None else min(split, script_args.num_train_examples)))
-    evaluation = data.select(range(split, split + script_args.num_eval_examples))
+    train, held_out = split_holdout(load_alpaca_sft(script_args.dataset_name), script_args.eval_holdout)
+    if script_args.num_train_examples is not None:
+        train = train.select(range(min(len(train), script_args.num_train_examples)))
+    evaluation = held_out.select(range(script_args.num_eval_examples))
 
     # 3. QuAILoRA start, then dynamic-rank training.
     callbacks = []
@@ -166,21 +174,21 @@ def main(script_args: AlpacaScriptArguments, training_args: DynamicRankConfig) -
                                  "value": loss, "stderr": None})
         sweep_rows = []
         if script_args.sweep_tasks:
-            from hf_quailora.lm_eval_bridge import evaluate_ranks
+            from hf_quailora.evaluation.lm_eval_bridge import evaluate_ranks
 
             sweep_rows = evaluate_ranks(
                 model, tokenizer, _ranks(script_args.sweep_ranks, trainer.eval_ranks), script_args.sweep_tasks,
                 limit=script_args.sweep_limit, rank_scaling=training_args.rank_scaling,
                 baselines={"base model (no adapter)": "no_adapter"}, label="after training",
             )
-        from hf_quailora.reporting import rows_to_markdown, write_rank_report
+        from hf_quailora.evaluation.reporting import rows_to_markdown, write_rank_report
 
         paths = write_rank_report(rows + sweep_rows, training_args.output_dir,
                                   title=f"{script_args.model_name_or_path} ({script_args.quantization}) on Alpaca")
         exported = {}
         for b in _ranks(script_args.export_ranks, []):
             exported[b] = export_rank(model, b, os.path.join(training_args.output_dir, f"adapter-r{b}"),
-                                      scaling=training_args.rank_scaling)
+                                      rank_scaling=training_args.rank_scaling)
         summary.update({"initial_metrics": initial, "final_metrics": final, "results": paths, "exported": exported,
                         "seconds": time.perf_counter() - started})
         with open(os.path.join(training_args.output_dir, "summary.json"), "w") as handle:

@@ -56,7 +56,7 @@ from hf_quailora import (
     resolve,
     use_rank,
 )
-from hf_quailora.data import load_alpaca_sft
+from hf_quailora.embedded.data import load_alpaca_sft
 
 
 logger = logging.getLogger(__name__)
@@ -334,7 +334,7 @@ def evaluate_ranks(trainer, windows, ranks) -> dict[str, dict[str, float]]:
     metrics = trainer.evaluate(metric_key_prefix="rank_sweep")
     out = {}
     for b in ranks:
-        with use_rank(trainer.model, b, scaling="constant"):
+        with use_rank(trainer.model, b, rank_scaling="constant"):
             perplexity = compute_perplexity(trainer.model, windows)
         out[str(b)] = {"eval_loss": metrics[f"rank_sweep_loss@r{b}"], "perplexity": perplexity}
     return out

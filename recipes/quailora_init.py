@@ -22,8 +22,16 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import HfArgumentParser
 
-from hf_quailora import QuAILoRAConfig, compute_perplexity, load_dataset_any, load_quantized_model, make_token_windows
-from hf_quailora import quailora_init
+from hf_quailora import (
+    QuAILoRAConfig,
+    compute_perplexity,
+    load_dataset_any,
+    load_quantized_model,
+    make_token_windows,
+    quailora_init,
+    quiet_bnb_warnings,
+)
+from hf_quailora.quantization import BNB_QUANTIZATIONS
 
 
 @dataclass
@@ -31,7 +39,9 @@ class InitScriptArguments:
     """Model, LoRA and data settings of the QuAILoRA initialisation recipe."""
 
     model_name_or_path: str = field(default="smollm2-135m", metadata={"help": "Embedded name, folder or Hub id."})
-    quantization: str = field(default="nf4", metadata={"help": "Base quantization.", "choices": ["nf4", "fp4", "int8"]})
+    quantization: str = field(
+        default="nf4", metadata={"help": "Base quantization.", "choices": list(BNB_QUANTIZATIONS)}
+    )
     rank: int = field(default=16, metadata={"help": "LoRA rank r."})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: equal to the rank)."})
     use_rslora: bool = field(default=False, metadata={"help": "rsLoRA scaling alpha/sqrt(r)."})
@@ -46,6 +56,7 @@ class InitScriptArguments:
 
 def main(script_args: InitScriptArguments, quailora_args: QuAILoRAConfig) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_bnb_warnings()
     if script_args.num_threads:
         torch.set_num_threads(script_args.num_threads)
     if script_args.rank < 1:

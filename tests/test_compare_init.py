@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from .testing_utils import require_bitsandbytes
+from testing_utils import require_bitsandbytes
 
 
 RECIPE = os.path.join(os.path.dirname(__file__), "..", "recipes", "compare_init.py")

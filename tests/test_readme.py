@@ -7,10 +7,10 @@ test_lm_eval_bridge's CLI test).
 import os
 import re
 
-from .testing_utils import require_bitsandbytes
+from testing_utils import REPO_ROOT, require_bitsandbytes
 
 
-README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+README = os.path.join(REPO_ROOT, "README.md")
 SMALLER = {"max_steps=20": "max_steps=2", "limit=50": "limit=1", "limit=20": "limit=1", "num_windows=32": "num_windows=4",
            "num_samples=64": "num_samples=4"}
 

@@ -1,10 +1,17 @@
 """Skip markers and small helpers shared by the tests."""
 
 import importlib.util
+import os
 
 import pytest
 import torch
 
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(TESTS_DIR)
+SCRIPTS_DIR = os.path.join(TESTS_DIR, "scripts")
+
+R = 8  # the LoRA r of the tiny test adapters
 
 require_bitsandbytes = pytest.mark.skipif(
     importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes"
@@ -28,3 +35,52 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def make_model(path, quantization="none", r=R, seed=0):
+    """A peft model (LoRA r on all linear layers, random A and B) on the tiny model, with its tokenizer."""
+    from peft import LoraConfig, get_peft_model
+
+    from hf_quailora import load_quantized_model
+
+    model, tokenizer = load_quantized_model(path, quantization=quantization)
+    torch.manual_seed(seed)
+    lora = LoraConfig(r=r, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+    return get_peft_model(model, lora), tokenizer
+
+
+def make_trainer(path, texts, output_dir, quantization="none", model=None, callbacks=None, **overrides):
+    """A DynamicRankTrainer on the tiny model: 4 steps of batch 4, no checkpoints, CPU."""
+    from datasets import Dataset
+
+    from hf_quailora import DynamicRankConfig, DynamicRankTrainer
+
+    if model is None:
+        model, tokenizer = make_model(path, quantization)
+    else:
+        model, tokenizer = model
+    settings = dict(
+        output_dir=str(output_dir),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=32,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        max_length=32,
+        seed=0,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+    )
+    settings.update(overrides)
+    data = Dataset.from_dict({"text": texts})
+    return DynamicRankTrainer(
+        model,
+        args=DynamicRankConfig(**settings),
+        train_dataset=data,
+        eval_dataset=data,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )

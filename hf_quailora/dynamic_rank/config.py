@@ -1,0 +1,153 @@
+"""`DynamicRankConfig`: the `SFTConfig` of `DynamicRankTrainer` (DyLoRA, QDyLoRA and SoFT along the rank axis).
+
+Example:
+
+```python
+from hf_quailora import DynamicRankConfig
+
+args = DynamicRankConfig(output_dir="out", min_rank=1, update_rule="nested", eval_ranks=[1, 2, 4, 8], report_to="none")
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from trl import SFTConfig
+
+from .spec import (
+    DEFAULT_UPDATE_RULE,
+    RANK_DISTRIBUTIONS,
+    RANK_SCALINGS,
+    UPDATE_RULES,
+    check_choice,
+    check_integer,
+    check_rank_range,
+    check_uniform_ranks,
+    check_weighted_ranks,
+)
+
+
+def _has_bf16_accelerator() -> bool:
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+@dataclass
+class DynamicRankConfig(SFTConfig):
+    r"""Configuration of [`DynamicRankTrainer`]: an [`~trl.SFTConfig`] plus the dynamic-rank options.
+
+    One LoRA of maximum rank is trained so that every truncation `b` works on its own (DyLoRA, Valipour et al. 2023;
+    QDyLoRA, Rajabzadeh et al. 2024), or with the summed loss of several ranks every step (SoFT, Kavehzadeh et al.
+    2023).
+
+    Parameters:
+        > Rank sampling
+
+        min_rank (`int`, defaults to 1): smallest rank drawn.
+        max_rank (`int`, *optional*): largest rank drawn; defaults to the LoRA r of the model (the smallest r when
+            layers differ). Must not exceed it.
+        rank_distribution (`str`, defaults to `"uniform"`): `"uniform"` over `[min_rank, max_rank]` (DyLoRA) or
+            `"weighted"` over `rank_choices` with `rank_weights`.
+        rank_choices (`list[int]`, *optional*): ranks of the `"weighted"` distribution.
+        rank_weights (`list[float]`, *optional*): positive weights of `rank_choices` (equal when omitted).
+        rank_seed (`int`, *optional*): seed of the rank generator; defaults to `seed`. Every process uses the same.
+
+        > Update rule and scaling
+
+        update_rule (`str`, defaults to `"frozen"`): `"frozen"` (DyLoRA: only component b learns; at `b == min_rank`
+            all components `≤ min_rank` learn, since they would otherwise never do) or `"nested"` (QDyLoRA: every
+            component `≤ b` learns).
+        rank_scaling (`str`, *optional*): scaling at rank b: `"per_rank"` `α/b` (DyLoRA), `"constant"` peft's `α/r`
+            at every b (keeps QuAILoRA's sorted initialisation optimal at every rank), `"rslora"` `α/√b`. When not
+            set, the trainer picks `"constant"` if QuAILoRA initialises the adapter (a `QuAILoRAInitCallback`, or a
+            model `quailora_init` already ran on) and `"per_rank"` otherwise.
+
+        > SoFT
+
+        soft_ranks (`list[int]`, *optional*): when set, SoFT mode: the loss of every step is the weighted sum of the
+            losses at these ranks (no sampling).
+        soft_weights (`list[float]`, *optional*): weights of `soft_ranks` (1 each when omitted).
+
+        > Evaluation
+
+        eval_ranks (`list[int]`, *optional*): ranks that `evaluate()` reports as `eval_loss@r{b}`; defaults to
+            `min_rank`, the powers of two between, and `max_rank`.
+
+        > Defaults that differ from `SFTConfig`
+
+        bf16 (`bool`, *optional*): when not set, `True` only if a CUDA/XPU device is present (SFTConfig turns it on
+            everywhere, which fails on a CPU-only machine).
+    """
+
+    # Rank sampling
+    min_rank: int = field(default=1, metadata={"help": "Smallest rank drawn."})
+    max_rank: int | None = field(
+        default=None, metadata={"help": "Largest rank drawn; defaults to the LoRA r. Must not exceed it."}
+    )
+    rank_distribution: Literal["uniform", "weighted"] = field(
+        default="uniform",
+        metadata={"help": "Distribution of the rank drawn each optimizer step.", "choices": list(RANK_DISTRIBUTIONS)},
+    )
+    rank_choices: list[int] | None = field(default=None, metadata={"help": "Ranks of the 'weighted' distribution."})
+    rank_weights: list[float] | None = field(default=None, metadata={"help": "Weights of `rank_choices`."})
+    rank_seed: int | None = field(default=None, metadata={"help": "Seed of the rank generator; defaults to `seed`."})
+    # Update rule and scaling
+    update_rule: Literal["frozen", "nested"] = field(
+        default=DEFAULT_UPDATE_RULE,
+        metadata={"help": "'frozen': only component b learns (DyLoRA); 'nested': all <= b (QDyLoRA).",
+                  "choices": list(UPDATE_RULES)},
+    )
+    rank_scaling: Literal["per_rank", "constant", "rslora"] | None = field(
+        default=None,
+        metadata={"help": "Scaling at rank b: alpha/b, peft's constant alpha/r, or alpha/sqrt(b); default: constant "
+                  "with QuAILoRA, else alpha/b.", "choices": list(RANK_SCALINGS)},
+    )
+    # SoFT
+    soft_ranks: list[int] | None = field(
+        default=None, metadata={"help": "SoFT mode: sum the losses at these ranks every step instead of sampling."}
+    )
+    soft_weights: list[float] | None = field(default=None, metadata={"help": "Weights of `soft_ranks`."})
+    # Evaluation
+    eval_ranks: list[int] | None = field(
+        default=None, metadata={"help": "Ranks evaluate() reports as eval_loss@r{b}; default: powers of two."}
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None and not self.fp16:
+            self.bf16 = _has_bf16_accelerator()
+        super().__post_init__()
+
+        # Rank sampling (max_rank=None: checked against the LoRA r by the trainer)
+        check_rank_range(self.min_rank, self.max_rank if self.max_rank is not None else self.min_rank)
+        upper = self.max_rank if self.max_rank is not None else 1 << 30
+        check_choice("rank_distribution", self.rank_distribution, RANK_DISTRIBUTIONS)
+        if self.rank_distribution == "weighted":
+            check_weighted_ranks(
+                self.rank_choices, self.rank_weights, self.min_rank, upper, "rank_choices", "rank_weights"
+            )
+        else:
+            check_uniform_ranks(self.rank_choices, self.rank_weights)
+        if self.rank_seed is not None:
+            check_integer("rank_seed", self.rank_seed)
+        # Update rule and scaling
+        check_choice("update_rule", self.update_rule, UPDATE_RULES)
+        if self.rank_scaling is not None:
+            check_choice("rank_scaling", self.rank_scaling, RANK_SCALINGS)
+        # SoFT
+        if self.soft_ranks is not None:
+            check_weighted_ranks(
+                self.soft_ranks, self.soft_weights, self.min_rank, upper, "soft_ranks", "soft_weights"
+            )
+        elif self.soft_weights is not None:
+            raise ValueError(f"`soft_weights` ({self.soft_weights}) needs `soft_ranks`; set both or neither.")
+        # Evaluation
+        if self.eval_ranks is not None:
+            if len(self.eval_ranks) == 0:
+                raise ValueError("`eval_ranks` is empty; give at least one rank or leave it None for the default.")
+            check_weighted_ranks(self.eval_ranks, None, 1, upper, "eval_ranks", "eval_weights")
+
+    @property
+    def soft_mode(self) -> bool:
+        return self.soft_ranks is not None

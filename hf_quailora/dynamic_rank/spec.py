@@ -1,0 +1,260 @@
+"""The vocabulary of dynamic rank, defined once: option choices, rank checks, scalings and `dynamic_rank.json`.
+
+Every entry point (`use_rank`, `export_rank`, `evaluate_ranks`, `DynamicRankConfig`, the trainer, the CLI, the
+recipes) takes its choice lists, its defaults and its rank checks from here, so they cannot drift apart.
+
+Scaling at rank b (methods.md §2):
+
+| `rank_scaling` | scaling at b | used by |
+|---|---|---|
+| `"per_rank"` | `α / b` | DyLoRA (Valipour et al. 2023); the default without QuAILoRA |
+| `"constant"` | peft's `α / r` (`α / √r` with rsLoRA) at every b | QuAILoRA starts: its sorted components stay optimal |
+| `"rslora"` | `α / √b` | rank-stabilised scaling |
+
+Example:
+
+```python
+from hf_quailora.dynamic_rank.spec import DynamicRankMetadata, check_ranks
+
+check_ranks([1, 4, 16], low=1, high=16, name="eval_ranks")
+metadata = DynamicRankMetadata.load("outputs/alpaca/adapter")  # None when the adapter is not dynamic-rank
+```
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+
+UPDATE_RULES = ("frozen", "nested")
+RANK_SCALINGS = ("per_rank", "constant", "rslora")
+RANK_DISTRIBUTIONS = ("uniform", "weighted")
+DEFAULT_UPDATE_RULE = "frozen"  # DyLoRA's rule (Valipour et al. 2023)
+DEFAULT_RANK_SCALING = "per_rank"  # DyLoRA's α/b, without QuAILoRA
+QUAILORA_RANK_SCALING = "constant"  # with QuAILoRA: every truncation starts at its own calibrated optimum
+METADATA_FILE = "dynamic_rank.json"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> None:
+    """Raise a `ValueError` naming the option unless `value` is one of `choices`."""
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {tuple(choices)}; got {value!r}.")
+
+
+def check_integer(name: str, value) -> None:
+    """Raise a `TypeError` naming the option unless `value` is an `int` (not a `bool`)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an integer; got {value!r} ({type(value).__name__}).")
+
+
+def check_rank_range(min_rank, max_rank) -> None:
+    """Raise a `TypeError`/`ValueError` naming the field unless `1 ≤ min_rank ≤ max_rank` are integers."""
+    check_integer("min_rank", min_rank)
+    check_integer("max_rank", max_rank)
+    if min_rank < 1:
+        raise ValueError(f"`min_rank` ({min_rank}) must be at least 1.")
+    if min_rank > max_rank:
+        raise ValueError(f"`min_rank` ({min_rank}) exceeds `max_rank` ({max_rank}); lower one or raise the other.")
+
+
+def check_ranks(ranks: Sequence[int], low: int, high: int, name: str, range_name: str = "the allowed range") -> None:
+    """Raise unless every rank is an integer in `[low, high]`; the message names the option and the bad rank.
+
+    Example:
+
+    ```python
+    check_ranks([1, 12], 1, 8, "eval_ranks", "this adapter's range")  # ValueError: `eval_ranks` holds rank 12, ...
+    ```
+    """
+    for b in ranks:
+        check_integer(name, b)
+        if not low <= b <= high:
+            raise ValueError(
+                f"`{name}` holds rank {b}, outside {range_name} {low}..{high}; choose ranks in it or change the range."
+            )
+
+
+def check_weighted_ranks(choices, weights, min_rank, max_rank, choices_name, weights_name):
+    """Validate a list of distinct ranks and its weights; return them as lists. `weights=None` means equal weights."""
+    if choices is None or len(choices) == 0:
+        raise ValueError(f"`{choices_name}` must be a non-empty list of ranks; got {choices!r}.")
+    choices = list(choices)
+    check_ranks(choices, min_rank, max_rank, choices_name)
+    if len(set(choices)) != len(choices):
+        raise ValueError(f"`{choices_name}` ({choices}) repeats a rank; give each rank once.")
+    weights = [1.0] * len(choices) if weights is None else list(weights)
+    if len(weights) != len(choices):
+        raise ValueError(
+            f"`{weights_name}` has {len(weights)} entries but `{choices_name}` has {len(choices)}; "
+            "give one weight per rank."
+        )
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+            raise ValueError(f"`{weights_name}` must hold positive finite numbers; got {w!r} in {weights}.")
+    return choices, weights
+
+
+def check_uniform_ranks(choices, weights) -> None:
+    """`rank_choices` / `rank_weights` only make sense with the weighted distribution."""
+    if choices is not None or weights is not None:
+        raise ValueError(
+            "`rank_choices`/`rank_weights` are only used with rank_distribution='weighted'; got "
+            f"rank_choices={choices!r}, rank_weights={weights!r}. Set rank_distribution='weighted' or drop them."
+        )
+
+
+def parse_ranks(ranks: str | Sequence[int]) -> list[int]:
+    """`"1,2,4"` or `[1, 2, 4]` → `[1, 2, 4]` (sorted, unique); raises `ValueError` on anything else."""
+    if isinstance(ranks, str):
+        try:
+            ranks = [int(part) for part in ranks.split(",") if part.strip()]
+        except ValueError as err:
+            raise ValueError(f"Ranks must be comma-separated integers like '1,2,4,8'; got {ranks!r}.") from err
+    if not ranks or not all(isinstance(b, int) and not isinstance(b, bool) for b in ranks):
+        raise ValueError(f"Give at least one integer rank; got {ranks!r}.")
+    return sorted(set(ranks))
+
+
+def default_eval_ranks(min_rank: int, max_rank: int) -> list[int]:
+    """`min_rank`, the powers of two strictly between, and `max_rank`."""
+    ranks = {min_rank, max_rank}
+    power = 1
+    while power < max_rank:
+        if power > min_rank:
+            ranks.add(power)
+        power *= 2
+    return sorted(ranks)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scaling
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def rank_scaling_for(layer, adapter_name: str, b: int, rank_scaling: str) -> float:
+    """The LoRA scaling of a peft `LoraLayer` at rank `b` (see the table at the top of this module)."""
+    alpha = layer.lora_alpha[adapter_name]
+    if rank_scaling == "per_rank":
+        return alpha / b  # DyLoRA, Valipour et al. 2023: scaling α / b at rank b
+    if rank_scaling == "rslora":
+        return alpha / math.sqrt(b)
+    if rank_scaling == "constant":
+        r = layer.r[adapter_name]
+        return alpha / math.sqrt(r) if layer.use_rslora.get(adapter_name, False) else alpha / r
+    raise ValueError(f"`rank_scaling` must be one of {RANK_SCALINGS}; got {rank_scaling!r}.")
+
+
+# Per-adapter facts recorded on the model object by the pieces that know them (quailora_init, the trainer, the
+# adapter loader), so that later calls (use_rank, export_rank, evaluate_ranks) default to the right scaling.
+_MODEL_FACTS = "_hf_quailora_adapter_facts"
+
+
+def record_adapter_facts(model, adapter_name: str = "default", **facts) -> None:
+    """Remember facts about an adapter on the model object (e.g. `quailora=True`, `rank_scaling="constant"`)."""
+    store = model.__dict__.setdefault(_MODEL_FACTS, {})
+    store.setdefault(adapter_name, {}).update(facts)
+
+
+def adapter_facts(model, adapter_name: str = "default") -> dict:
+    """What `record_adapter_facts` remembered about an adapter (empty when nothing was recorded)."""
+    return dict(model.__dict__.get(_MODEL_FACTS, {}).get(adapter_name, {}))
+
+
+def resolve_rank_scaling(model, rank_scaling: str | None, adapter_name: str = "default") -> str:
+    """The scaling to use: the explicit one, else the one the adapter was trained or loaded with, else the default.
+
+    The default is `"constant"` for an adapter that `quailora_init` initialised (its sorted components are then
+    optimal at every rank), and DyLoRA's `"per_rank"` otherwise. Up to hf_quailora 0.1 it was always `"per_rank"`;
+    the QuAILoRA case warns for one release.
+    """
+    if rank_scaling is not None:
+        check_choice("rank_scaling", rank_scaling, RANK_SCALINGS)
+        return rank_scaling
+    facts = adapter_facts(model, adapter_name)
+    if facts.get("rank_scaling") is not None:
+        return facts["rank_scaling"]
+    if facts.get("quailora"):
+        warnings.warn(
+            "This adapter was initialised by QuAILoRA, so `rank_scaling` now defaults to 'constant' (it was "
+            "'per_rank' up to hf_quailora 0.1). Pass `rank_scaling` explicitly to silence this warning.",
+            FutureWarning,
+            stacklevel=3,
+        )
+        return QUAILORA_RANK_SCALING
+    return DEFAULT_RANK_SCALING
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# dynamic_rank.json
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DynamicRankMetadata:
+    """`dynamic_rank.json`, the file beside a saved adapter that marks it as dynamic-rank.
+
+    `DynamicRankTrainer.save_model` and `export_rank` write it; the lm-eval model `hf-dynrank`, `hf-quailora eval`
+    and `hf-quailora export` read it, so that an adapter is truncated with the scaling it was trained with and
+    evaluated on the base it was trained on. Without it an adapter is an ordinary fixed-rank LoRA.
+
+    Attributes:
+        max_rank (`int`): largest rank trained (for an export of rank b: b).
+        min_rank (`int`, defaults to 1): smallest rank trained.
+        rank_scaling (`str`): one of `RANK_SCALINGS`.
+        update_rule (`str`): one of `UPDATE_RULES`.
+        quantization (`str`): the bitsandbytes quantization of the base it was trained on (`"nf4"`, `"fp4"`,
+            `"int8"` or `"none"`); a QuAILoRA adapter on another base applies its correction to the wrong error.
+        quailora (`bool`): whether QuAILoRA initialised it.
+        exported_rank (`int`, *optional*): set by `export_rank`: the adapter holds the first `exported_rank`
+            components of a larger one.
+
+    Example:
+
+    ```python
+    DynamicRankMetadata(min_rank=1, max_rank=16, rank_scaling="constant", quantization="nf4").save("adapter")
+    DynamicRankMetadata.load("adapter").rank_scaling  # 'constant'
+    ```
+    """
+
+    max_rank: int
+    min_rank: int = 1
+    rank_scaling: str = DEFAULT_RANK_SCALING
+    update_rule: str = DEFAULT_UPDATE_RULE
+    quantization: str = "none"
+    quailora: bool = False
+    exported_rank: int | None = None
+
+    def __post_init__(self):
+        check_rank_range(self.min_rank, self.max_rank)
+        check_choice("rank_scaling", self.rank_scaling, RANK_SCALINGS)
+        check_choice("update_rule", self.update_rule, UPDATE_RULES)
+
+    def save(self, adapter_dir: str | os.PathLike) -> str:
+        """Write `dynamic_rank.json` into `adapter_dir`; return its path."""
+        path = Path(adapter_dir) / METADATA_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=1))
+        return str(path)
+
+    @classmethod
+    def load(cls, adapter_dir: str | os.PathLike) -> DynamicRankMetadata | None:
+        """Read `dynamic_rank.json` from `adapter_dir`; `None` when there is none. Unknown keys are ignored."""
+        path = Path(adapter_dir) / METADATA_FILE
+        if not path.is_file():
+            return None
+        payload = json.loads(path.read_text())
+        if "rank" in payload:  # written by export_rank of hf_quailora 0.1: {"rank", "rank_scaling", "max_rank"}
+            payload["exported_rank"] = payload["max_rank"] = payload.pop("rank")
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in payload.items() if key in known})

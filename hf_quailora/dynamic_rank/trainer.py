@@ -1,0 +1,298 @@
+"""`DynamicRankTrainer`: trl's `SFTTrainer` training one LoRA so that every rank truncation works on its own.
+
+Methods: DyLoRA (Valipour et al., EACL 2023), QDyLoRA (Rajabzadeh et al., EMNLP 2024 Industry), and SoFT
+(Kavehzadeh et al., 2023) along the rank axis. See `truncation.py` for the truncation mechanism.
+
+Example:
+
+```python
+from peft import LoraConfig
+from hf_quailora import DynamicRankConfig, DynamicRankTrainer, export_rank
+
+args = DynamicRankConfig(output_dir="out", min_rank=1, eval_ranks=[1, 2, 4, 8], report_to="none")
+trainer = DynamicRankTrainer(model, args=args, train_dataset=train, eval_dataset=held_out,
+                             peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+trainer.train()
+print(trainer.evaluate())  # eval_loss, eval_loss@r1, eval_loss@r2, ...
+export_rank(trainer.model, 2, "out/rank-2")  # with the scaling the trainer used
+```
+
+Two processes on a CPU: `torchrun --nproc_per_node 2 train.py` (gloo); every process draws the same rank sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from trl import SFTTrainer
+
+from .._peft_utils import active_adapter_name, common_lora_rank
+from ..quantization import base_quantization, disable_bnb_cpu_fast_path
+from .config import DynamicRankConfig
+from .sampler import RankSampler
+from .spec import (
+    DEFAULT_RANK_SCALING,
+    QUAILORA_RANK_SCALING,
+    DynamicRankMetadata,
+    adapter_facts,
+    check_ranks,
+    default_eval_ranks,
+    record_adapter_facts,
+)
+from .truncation import find_dynamic_rank_layers, use_rank
+
+
+logger = logging.getLogger(__name__)
+
+RANK_STATE_NAME = "dynamic_rank_state.pt"
+_TIMING_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second", "_preparation_time")
+
+
+class DynamicRankTrainer(SFTTrainer):
+    """An `SFTTrainer` that draws one LoRA rank per optimizer step (or sums the losses of a rank set, SoFT).
+
+    - The rank is drawn at the first micro-step of each gradient-accumulation cycle from a seeded `RankSampler`
+      (identical in every process; checked with a broadcast under `torch.distributed`), held during forward *and*
+      backward, so gradient checkpointing recomputes at the same rank, and logged as `rank` with the loss (the mean
+      over the logging window when `logging_steps > 1`; `trainer.rank_history` keeps every `[step, rank]`).
+    - SoFT mode (`soft_ranks`): each rank's weighted loss is back-propagated in turn within the step; the gradients sum
+      to those of the weighted sum of losses, and each recomputation under gradient checkpointing sees its own rank.
+    - `evaluate()` reports `eval_loss` at `max_rank` and `eval_loss@r{b}` for every `eval_ranks` b, in one call.
+    - The sampler state is written to every checkpoint (`dynamic_rank_state.pt`) and restored by
+      `train(resume_from_checkpoint=...)`; a checkpoint written with another rank range is refused.
+
+    Args:
+        model: as for `SFTTrainer`; it must carry peft LoRA layers (a `PeftModel`, or pass `peft_config`).
+        args (`DynamicRankConfig`, *optional*): the configuration.
+        **kwargs: the other arguments of `SFTTrainer`.
+
+    Raises:
+        TypeError: `args` is not a `DynamicRankConfig`.
+        ValueError: no LoRA layers, `max_rank` above the LoRA r, eval/SoFT/choice ranks out of range.
+
+    Example:
+
+    ```python
+    trainer = DynamicRankTrainer(peft_model, args=DynamicRankConfig("out", bf16=False), train_dataset=data)
+    trainer.train()
+    ```
+    """
+
+    _tag_names = ["trl", "sft", "dynamic-rank"]
+
+    def __init__(self, model=None, args: DynamicRankConfig | None = None, *positional, **kwargs):
+        # Arguments
+        if args is None:
+            args = DynamicRankConfig("dynamic-rank-output")
+        if not isinstance(args, DynamicRankConfig):
+            raise TypeError(f"`args` must be a DynamicRankConfig; got {type(args).__name__}.")
+        super().__init__(model, args, *positional, **kwargs)
+
+        # LoRA layers and the rank range, checked against the model before any training
+        self._adapter_name = active_adapter_name(self.model)
+        self.max_rank = self._check_ranks_against_model(args)
+        self.eval_ranks = sorted(args.eval_ranks) if args.eval_ranks else default_eval_ranks(args.min_rank, self.max_rank)
+        self.rank_scaling = self._resolve_rank_scaling(args)
+        record_adapter_facts(self.model, self._adapter_name, rank_scaling=self.rank_scaling, min_rank=args.min_rank,
+                             update_rule=args.update_rule)
+        # The CPU fast path of bnb 4-bit layers repacks weights on the first no-grad eval pass (methods.md §5)
+        disable_bnb_cpu_fast_path(self.model)
+
+        # Rank state
+        self.rank_sampler = RankSampler(
+            args.min_rank,
+            self.max_rank,
+            distribution=args.rank_distribution,
+            choices=args.rank_choices,
+            weights=args.rank_weights,
+            seed=args.rank_seed if args.rank_seed is not None else args.seed,
+        )
+        self.current_rank: int | None = None
+        self.rank_history: list[list[int]] = []  # [global_step, rank] per optimizer step
+        self._rank_step: int | None = None
+        self._loss_weight = 1.0
+
+    def _check_ranks_against_model(self, args: DynamicRankConfig) -> int:
+        """The maximum rank (`max_rank`, else the LoRA r), after checking every configured rank against it."""
+        lora_r = common_lora_rank(find_dynamic_rank_layers(self.model, self._adapter_name), self._adapter_name)
+        if args.max_rank is not None and args.max_rank > lora_r:
+            raise ValueError(
+                f"`max_rank` ({args.max_rank}) exceeds the LoRA r of the model ({lora_r}); lower `max_rank` or raise "
+                "`r` in the LoraConfig."
+            )
+        max_rank = args.max_rank if args.max_rank is not None else lora_r
+        if args.min_rank > max_rank:
+            raise ValueError(
+                f"`min_rank` ({args.min_rank}) exceeds `max_rank` ({max_rank}, the LoRA r); lower one or raise the other."
+            )
+        for field_name in ("rank_choices", "soft_ranks", "eval_ranks"):
+            low = 1 if field_name == "eval_ranks" else args.min_rank
+            check_ranks(getattr(args, field_name) or [], low, max_rank, field_name, "the model's range (max_rank = "
+                        "the LoRA r unless set)")
+        return max_rank
+
+    def _resolve_rank_scaling(self, args: DynamicRankConfig) -> str:
+        """`args.rank_scaling`, else `"constant"` when QuAILoRA initialises the adapter, else DyLoRA's `"per_rank"`."""
+        if args.rank_scaling is not None:
+            return args.rank_scaling
+        from ..quailora.callback import QuAILoRAInitCallback
+
+        with_quailora = adapter_facts(self.model, self._adapter_name).get("quailora") or any(
+            isinstance(callback, QuAILoRAInitCallback) for callback in self.callback_handler.callbacks
+        )
+        rank_scaling = QUAILORA_RANK_SCALING if with_quailora else DEFAULT_RANK_SCALING
+        logger.info("rank_scaling not set: using %r (%s QuAILoRA).", rank_scaling, "with" if with_quailora else "no")
+        return rank_scaling
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # Training
+
+    def use_rank(self, b: int):
+        """`use_rank` on the trainer's model with the configured update rule and scaling."""
+        return use_rank(
+            self.model,
+            b,
+            update_rule=self.args.update_rule,
+            rank_scaling=self.rank_scaling,
+            min_rank=self.args.min_rank,
+            adapter_name=self._adapter_name,
+        )
+
+    def _draw_rank(self) -> int:
+        rank = self.rank_sampler.sample()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Every process draws from the same seeded generator; a different draw means a different seed or state,
+            # and averaging gradients of different sub-models would be silently wrong.
+            device = self.args.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+            reference = torch.tensor([rank], device=device)
+            torch.distributed.broadcast(reference, src=0)
+            if int(reference.item()) != rank:
+                raise RuntimeError(
+                    f"Process {torch.distributed.get_rank()} drew rank {rank} but process 0 drew "
+                    f"{int(reference.item())}: the processes' rank samplers differ (same `rank_seed` everywhere?)."
+                )
+        return rank
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.args.soft_mode:
+            return self._soft_training_step(model, inputs, num_items_in_batch)
+        # One rank per optimizer step: micro-steps of one accumulation cycle share global_step.
+        if self._rank_step != self.state.global_step or self.current_rank is None:
+            self.current_rank = self._draw_rank()
+            self._rank_step = self.state.global_step
+            self.rank_history.append([self.state.global_step, self.current_rank])
+            self._metrics["train"]["rank"].append(float(self.current_rank))
+        with self.use_rank(self.current_rank):  # held through backward, so checkpoint recomputation sees it
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def _soft_training_step(self, model, inputs, num_items_in_batch):
+        # SoFT (Kavehzadeh et al. 2023): loss = Σ_b w_b L_b. One backward per rank gives the same gradient while
+        # keeping each rank active during its own backward (gradient checkpointing recomputes at the right rank).
+        weights = self.args.soft_weights or [1.0] * len(self.args.soft_ranks)
+        tokens_before = self._total_train_tokens
+        total, tokens_after_first = None, None
+        for b, weight in zip(self.args.soft_ranks, weights):
+            self._loss_weight = float(weight)
+            try:
+                with self.use_rank(b):
+                    loss = super().training_step(model, inputs, num_items_in_batch)
+            finally:
+                self._loss_weight = 1.0
+            if tokens_after_first is None:
+                tokens_after_first = self._total_train_tokens
+            total = loss if total is None else total + loss
+        self._total_train_tokens = tokens_after_first if tokens_after_first is not None else tokens_before
+        return total
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        if self._loss_weight == 1.0:
+            return result
+        if return_outputs:
+            return result[0] * self._loss_weight, result[1]
+        return result * self._loss_weight
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # Evaluation
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        loop_args = (dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if description != "Evaluation":  # predict(): at max rank only
+            with self.use_rank(self.max_rank):
+                return super().evaluation_loop(*loop_args)
+        per_rank = {}
+        for b in self.eval_ranks:
+            if b == self.max_rank:
+                continue
+            with self.use_rank(b):
+                output = super().evaluation_loop(*loop_args)
+            per_rank[b] = dict(output.metrics)
+            self._metrics["eval"].clear()  # trl's entropy/accuracy: keep those of max rank only
+        with self.use_rank(self.max_rank):
+            output = super().evaluation_loop(*loop_args)
+        per_rank[self.max_rank] = dict(output.metrics)
+        for b in sorted(per_rank):
+            if b not in self.eval_ranks:
+                continue
+            # Every metric of the loop (the loss, and compute_metrics' results) at each rank, plus perplexity.
+            for key, value in per_rank[b].items():
+                if key.startswith(f"{metric_key_prefix}_") and not key.endswith(_TIMING_SUFFIXES):
+                    output.metrics[f"{key}@r{b}"] = value
+            loss = per_rank[b].get(f"{metric_key_prefix}_loss")
+            if loss is not None:
+                output.metrics[f"{metric_key_prefix}_perplexity@r{b}"] = math.exp(min(loss, 700.0))
+        return output
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:  # mark the adapter as dynamic-rank, with its scaling and the base it was trained on
+            layers = find_dynamic_rank_layers(self.model, self._adapter_name)
+            DynamicRankMetadata(
+                max_rank=self.max_rank, min_rank=self.args.min_rank, rank_scaling=self.rank_scaling,
+                update_rule=self.args.update_rule, quantization=base_quantization(layers.values()),
+                quailora=bool(adapter_facts(self.model, self._adapter_name).get("quailora", False)),
+            ).save(output_dir or self.args.output_dir)
+
+    def _rank_state(self) -> dict:
+        return {"sampler": self.rank_sampler.state_dict(), "rank_history": [list(item) for item in self.rank_history]}
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            torch.save(self._rank_state(), os.path.join(folder, RANK_STATE_NAME))
+
+    def _load_rank_state(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, RANK_STATE_NAME)
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"Checkpoint {checkpoint} has no {RANK_STATE_NAME}: it was not written by DynamicRankTrainer, so the "
+                "rank sequence cannot be resumed. Resume from a DynamicRankTrainer checkpoint or start a new run."
+            )
+        state = torch.load(path, weights_only=True)
+        try:
+            self.rank_sampler.load_state_dict(state["sampler"])
+        except ValueError as error:
+            raise ValueError(f"Cannot resume from {checkpoint}: {error}") from None
+        self.rank_history = [list(item) for item in state["rank_history"]]
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir}).")
+        if resume_from_checkpoint:
+            self._load_rank_state(resume_from_checkpoint)
+        self._rank_step, self.current_rank = None, None
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)

@@ -1,0 +1,229 @@
+"""Truncation of peft's LoRA factors to a rank b: `use_rank`, for training, evaluation and inference.
+
+References:
+    - DyLoRA (Valipour et al., EACL 2023): one LoRA of rank `r_max`, a rank `b` drawn once per optimizer step,
+      forward with `A[:b]`, `B[:, :b]` and scaling `α / b`; "frozen" update (only component b learns).
+    - QDyLoRA (Rajabzadeh et al., EMNLP 2024 Industry): the same on a QLoRA base; all components `≤ b` learn
+      ("nested" update here).
+    - SoFT / SortedNet (Kavehzadeh et al., 2023): loss summed over a set of nested sub-models.
+
+Truncation keeps peft's `lora_A[adapter]` / `lora_B[adapter]` `nn.Linear` modules and their Parameters (state-dict
+keys and optimizer state are unchanged) but swaps their class to `_TruncatedLoraLinear`, whose `forward` slices the
+weight: `F.linear(x, A[:b])` and `F.linear(h, B[:, :b])`, so a small rank costs only a rank-b adapter pass. peft's
+`Linear`, `Linear4bit` and `Linear8bitLt` forwards all compute `lora_B(lora_A(dropout(x))) * self.scaling[adapter]`
+(peft 0.21 `tuners/lora/layer.py` and `bnb.py`), so setting `scaling[adapter]` to the scaling at b completes the
+truncated update `W + s_b B[:, :b] A[:b]`. Merging reads the full weights (`get_delta_weight`), so it raises while a
+rank is in use.
+
+Example:
+
+```python
+from hf_quailora import use_rank
+
+with use_rank(peft_model, 4, rank_scaling="per_rank"):  # every LoRA layer computes W x + (α/4) B[:, :4] A[:4] x
+    loss = peft_model(**batch).loss
+```
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._peft_utils import common_lora_rank, require_lora_layers
+from .spec import UPDATE_RULES, check_choice, check_integer, check_ranks, rank_scaling_for, resolve_rank_scaling
+
+
+class _TruncatedLoraLinear(nn.Linear):
+    """peft's `lora_A` / `lora_B` `nn.Linear`, sliced to the first `_dr_rank` components when that is set.
+
+    `_dr_axis` is 0 for `lora_A` (rows of `A ∈ R^{r×in}`) and 1 for `lora_B` (columns of `B ∈ R^{out×r}`).
+    Components with index `< _dr_frozen_below` are detached (DyLoRA's frozen update). With `_dr_rank = None` the
+    module is an ordinary `nn.Linear`.
+    """
+
+    _dr_rank: int | None = None
+    _dr_axis: int = 0
+    _dr_frozen_below: int = 0
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        b = self._dr_rank
+        if b is None:
+            return F.linear(input, self.weight, self.bias)
+        weight = self.weight[:b] if self._dr_axis == 0 else self.weight[:, :b]
+        k = self._dr_frozen_below
+        if k > 0:  # DyLoRA "frozen": gradient only reaches components >= k (component b when k = b - 1)
+            if self._dr_axis == 0:
+                weight = torch.cat([weight[:k].detach(), weight[k:]], dim=0)
+            else:
+                weight = torch.cat([weight[:, :k].detach(), weight[:, k:]], dim=1)
+        return F.linear(input, weight, self.bias)
+
+
+def _refuse_merge(name: str, *args, **kwargs):
+    raise RuntimeError(
+        f"{name}: cannot merge or compute the delta weight while a truncated rank is in use (use_rank); peft's merge "
+        "reads the full-rank factors. Export the rank with export_rank() and merge that adapter instead."
+    )
+
+
+def find_dynamic_rank_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Module]:
+    """The LoRA layers of `model` that dynamic rank supports, checked.
+
+    Raises:
+        ValueError: no LoRA layers with `adapter_name`, or a layer with DoRA / another LoRA variant, `lora_bias`, or
+            factors that are not `nn.Linear` (embedding or convolution LoRA).
+    """
+    layers = require_lora_layers(model, adapter_name)
+    for name, layer in layers.items():
+        if adapter_name in getattr(layer, "lora_variant", {}) or layer.use_dora.get(adapter_name, False):
+            raise ValueError(f"{name}: dynamic rank supports plain LoRA only; DoRA and other LoRA variants are not.")
+        if layer.lora_bias.get(adapter_name, False):
+            raise ValueError(f"{name}: dynamic rank does not support `lora_bias=True`; set it to False.")
+        for factor in (layer.lora_A[adapter_name], layer.lora_B[adapter_name]):
+            if type(factor) not in (nn.Linear, _TruncatedLoraLinear):
+                raise ValueError(
+                    f"{name}: dynamic rank needs `nn.Linear` LoRA factors; got {type(factor).__name__}. Exclude this "
+                    "layer from `target_modules`."
+                )
+    return layers
+
+
+def lora_rank_of(model: nn.Module, adapter_name: str = "default") -> int:
+    """The largest rank every LoRA layer supports (the smallest LoRA r over layers, e.g. with `rank_pattern`)."""
+    return common_lora_rank(find_dynamic_rank_layers(model, adapter_name), adapter_name)
+
+
+def checked_rank_layers(model: nn.Module, b, adapter_name: str = "default", name: str = "rank"):
+    """The supported LoRA layers and their common rank, after checking that rank `b` is within `1..r`."""
+    layers = find_dynamic_rank_layers(model, adapter_name)
+    max_rank = common_lora_rank(layers, adapter_name)
+    check_integer(name, b)
+    check_ranks([b], 1, max_rank, name, "this adapter's range")
+    return layers, max_rank
+
+
+def _resolve_update_rule(model: nn.Module, update_rule: str | None) -> str:
+    if update_rule is not None:
+        check_choice("update_rule", update_rule, UPDATE_RULES)
+        return update_rule
+    if torch.is_grad_enabled() and model.training:  # the rule only matters when gradients flow
+        warnings.warn(
+            "use_rank() now defaults to update_rule='frozen' (DyLoRA, as DynamicRankConfig does); it was 'nested' "
+            "up to hf_quailora 0.1. Pass `update_rule` explicitly to silence this warning.",
+            FutureWarning,
+            stacklevel=4,
+        )
+    return "frozen"
+
+
+def _truncate(saved: list, layers: dict, adapter_name: str, b: int, frozen_below: int, rank_scaling: str) -> None:
+    """Swap every layer's factors to `_TruncatedLoraLinear` at rank b, appending to `saved` what `_restore` needs
+    (layer by layer, so that a failure half-way is undone too)."""
+    for name, layer in layers.items():
+        factors = (layer.lora_A[adapter_name], layer.lora_B[adapter_name])
+        factor_states = [
+            (f, type(f), getattr(f, "_dr_rank", None), getattr(f, "_dr_frozen_below", 0)) for f in factors
+        ]
+        guards = {key: layer.__dict__[key] for key in ("merge", "get_delta_weight") if key in layer.__dict__}
+        saved.append((layer, layer.scaling[adapter_name], factor_states, guards))
+        for axis, factor in enumerate(factors):
+            factor.__class__ = _TruncatedLoraLinear
+            factor._dr_axis, factor._dr_rank, factor._dr_frozen_below = axis, b, frozen_below
+        layer.scaling[adapter_name] = rank_scaling_for(layer, adapter_name, b, rank_scaling)
+        layer.merge = functools.partial(_refuse_merge, name)
+        layer.get_delta_weight = functools.partial(_refuse_merge, name)
+
+
+def _restore(saved: list, adapter_name: str) -> None:
+    for layer, old_scaling, factor_states, guards in reversed(saved):
+        layer.scaling[adapter_name] = old_scaling
+        for key in ("merge", "get_delta_weight"):
+            layer.__dict__.pop(key, None)
+        layer.__dict__.update(guards)
+        for factor, cls, rank, frozen in factor_states:
+            factor.__class__ = cls
+            if cls is _TruncatedLoraLinear:
+                factor._dr_rank, factor._dr_frozen_below = rank, frozen
+            else:
+                for attr in ("_dr_rank", "_dr_axis", "_dr_frozen_below"):
+                    factor.__dict__.pop(attr, None)
+
+
+@contextmanager
+def use_rank(
+    model: nn.Module,
+    b: int,
+    update_rule: Literal["frozen", "nested"] | None = None,
+    rank_scaling: Literal["per_rank", "constant", "rslora"] | None = None,
+    min_rank: int = 1,
+    adapter_name: str = "default",
+    *,
+    scaling: str | None = None,
+) -> Iterator[nn.Module]:
+    """Run any code with every LoRA layer of `model` truncated to rank `b`: `W + s_b B[:, :b] A[:b]`.
+
+    Works with peft's LoRA layers on unquantized, bitsandbytes 4-bit and 8-bit bases. The previous state (rank,
+    update rule, scaling, module classes) is restored on exit, so the context nests.
+
+    Args:
+        model (`nn.Module`): a peft model (or any model holding peft LoRA layers).
+        b (`int`): the rank, `1 ≤ b ≤ r` for every LoRA layer.
+        update_rule (`str`, *optional*, defaults to `"frozen"`): which components receive gradients during backward:
+            `"frozen"` only component b (DyLoRA; at `b == min_rank` all of `1..min_rank`, which would otherwise
+            never learn), `"nested"` all of `1..b` (QDyLoRA).
+        rank_scaling (`str`, *optional*): `"per_rank"` (`α/b`), `"constant"` (peft's `α/r`) or `"rslora"`
+            (`α/√b`); defaults to the scaling the adapter was trained or loaded with, else `"constant"` after
+            QuAILoRA and `"per_rank"` otherwise (`spec.resolve_rank_scaling`).
+        min_rank (`int`, defaults to 1): the smallest rank of training, for the frozen rule.
+        adapter_name (`str`, defaults to `"default"`).
+        scaling (`str`, *optional*): deprecated name of `rank_scaling`.
+
+    Yields:
+        `model`.
+
+    Raises:
+        ValueError: `b` out of range, a bad option, no (supported) LoRA layers, or a merged layer.
+
+    Example:
+
+    ```python
+    with use_rank(model, 2, rank_scaling="constant"):
+        logits = model(input_ids).logits
+    ```
+    """
+    rank_scaling = resolve_rank_scaling(model, _renamed_scaling(rank_scaling, scaling), adapter_name)
+    update_rule = _resolve_update_rule(model, update_rule)
+    layers, _ = checked_rank_layers(model, b, adapter_name)
+    for name, layer in layers.items():
+        if layer.merged:
+            raise ValueError(f"{name}: the adapter is merged into the base weights; unmerge it before use_rank().")
+    frozen_below = b - 1 if update_rule == "frozen" and b > min_rank else 0
+    saved = []
+    try:
+        _truncate(saved, layers, adapter_name, b, frozen_below, rank_scaling)
+        yield model
+    finally:
+        _restore(saved, adapter_name)
+
+
+def _renamed_scaling(rank_scaling: str | None, scaling: str | None) -> str | None:
+    """Map the deprecated `scaling=` argument of `use_rank` / `export_rank` onto `rank_scaling=`."""
+    if scaling is None:
+        return rank_scaling
+    warnings.warn(
+        "`scaling=` is deprecated and will be removed in hf_quailora 0.3; use `rank_scaling=` (the name every other "
+        "entry point uses).",
+        FutureWarning,
+        stacklevel=4,
+    )
+    if rank_scaling is not None and rank_scaling != scaling:
+        raise ValueError(f"Got both `rank_scaling={rank_scaling!r}` and `scaling={scaling!r}`; pass only `rank_scaling`.")
+    return scaling

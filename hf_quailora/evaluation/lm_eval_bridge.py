@@ -1,0 +1,325 @@
+"""lm-evaluation-harness bridge: benchmark every truncated rank of one dynamic-rank adapter.
+
+- `evaluate_ranks(model, tokenizer, ranks, tasks)` runs lm-eval's `simple_evaluate` on the in-memory model at each
+  rank (one `HFLM` per rank around the same loaded model, no request cache shared across ranks), restores the
+  model's mode afterwards, and returns tidy rows (model × rank × task × metric, with stderr); with `output_dir` it
+  writes JSON, Markdown and a PNG plot of each metric against rank.
+- `DynamicRankLM`, registered in lm-eval as `"hf-dynrank"`, loads `pretrained=…,peft=…,rank=b` so lm-eval's own
+  command line and Python API evaluate any rank of a saved adapter without exporting it first:
+
+      lm_eval --model hf-dynrank --model_args pretrained=smollm2-135m,peft=outputs/adapter,rank=4 \\
+          --tasks quailora_wiki_ppl --include_path "$(python -c 'from hf_quailora.evaluation.tasks import write_offline_tasks as w; print(w())')"
+
+  (`import hf_quailora.evaluation.lm_eval_bridge` registers it; lm-eval's CLI needs `--include_path` for the
+  offline tasks and a `python -c "import hf_quailora.evaluation.lm_eval_bridge"`-style plugin import, or use
+  `hf-quailora eval`.)
+
+Pattern after lm-eval's `hf_steered.py`: a context manager that restores state in `finally`, and an `HFLM` subclass
+that overrides only `_model_call` / `_model_generate`.
+
+Example:
+
+```python
+from hf_quailora import evaluate_ranks
+
+rows = evaluate_ranks(model, tokenizer, ranks=[1, 2, 4, 8], tasks=["quailora_wiki_ppl"], limit=20,
+                      output_dir="outputs/rank_sweep")
+```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from lm_eval import simple_evaluate
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+from tqdm.auto import tqdm
+
+from ..dynamic_rank.export import load_dynamic_rank_adapter
+from ..dynamic_rank.spec import METADATA_FILE, check_ranks, parse_ranks, resolve_rank_scaling
+from ..dynamic_rank.truncation import lora_rank_of, use_rank
+from ..quantization import disable_bnb_cpu_fast_path
+from .reporting import write_rank_report
+from .tasks import OFFLINE_TASKS, write_offline_tasks
+
+
+logger = logging.getLogger(__name__)
+
+RESULT_FILES = ("results.json", "results.md", "results.png")
+
+
+def resolve_tasks(
+    tasks: str | Sequence[str], include_path: str | Sequence[str] | None = None
+) -> tuple[list[str], TaskManager]:
+    """Check task names before any model runs; returns `(names, TaskManager)`.
+
+    hf_quailora's offline tasks (`quailora_*`) are always available. Other lm-eval tasks need their data from the
+    Hub; with `HF_HUB_OFFLINE`/`HF_DATASETS_OFFLINE` set they are refused with a clear message.
+
+    Raises:
+        ValueError: an unknown task, or a Hub task while offline.
+    """
+    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t) for t in tasks]
+    names = [n for n in names if n]
+    if not names:
+        raise ValueError("Give at least one task, e.g. 'quailora_wiki_ppl'.")
+    include = [include_path] if isinstance(include_path, str) else list(include_path or [])
+    offline_dir = write_offline_tasks()
+    manager = TaskManager(include_path=[offline_dir, *include])
+    known = set(manager.all_tasks)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(
+            f"Unknown lm-eval task(s) {unknown}. Offline tasks shipped here: {list(OFFLINE_TASKS)}; lm-eval's own "
+            "tasks (hellaswag, arc_easy, …) need the Hugging Face Hub for their data; your own task YAMLs need "
+            "`include_path`."
+        )
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", "")
+    if offline:
+        roots = [os.path.abspath(p) for p in [offline_dir, *include]]
+        needs_hub = []
+        for name in names:
+            yaml_path = getattr(manager.task_index.get(name), "yaml_path", None)
+            if yaml_path is None or not any(os.path.abspath(str(yaml_path)).startswith(r) for r in roots):
+                needs_hub.append(name)
+        if needs_hub:
+            raise ValueError(
+                f"Task(s) {needs_hub} load their data from the Hugging Face Hub, but HF_HUB_OFFLINE/"
+                "HF_DATASETS_OFFLINE is set. Run with the Hub, or use the offline tasks "
+                f"{list(OFFLINE_TASKS)} / your own YAMLs via `include_path`."
+            )
+    return names, manager
+
+
+def results_to_rows(results: dict, model_label: str, rank: int | None) -> list[dict]:
+    """lm-eval's `results["results"]` as tidy rows `{model, rank, task, metric, value, stderr}`."""
+    rows = []
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
+                continue
+            metric, filter_name = key.split(",", 1)
+            stderr = metrics.get(f"{metric}_stderr,{filter_name}")
+            rows.append({
+                "model": model_label,
+                "rank": rank,
+                "task": task,
+                "metric": metric if filter_name == "none" else f"{metric} ({filter_name})",
+                "value": float(value),
+                "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+            })
+    return rows
+
+
+def _check_output_dir(output_dir: str | None, overwrite: bool) -> None:
+    if output_dir is None:
+        return
+    existing = [f for f in RESULT_FILES if (Path(output_dir) / f).exists()]
+    if existing and not overwrite:
+        raise ValueError(
+            f"{output_dir} already holds results ({', '.join(existing)}); choose another folder or pass "
+            "overwrite=True (`--overwrite`)."
+        )
+
+
+def _run_lm_eval(model, tokenizer, task_names, manager, batch_size, max_length, lm_eval_kwargs) -> dict:
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    results = simple_evaluate(
+        model=lm, tasks=task_names, task_manager=manager, cache_requests=False, use_cache=None,
+        log_samples=False, **lm_eval_kwargs,
+    )
+    if results is None:  # non-zero processes of a distributed run
+        return {"results": {}}
+    return results
+
+
+def _evaluate_baselines(model, baselines: dict | None, run) -> list[dict]:
+    """Rows of each baseline: `"no_adapter"` (this model with its adapter disabled) or another loaded model."""
+    rows = []
+    for name, baseline in (baselines or {}).items():
+        if isinstance(baseline, str) and baseline == "no_adapter":
+            context, target = model.disable_adapter(), model
+        elif isinstance(baseline, torch.nn.Module):
+            context, target = contextlib.nullcontext(), baseline
+            disable_bnb_cpu_fast_path(baseline)
+        else:
+            raise TypeError(f"Baseline {name!r} must be 'no_adapter' or a loaded model, got {type(baseline).__name__}.")
+        with context:
+            rows += results_to_rows(run(target), name, None)
+    return rows
+
+
+def evaluate_ranks(
+    model: torch.nn.Module,
+    tokenizer,
+    ranks: str | Sequence[int],
+    tasks: str | Sequence[str],
+    *,
+    include_path: str | Sequence[str] | None = None,
+    output_dir: str | None = None,
+    overwrite: bool = False,
+    baselines: dict | None = None,
+    label: str = "dynamic-rank LoRA",
+    rank_scaling: str | None = None,
+    adapter_name: str = "default",
+    batch_size: int = 8,
+    max_length: int | None = None,
+    num_fewshot: int | None = None,
+    limit: int | float | None = None,
+    apply_chat_template: bool | str = False,
+    bootstrap_iters: int = 1000,
+    show_progress: bool = True,
+    **lm_eval_kwargs,
+) -> list[dict]:
+    """Evaluate one loaded dynamic-rank model on lm-eval tasks at every rank in `ranks`.
+
+    Args:
+        model (`PeftModel`): the model with a dynamic-rank LoRA adapter (loaded once, reused for every rank).
+        tokenizer: its tokenizer; must have a pad token.
+        ranks (`str` or `list[int]`): e.g. `"1,2,4,8"`; each within `1..r`.
+        tasks (`str` or `list[str]`): lm-eval task names (offline: `quailora_wiki_ppl`, `quailora_alpaca_loss`,
+            `quailora_alpaca_mc`; others need the Hub or `include_path`).
+        include_path (*optional*): folder(s) of extra task YAMLs.
+        output_dir (`str`, *optional*): write `results.json`, `results.md`, `results.png` there.
+        overwrite (`bool`, defaults to `False`): allow replacing results in `output_dir`.
+        baselines (`dict`, *optional*): label → `"no_adapter"` (this model with its adapter disabled) or another
+            loaded model (e.g. a separately trained fixed-rank LoRA); evaluated once each, drawn as lines.
+        label (`str`): the name of this model in tables and plots.
+        rank_scaling (`str`, *optional*): the `rank_scaling` the adapter was trained with; defaults as in
+            `use_rank` (the scaling recorded by the trainer or the adapter loader).
+        adapter_name (`str`, defaults to `"default"`).
+        batch_size, max_length, num_fewshot, limit, apply_chat_template, bootstrap_iters: lm-eval options.
+        show_progress (`bool`, defaults to `True`): a progress bar over ranks.
+        **lm_eval_kwargs: passed to `lm_eval.simple_evaluate` (e.g. `gen_kwargs`, `fewshot_as_multiturn`).
+
+    Returns:
+        `list[dict]`: rows `{model, rank, task, metric, value, stderr}` (baselines have `rank=None`).
+
+    Raises:
+        ValueError: a tokenizer without pad token, ranks out of range, unknown tasks (checked before any model
+            runs), results already in `output_dir`.
+
+    Example:
+
+    ```python
+    rows = evaluate_ranks(model, tokenizer, "1,4,16", "quailora_wiki_ppl", limit=20, output_dir="outputs/sweep")
+    ```
+    """
+    if getattr(tokenizer, "pad_token", None) is None:
+        raise ValueError(
+            "The tokenizer has no pad token; lm-eval batches need one: `tokenizer.pad_token = tokenizer.eos_token`."
+        )
+    rank_list = parse_ranks(ranks)
+    check_ranks(rank_list, 1, lora_rank_of(model, adapter_name), "ranks", "this adapter's range")
+    rank_scaling = resolve_rank_scaling(model, rank_scaling, adapter_name)
+    task_names, manager = resolve_tasks(tasks, include_path)
+    _check_output_dir(output_dir, overwrite)
+    disable_bnb_cpu_fast_path(model)  # lm-eval runs no-grad eval passes; the model may train afterwards
+    options = dict(num_fewshot=num_fewshot, limit=limit, apply_chat_template=apply_chat_template,
+                   bootstrap_iters=bootstrap_iters, **lm_eval_kwargs)
+
+    def run(target):
+        return _run_lm_eval(target, tokenizer, task_names, manager, batch_size, max_length, options)
+
+    was_training = model.training
+    try:
+        rows = _evaluate_baselines(model, baselines, run)
+        for b in tqdm(rank_list, desc="lm-eval over ranks", disable=not show_progress, unit="rank"):
+            with use_rank(model, b, rank_scaling=rank_scaling, adapter_name=adapter_name):
+                rows += results_to_rows(run(model), label, b)
+    finally:
+        model.train(was_training)
+    if output_dir is not None and rows:
+        paths = write_rank_report(rows, output_dir, title=f"{label}: {', '.join(task_names)}")
+        logger.info("Rank sweep written to %s", ", ".join(paths.values()))
+    return rows
+
+
+@register_model("hf-dynrank")
+class DynamicRankLM(HFLM):
+    """lm-eval model `hf-dynrank`: a base model plus a saved dynamic-rank adapter, evaluated at rank `rank`.
+
+    Args (as lm-eval `--model_args`):
+        pretrained (`str`): base model: embedded name (`smollm2-135m`), folder or Hub id; or a loaded model.
+        peft (`str`): the saved adapter folder (full rank; `dynamic_rank.json` beside it gives the scaling).
+        rank (`int`, *optional*): the rank to evaluate (default: the adapter's full rank).
+        quantization (`str`, *optional*): load the base in `none`, `nf4`, `fp4` or `int8`; defaults to the
+            quantization recorded in `dynamic_rank.json` (the base the adapter was trained on), else `none`.
+        rank_scaling (`str`, *optional*): override the scaling recorded in `dynamic_rank.json`.
+        Other arguments go to `HFLM` (`batch_size`, `max_length`, …).
+
+    An adapter without `dynamic_rank.json` is not known to be dynamic-rank: it is evaluated at its own rank only,
+    with a warning.
+
+    Example:
+
+    ```python
+    from lm_eval import simple_evaluate
+    import hf_quailora.evaluation.lm_eval_bridge  # registers "hf-dynrank"
+
+    simple_evaluate(model="hf-dynrank", model_args="pretrained=smollm2-135m,peft=outputs/adapter,rank=4",
+                    tasks=["quailora_wiki_ppl"], task_manager=TaskManager(include_path=write_offline_tasks()))
+    ```
+    """
+
+    def __init__(
+        self,
+        pretrained,
+        peft: str | None = None,
+        rank: int | str | None = None,
+        quantization: str | None = None,
+        rank_scaling: str | None = None,
+        adapter_name: str = "default",
+        **kwargs,
+    ):
+        if peft is None:
+            raise ValueError("hf-dynrank needs `peft=<adapter folder>`; for a plain model use lm-eval's `hf` model.")
+        loaded = load_dynamic_rank_adapter(pretrained, peft, quantization, rank_scaling, adapter_name,
+                                           tokenizer=kwargs.pop("tokenizer", None))
+        rank = int(rank) if rank not in (None, "") else loaded.max_rank
+        if loaded.metadata is None:
+            if rank != loaded.max_rank:
+                warnings.warn(
+                    f"{peft} has no {METADATA_FILE}: it is not a dynamic-rank adapter, so it is evaluated at "
+                    f"its own rank {loaded.max_rank}, not {rank}.",
+                    stacklevel=2,
+                )
+            rank = loaded.max_rank
+        check_ranks([rank], 1, loaded.max_rank, "rank", "this adapter's range")
+        self.dynamic_rank = rank
+        self.rank_scaling = loaded.rank_scaling
+        self.adapter_name = adapter_name
+        super().__init__(pretrained=loaded.model, tokenizer=loaded.tokenizer, **kwargs)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """Build from lm-eval's `--model_args` string, keeping `quantization=none` as the string `"none"`.
+
+        lm-eval turns the value `none` into Python `None`, which here means "the quantization recorded with the
+        adapter": without this, `quantization=none` would silently evaluate an NF4-trained adapter on an NF4 base.
+        """
+        items = (arg_string or "").split(",")
+        pairs = [item.partition("=") for item in items]
+        if any(key.strip() == "quantization" and value.strip().lower() == "none" for key, _, value in pairs):
+            arg_string = ",".join(i for i in items if i.partition("=")[0].strip() != "quantization")
+            additional_config = {**(additional_config or {}), "quantization": "none"}
+        return super().create_from_arg_string(arg_string, additional_config)
+
+    def _at_rank(self):
+        return use_rank(self._model, self.dynamic_rank, rank_scaling=self.rank_scaling, adapter_name=self.adapter_name)
+
+    def _model_call(self, inps, attn_mask=None, labels=None):
+        with self._at_rank():
+            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+
+    def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        with self._at_rank():
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)

@@ -1,0 +1,272 @@
+"""Calibration: batches from many input kinds, and padding-masked Gram matrices `H = XᵀX` from forward hooks.
+
+Layers that read the same input tensor (q/k/v of attention; gate/up of an MLP) share one Gram matrix: the hook
+recognises the shared tensor object and accumulates it once. Accumulation runs in float64 (or float32) without
+holding activations; under `torch.distributed` the matrices and token counts are all-reduced, so every process
+ends with the same `H`.
+
+Example:
+
+```python
+batches = make_calibration_batches(c4_texts, tokenizer, num_samples=32, max_length=256)
+grams = collect_gram_matrices(model, batches, {"q": model.layers[0].q_proj, ...})
+```
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GramStatistics:
+    """Gram matrices of the inputs of a set of layers.
+
+    Attributes:
+        matrices (`dict[str, torch.Tensor]`): one `H = XᵀX` (summed, not averaged) per *group leader*.
+        groups (`dict[str, str]`): layer name → name of the leader whose matrix it shares.
+        num_tokens (`int`): non-padding tokens seen (summed over processes).
+    """
+
+    matrices: dict[str, torch.Tensor] = field(default_factory=dict)
+    groups: dict[str, str] = field(default_factory=dict)
+    num_tokens: int = 0
+
+    def for_layer(self, name: str) -> torch.Tensor:
+        """The Gram matrix that layer `name` sees."""
+        return self.matrices[self.groups[name]]
+
+
+def _tokenize(texts: list[str], tokenizer, max_length: int) -> dict[str, torch.Tensor]:
+    if tokenizer is None:
+        raise ValueError("Calibration given as text needs a `tokenizer`.")
+    if tokenizer.pad_token is None:
+        raise ValueError("The tokenizer has no pad token; set `tokenizer.pad_token = tokenizer.eos_token`.")
+    encoded = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+def _batches_from_ids(ids: torch.Tensor, num_samples: int | None, batch_size: int) -> list[dict]:
+    ids = ids if ids.dim() == 2 else ids.unsqueeze(0)
+    ids = ids[:num_samples] if num_samples is not None else ids
+    return [
+        {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)} for chunk in ids.split(batch_size)
+    ]
+
+
+def _batches_from_texts(texts: list[str], tokenizer, num_samples, max_length: int, batch_size: int) -> list[dict]:
+    texts = texts[:num_samples] if num_samples is not None else texts
+    return [_tokenize(texts[i : i + batch_size], tokenizer, max_length) for i in range(0, len(texts), batch_size)]
+
+
+def _batches_from_dataset(dataset, tokenizer, num_samples, max_length: int, batch_size: int) -> list[dict]:
+    rows = dataset.select(range(min(num_samples, len(dataset)))) if num_samples else dataset
+    if "text" in dataset.column_names and "input_ids" not in dataset.column_names:
+        return _batches_from_texts(list(rows["text"]), tokenizer, None, max_length, batch_size)
+    if "input_ids" not in dataset.column_names:
+        raise ValueError(
+            f"A calibration dataset needs a 'text' or 'input_ids' column; it has {dataset.column_names}."
+        )
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        seqs = [torch.as_tensor(x)[:max_length] for x in rows[start : start + batch_size]["input_ids"]]
+        ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
+        mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(s) for s in seqs], batch_first=True)
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def _batches_from_iterable(batches: Iterable, num_samples: int | None) -> list[dict]:
+    out, seen = [], 0
+    for batch in batches:
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+            raise TypeError("Each calibration batch must be a mapping with 'input_ids' (and 'attention_mask').")
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        if num_samples is not None and seen + ids.shape[0] > num_samples:
+            ids = ids[: num_samples - seen]
+            mask = mask[: num_samples - seen] if mask is not None else None
+        out.append({"input_ids": ids, "attention_mask": mask if mask is not None else torch.ones_like(ids)})
+        seen += ids.shape[0]
+        if num_samples is not None and seen >= num_samples:
+            break
+    return out
+
+
+def make_calibration_batches(
+    calibration,
+    tokenizer=None,
+    num_samples: int | None = 128,
+    max_length: int = 512,
+    batch_size: int = 8,
+) -> list[dict[str, torch.Tensor]]:
+    """Normalise calibration input into a list of `{"input_ids", "attention_mask"}` batches.
+
+    Args:
+        calibration: one of
+            - a `torch.LongTensor` of token ids `(n, length)` (every token counts),
+            - a list of strings, or a `datasets.Dataset` with a `"text"` column (tokenized with padding and
+              truncation to `max_length`), or one with an `"input_ids"` column,
+            - an iterable of batch dicts with `"input_ids"` and optionally `"attention_mask"` (a DataLoader).
+        tokenizer: needed for text.
+        num_samples (`int`, *optional*, defaults to 128): stop after this many sequences (`None`: all).
+        max_length (`int`, defaults to 512): truncation length for text.
+        batch_size (`int`, defaults to 8): sequences per batch (ignored for an iterable of batches).
+
+    Returns:
+        `list[dict[str, torch.Tensor]]`.
+
+    Raises:
+        ValueError: the calibration set is empty.
+        TypeError: an unsupported calibration type.
+
+    Example:
+
+    ```python
+    batches = make_calibration_batches(["Some text.", "More text."], tokenizer, max_length=128)
+    ```
+    """
+    if num_samples is not None and num_samples < 1:
+        raise ValueError(f"`num_samples` ({num_samples}) must be at least 1 (or None for all).")
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` ({batch_size}) must be at least 1.")
+    if isinstance(calibration, torch.Tensor):
+        batches = _batches_from_ids(calibration, num_samples, batch_size)
+    elif isinstance(calibration, str):
+        raise TypeError("Calibration must be a list of texts, not one string; wrap it in a list.")
+    elif isinstance(calibration, list) and all(isinstance(t, str) for t in calibration):
+        batches = _batches_from_texts(calibration, tokenizer, num_samples, max_length, batch_size)
+    elif hasattr(calibration, "column_names"):  # datasets.Dataset
+        batches = _batches_from_dataset(calibration, tokenizer, num_samples, max_length, batch_size)
+    elif isinstance(calibration, Iterable):
+        batches = _batches_from_iterable(calibration, num_samples)
+    else:
+        raise TypeError(
+            "Unsupported calibration input of type "
+            f"{type(calibration).__name__}; give token ids, a list of texts, a datasets.Dataset or batches."
+        )
+    if not batches or sum(int(b["input_ids"].numel()) for b in batches) == 0:
+        raise ValueError("The calibration set is empty; give at least one non-empty sequence.")
+    if sum(int(b["attention_mask"].sum()) for b in batches) == 0:
+        raise ValueError("The calibration set yields no non-padding tokens (every attention_mask is 0).")
+    return batches
+
+
+class _GramCollector:
+    """Forward hooks that accumulate `XᵀX` per distinct input tensor, padding excluded."""
+
+    def __init__(self, modules: Mapping[str, torch.nn.Module], dtype: torch.dtype):
+        self.modules = dict(modules)
+        self.dtype = dtype
+        self.stats = GramStatistics()
+        self.mask: torch.Tensor | None = None
+        self._seen: dict[int, tuple[weakref.ref, str]] = {}
+        self._warned_shape = False
+        self._handles = []
+
+    def __enter__(self):
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._make_hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def start_batch(self, mask: torch.Tensor) -> None:
+        self.mask = mask.reshape(-1).bool()
+        self._seen.clear()
+
+    def _make_hook(self, name: str):
+        @torch.no_grad()
+        def hook(module, args, output):
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor):
+                return
+            entry = self._seen.get(id(x))
+            if entry is not None and entry[0]() is x:  # the same tensor object: shares the leader's H
+                self.stats.groups.setdefault(name, entry[1])
+                return
+            leader = self.stats.groups.setdefault(name, name)
+            self._seen[id(x)] = (weakref.ref(x), leader)
+            rows = x.reshape(-1, x.shape[-1])
+            if self.mask is not None and rows.shape[0] == self.mask.numel():
+                rows = rows[self.mask.to(rows.device)]
+            elif not self._warned_shape:
+                logger.warning("Input of %s does not match the attention mask; using every position.", name)
+                self._warned_shape = True
+            # Per-batch products in the activations' precision (float32 at least), accumulated in self.dtype:
+            # float64 matmuls cost twice as much and change nothing at this batch size.
+            rows = rows.float() if rows.dtype in (torch.float16, torch.bfloat16) else rows
+            gram = (rows.T @ rows).to(self.dtype)
+            if leader in self.stats.matrices:
+                self.stats.matrices[leader] += gram
+            else:
+                self.stats.matrices[leader] = gram
+
+        return hook
+
+
+@torch.no_grad()
+def collect_gram_matrices(
+    model: torch.nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    modules: Mapping[str, torch.nn.Module],
+    dtype: torch.dtype = torch.float64,
+    show_progress: bool = True,
+) -> GramStatistics:
+    """Run `model` over `batches` and accumulate the Gram matrix of each module's input.
+
+    Args:
+        model (`torch.nn.Module`): the model to run (its current mode is used; callers put it in eval mode).
+        batches (`list[dict]`): from `make_calibration_batches`.
+        modules (`Mapping[str, torch.nn.Module]`): named modules whose input `X` to record.
+        dtype (`torch.dtype`, defaults to float64): accumulation dtype.
+        show_progress (`bool`, defaults to `True`): a tqdm bar over batches.
+
+    Returns:
+        `GramStatistics`; under `torch.distributed` summed over all processes.
+
+    Raises:
+        ValueError: no non-padding tokens were seen, a module never ran, or a matrix is not finite (naming it).
+    """
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"Accumulate Gram matrices in float32 or float64, not {dtype}.")
+    device = next(model.parameters()).device
+    collector = _GramCollector(modules, dtype)
+    num_tokens = 0
+    with collector:
+        for batch in tqdm(batches, desc="QuAILoRA calibration", disable=not show_progress, unit="batch"):
+            mask = batch["attention_mask"]
+            collector.start_batch(mask)
+            model(input_ids=batch["input_ids"].to(device), attention_mask=mask.to(device), use_cache=False)
+            num_tokens += int(mask.sum())
+    stats = collector.stats
+    stats.num_tokens = num_tokens
+    missing = [name for name in modules if name not in stats.groups]
+    if missing:
+        raise ValueError(f"These layers never ran during calibration: {missing[:5]}{' …' if len(missing) > 5 else ''}")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        count = torch.tensor([num_tokens], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(count)
+        stats.num_tokens = int(count.item())
+        for name in sorted(stats.matrices):  # same order on every process
+            torch.distributed.all_reduce(stats.matrices[name])
+    if stats.num_tokens == 0:
+        raise ValueError("Calibration saw no non-padding tokens; check the attention masks of the calibration data.")
+    for name, matrix in stats.matrices.items():
+        if not torch.isfinite(matrix).all():
+            raise ValueError(
+                f"The Gram matrix of the input of {name} is not finite (inf/nan activations); "
+                "use float32 compute or other calibration data."
+            )
+    return stats

@@ -1,0 +1,156 @@
+"""`QuAILoRAInitCallback`: QuAILoRA initialisation at the start of any Trainer's training.
+
+Example:
+
+```python
+from trl import SFTConfig, SFTTrainer
+from hf_quailora import QuAILoRAInitCallback
+
+callback = QuAILoRAInitCallback(calibration_dataset=c4_texts, num_samples=64, max_length=256)
+trainer = SFTTrainer(model=peft_model, args=SFTConfig(...), train_dataset=data, callbacks=[callback])
+trainer.train()  # LoRA factors are set by QuAILoRA before the first step
+print(callback.report.summary())
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+
+import torch
+from transformers import TrainerCallback
+
+from .._peft_utils import require_lora_layers, unwrap_model
+from ..dynamic_rank.spec import QUAILORA_RANK_SCALING
+from .config import QuAILoRAConfig
+from .init import quailora_init
+from .report import QuAILoRAReport
+
+
+logger = logging.getLogger(__name__)
+
+
+class QuAILoRAInitCallback(TrainerCallback):
+    """Run `quailora_init` on the trainer's model at `on_train_begin`, before the first optimizer step.
+
+    Factors are written in place (`param.data.copy_()`), so the optimizer keeps its Parameters. Under several
+    processes each process calibrates on its shard, the Gram matrices are all-reduced, and rank 0's factors are
+    broadcast, so every process ends with identical weights. When training resumes from a checkpoint
+    (`global_step > 0`) the callback does nothing: the checkpoint's weights are kept.
+
+    Args:
+        calibration_dataset (*optional*): texts, token ids, a `datasets.Dataset` with `"text"`/`"input_ids"`, or
+            batches. `None` takes batches from the trainer's train dataloader.
+        config (`QuAILoRAConfig`, *optional*): the settings; defaults to `QuAILoRAConfig()`.
+        full_precision_weights (*optional*): checkpoint folder, Hub id or state dict with the unquantized `W`;
+            defaults to where the model was loaded from.
+        tokenizer (*optional*): for text calibration; defaults to the trainer's processing class.
+        adapter_name (`str`, defaults to `"default"`).
+        report_file (`str`, *optional*, defaults to `"quailora_report.json"`): written into `output_dir` by the main
+            process (`None`: not written).
+        **config_overrides: fields of `QuAILoRAConfig` to change, e.g. `num_samples=64, max_length=256,
+            solver="als"` (the number of calibration sequences counts over all processes).
+
+    Attributes:
+        report (`QuAILoRAReport` or `None`): the report of the last initialisation.
+
+    Raises:
+        ValueError / TypeError: bad settings, at construction; the checks of `quailora_init` at train begin.
+
+    Example:
+
+    ```python
+    trainer = SFTTrainer(..., callbacks=[QuAILoRAInitCallback(calibration_dataset=texts, solver="als")])
+    ```
+    """
+
+    def __init__(
+        self,
+        calibration_dataset=None,
+        config: QuAILoRAConfig | None = None,
+        full_precision_weights=None,
+        tokenizer=None,
+        adapter_name: str = "default",
+        report_file: str | None = "quailora_report.json",
+        **config_overrides,
+    ):
+        # Hyperparameters (QuAILoRAConfig's own defaults and checks; nothing re-declared here)
+        if config is not None and not isinstance(config, QuAILoRAConfig):
+            raise TypeError(f"`config` must be a QuAILoRAConfig, got {type(config).__name__}.")
+        fields = {f.name for f in dataclasses.fields(QuAILoRAConfig)}
+        unknown = sorted(set(config_overrides) - fields)
+        if unknown:
+            raise TypeError(f"QuAILoRAInitCallback got unknown settings {unknown}; QuAILoRAConfig has {sorted(fields)}.")
+        config = dataclasses.replace(config if config is not None else QuAILoRAConfig(), **config_overrides)
+        if calibration_dataset is not None and hasattr(calibration_dataset, "__len__") and len(calibration_dataset) == 0:
+            raise ValueError("`calibration_dataset` is empty; give calibration texts or leave it None.")
+        self.config = config
+        self.calibration_dataset = calibration_dataset
+        self.full_precision_weights = full_precision_weights
+        self.tokenizer = tokenizer
+        self.adapter_name = adapter_name
+        self.report_file = report_file
+        # Internal state
+        self.report: QuAILoRAReport | None = None
+
+    def _calibration_for_this_process(self, train_dataloader):
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if self.calibration_dataset is None:
+            if train_dataloader is None:
+                raise ValueError("QuAILoRAInitCallback has no calibration_dataset and the trainer no train dataloader.")
+            # Already sharded per process by accelerate: take this process's share of num_samples.
+            per_process = None if self.config.num_samples is None else -(-self.config.num_samples // world)
+            return train_dataloader, dataclasses.replace(self.config, num_samples=per_process)
+        data = self.calibration_dataset
+        indexable = isinstance(data, torch.Tensor) or hasattr(data, "select") or (
+            isinstance(data, list) and all(isinstance(item, str) for item in data)
+        )
+        total = min(self.config.num_samples or len(data), len(data)) if indexable else 0
+        # Shard only when every process gets at least one sample; otherwise every process calibrates on all of it,
+        # which gives the same normalised H (matrices and token counts are both summed) and keeps every process in
+        # the collectives (a process raising "empty" alone would leave the others waiting in all_reduce).
+        if world > 1 and indexable and total >= world:
+            indices = list(range(rank, total, world))
+            if isinstance(data, torch.Tensor):
+                data = data[indices]
+            elif hasattr(data, "select"):
+                data = data.select(indices)
+            else:
+                data = [data[i] for i in indices]
+        return data, self.config
+
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None, **kwargs):
+        if state.global_step > 0:
+            logger.info("Resuming at step %d: QuAILoRA initialisation skipped (checkpoint weights kept).", state.global_step)
+            return
+        model = unwrap_model(model)
+        require_lora_layers(model, self.adapter_name)
+        scaling = getattr(args, "rank_scaling", None)
+        if scaling not in (None, QUAILORA_RANK_SCALING) and state.is_world_process_zero:
+            logger.warning(
+                "QuAILoRA solves for the adapter's scaling α/r, but this trainer uses rank_scaling=%r: a truncated rank "
+                "b runs at a different scaling and starts away from its optimum (at small b worse than B = 0). Use "
+                "rank_scaling='constant' with QuAILoRA.",
+                scaling,
+            )
+        tokenizer = self.tokenizer if self.tokenizer is not None else processing_class
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # processors wrap their tokenizer
+        calibration, config = self._calibration_for_this_process(train_dataloader)
+        self.report = quailora_init(
+            model,
+            calibration,
+            config,
+            tokenizer=tokenizer,
+            full_precision_weights=self.full_precision_weights,
+            adapter_name=self.adapter_name,
+        )
+        if state.is_world_process_zero:
+            logger.info(self.report.summary())
+            if self.report_file and args.output_dir:
+                os.makedirs(args.output_dir, exist_ok=True)
+                with open(os.path.join(args.output_dir, self.report_file), "w") as handle:
+                    json.dump(self.report.to_dict(), handle, indent=1)

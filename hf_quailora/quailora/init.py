@@ -1,0 +1,312 @@
+"""QuAILoRA: quantization-aware, calibrated initialisation of LoRA on a bitsandbytes-quantized base.
+
+Reference: Lawton et al., "QuAILoRA: Quantization-Aware Initialization for LoRA", 2024; closed form as in
+CLoQ (2025). methods.md §1 states the contract:
+
+    minimise over A, B:  ‖X (W − Q − sBA)ᵀ‖²_F = tr[(E − sBA) H (E − sBA)ᵀ],   E = W − Q,  H = XᵀX
+
+so that the starting model `Q + sBA` reproduces the full-precision model on calibration activations, while Q
+stays exactly the quantized weight and fine-tuning memory is unchanged.
+
+Example:
+
+```python
+from peft import LoraConfig, get_peft_model
+from hf_quailora import QuAILoRAConfig, quailora_init
+from hf_quailora import load_quantized_model
+
+model, tokenizer = load_quantized_model("smollm2-135m", quantization="nf4")
+model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules="all-linear"))
+report = quailora_init(model, c4_texts, QuAILoRAConfig(num_samples=32, max_length=256), tokenizer=tokenizer)
+print(report.to_markdown())
+```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .._peft_utils import require_lora_layers
+from ..dynamic_rank.spec import record_adapter_facts
+from ..quantization import dequantize_weight, disable_bnb_cpu_fast_path, quantization_kind
+from .calibration import GramStatistics, collect_gram_matrices, make_calibration_batches
+from .config import QuAILoRAConfig
+from .report import LayerReport, QuAILoRAReport
+from .solvers import calibrated_error, frobenius_error, solve_als, solve_closed_form, solve_svd, split_for_lora
+from .weights import FullPrecisionWeights
+
+
+logger = logging.getLogger(__name__)
+
+
+def _default_weight_source(model: torch.nn.Module):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = getattr(base, "name_or_path", None) or getattr(getattr(base, "config", None), "_name_or_path", None)
+    if not name:
+        raise ValueError(
+            "Cannot tell where the full-precision weights are: the model has no `name_or_path`. Pass "
+            "`full_precision_weights` (a checkpoint folder, a Hub id, or a state dict kept before quantization)."
+        )
+    return name
+
+
+@dataclass
+class _Plan:
+    name: str
+    module: torch.nn.Module
+    kind: str
+    rank: int
+    scaling: float
+    shape: tuple[int, int]
+
+
+def _plan_layers(model, adapter_name: str, weights: FullPrecisionWeights | None) -> tuple[list[_Plan], dict]:
+    layers = require_lora_layers(model, adapter_name)
+    plans, skipped = [], {}
+    for name, module in layers.items():
+        base = module.get_base_layer()
+        kind = quantization_kind(base)
+        if kind is None:
+            skipped[name] = "base layer is not quantized by bitsandbytes (E = 0): left at peft's initialisation"
+            continue
+        if module.use_dora.get(adapter_name, False):
+            raise ValueError(f"{name}: QuAILoRA does not support DoRA; set use_dora=False.")
+        if module.lora_bias.get(adapter_name, False):
+            raise ValueError(f"{name}: QuAILoRA does not support lora_bias; set lora_bias=False.")
+        out_features, in_features = module.out_features, module.in_features
+        rank = module.r[adapter_name]
+        if rank > min(out_features, in_features):
+            raise ValueError(
+                f"{name}: LoRA rank {rank} exceeds what a {out_features}×{in_features} layer allows "
+                f"({min(out_features, in_features)}); lower `r` or exclude the layer."
+            )
+        if weights is not None:
+            shape = weights.shape(name)
+            if shape is None:
+                raise ValueError(
+                    f"{name}: no full-precision weight in {weights.description} (looked for "
+                    f"'{name.replace('base_model.model.', '')}.weight'); pass `full_precision_weights` that match "
+                    "the model."
+                )
+            if tuple(shape) != (out_features, in_features):
+                raise ValueError(
+                    f"{name}: the full-precision weight has shape {tuple(shape)}, the layer {out_features}×"
+                    f"{in_features}; the checkpoint does not match the model."
+                )
+        plans.append(_Plan(name, module, kind, rank, float(module.scaling[adapter_name]), (out_features, in_features)))
+    if not plans:
+        raise ValueError(
+            "No LoRA layer of this model has a bitsandbytes-quantized base, so there is no quantization error to "
+            "correct (E = 0). Load the model with a BitsAndBytesConfig (4-bit or 8-bit) to use QuAILoRA."
+        )
+    return plans, skipped
+
+
+@torch.no_grad()
+def _write(module, adapter_name: str, lora_B: torch.Tensor, lora_A: torch.Tensor) -> None:
+    # copy_ keeps the Parameter objects the optimizer may already hold.
+    for param, value in ((module.lora_B[adapter_name].weight, lora_B), (module.lora_A[adapter_name].weight, lora_A)):
+        param.data.copy_(value.to(device=param.device, dtype=param.dtype))
+
+
+def _revive_dead_components(B: torch.Tensor, A: torch.Tensor, gains: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Components with no gain would have A = B = 0 and never train; give them peft's default (random A, B = 0)."""
+    dead = gains <= gains.max() * 1e-12 if gains.numel() else gains.bool()
+    if dead.any():
+        fresh = torch.empty(int(dead.sum()), A.shape[1], dtype=A.dtype, device=A.device)
+        torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))
+        A, B = A.clone(), B.clone()
+        A[dead] = fresh
+        B[:, dead] = 0
+    return B, A
+
+
+def _broadcast_lora(plans: list[_Plan], adapter_name: str) -> None:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    for plan in plans:  # every process ends with rank 0's weights, bit for bit
+        for factor in (plan.module.lora_A[adapter_name].weight, plan.module.lora_B[adapter_name].weight):
+            torch.distributed.broadcast(factor.data, src=0)
+
+
+
+
+def _check_calibration(calibration, plans: list[_Plan], tokenizer, config: QuAILoRAConfig):
+    """Normalise the calibration input before any model runs: batches, precomputed statistics, or nothing (SVD)."""
+    if isinstance(calibration, GramStatistics):  # precomputed: reuse across adapters / ranks
+        missing = [plan.name for plan in plans if plan.name not in calibration.groups]
+        if missing:
+            raise ValueError(f"The given GramStatistics lack layers {missing[:3]}; collect them on this model.")
+        return calibration
+    if calibration is not None:
+        return make_calibration_batches(
+            calibration, tokenizer, config.num_samples, config.max_length, config.batch_size
+        )
+    if config.solver != "svd":
+        raise ValueError(f"The {config.solver!r} solver needs calibration data; pass `calibration` or use 'svd'.")
+    return None
+
+
+def _prepare(model, calibration, config, tokenizer, full_precision_weights, adapter_name):
+    """Step 1: find the LoRA layers, their quantized bases and full-precision weights; check everything."""
+    source = full_precision_weights if full_precision_weights is not None else _default_weight_source(model)
+    weights = FullPrecisionWeights.from_any(source)
+    plans, skipped = _plan_layers(model, adapter_name, weights)
+    for name, reason in skipped.items():
+        logger.info("QuAILoRA skips %s: %s", name, reason)
+    disable_bnb_cpu_fast_path(model)  # calibration runs in eval mode without gradients; Q must stay exact
+    for plan in plans:
+        if not torch.isfinite(dequantize_weight(plan.module.get_base_layer())).all():
+            raise ValueError(f"{plan.name}: the dequantized weight Q is not finite.")
+    return weights, plans, skipped, _check_calibration(calibration, plans, tokenizer, config)
+
+
+def _calibrate(model, batches, plans: list[_Plan], config: QuAILoRAConfig) -> GramStatistics:
+    """Step 2: Gram matrices of the quantized model's layer inputs (adapters off, eval mode, no dropout)."""
+    was_training = model.training
+    model.eval()
+    try:
+        disable = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+        with disable:
+            return collect_gram_matrices(
+                model,
+                batches,
+                {plan.name: plan.module for plan in plans},
+                dtype=getattr(torch, config.gram_dtype),
+                show_progress=config.show_progress,
+            )
+    finally:
+        model.train(was_training)
+
+
+def _solve_layer(plan: _Plan, weights: FullPrecisionWeights, stats: GramStatistics | None, config: QuAILoRAConfig):
+    """Step 3, one layer: `E = W − Q`, the solver's sorted product `sBA`, LoRA's factors and the report's errors."""
+    started = time.perf_counter()
+    solve_dtype = getattr(torch, config.solve_dtype)
+    Q = dequantize_weight(plan.module.get_base_layer()).to(solve_dtype)  # solve where the layer lives
+    W = weights.get(plan.name).to(device=Q.device, dtype=solve_dtype)
+    if not torch.isfinite(W).all():
+        raise ValueError(f"{plan.name}: the full-precision weight W is not finite.")
+    E = W - Q
+    H = stats.for_layer(plan.name).to(device=E.device, dtype=solve_dtype) / stats.num_tokens if stats else None
+    svd = solve_svd(E, plan.rank)
+    if config.solver == "closed_form":
+        result = solve_closed_form(E, H, plan.rank, config.damping)
+    elif config.solver == "als":
+        result = solve_als(E, H, plan.rank, config.als_iterations, config.damping, start=(svd.B, svd.A))
+    else:
+        result = svd
+    B, A = _revive_dead_components(*result)
+    lora_B, lora_A = split_for_lora(B, A, plan.scaling)
+    if not (torch.isfinite(lora_B).all() and torch.isfinite(lora_A).all()):
+        raise ValueError(f"{plan.name}: the solution is not finite; raise `damping`.")
+    return lora_B, lora_A, _layer_report(plan, E, H, svd, lora_B, lora_A, time.perf_counter() - started)
+
+
+def _layer_report(plan: _Plan, E, H, svd, lora_B, lora_A, seconds: float) -> LayerReport:
+    """Errors of the product actually written (`M = s·lora_B·lora_A`), with the undamped H."""
+    M_B, M_A = lora_B * plan.scaling, lora_A
+    EH = E @ H if H is not None else None
+
+    def calibrated(B=None, A=None):
+        return float(calibrated_error(E, H, B, A, EH=EH)) if H is not None else None
+
+    return LayerReport(
+        name=plan.name,
+        quantization=plan.kind,
+        shape=plan.shape,
+        rank=plan.rank,
+        scaling=plan.scaling,
+        calibrated_error_qlora=calibrated(),
+        calibrated_error_svd=calibrated(svd.B, svd.A),
+        calibrated_error_result=calibrated(M_B, M_A),
+        frobenius_error_qlora=float(frobenius_error(E)),
+        frobenius_error_svd=float(frobenius_error(E, svd.B, svd.A)),
+        frobenius_error_result=float(frobenius_error(E, M_B, M_A)),
+        seconds=seconds,
+    )
+
+
+def quailora_init(
+    model: torch.nn.Module,
+    calibration=None,
+    config: QuAILoRAConfig | None = None,
+    *,
+    tokenizer=None,
+    full_precision_weights=None,
+    adapter_name: str = "default",
+) -> QuAILoRAReport:
+    """Initialise every LoRA layer on a quantized base so that `Q + sBA` matches `W` on calibration activations.
+
+    Steps: (1) *plan*: find the LoRA layers, their quantized bases and their full-precision weights, and check
+    everything before any model runs; (2) *calibrate*: run the calibration data through the quantized model
+    (adapters disabled) and collect one Gram matrix per distinct layer input; (3) *solve*: per layer, form
+    `E = W − Q` from the real quant state, solve for the product `sBA`, sort its components, and compute the
+    report's errors; (4) *write* all factors in place with `param.data.copy_()`, only after every layer succeeded.
+
+    Args:
+        model (`peft.PeftModel` or a model with peft LoRA layers): base quantized with bitsandbytes.
+        calibration: token ids, texts, a `datasets.Dataset`, or batches (see `make_calibration_batches`); or
+            `GramStatistics` from an earlier `collect_gram_matrices` / `report.gram_statistics` on the same model
+            (to initialise several adapters or ranks from one calibration pass); may be `None` only with
+            `solver="svd"`.
+        config (`QuAILoRAConfig`, *optional*): settings; defaults to `QuAILoRAConfig()`.
+        tokenizer (*optional*): needed when `calibration` is text.
+        full_precision_weights (*optional*): a checkpoint folder, a Hub id, or a state dict kept from before
+            quantization; defaults to the checkpoint the model was loaded from (`name_or_path`).
+        adapter_name (`str`, defaults to `"default"`): the LoRA adapter to initialise.
+
+    Returns:
+        `QuAILoRAReport` with per-layer calibrated / Frobenius errors of the QLoRA (B = 0) start, the SVD start and
+        the result; errors are normalised per calibration token.
+
+    Raises:
+        ValueError: no LoRA layers; no quantized base; a rank too large for a layer; `W` missing or of the wrong
+            shape; an empty calibration set or one without non-padding tokens; non-finite W, Q or Gram matrix.
+        TypeError: unsupported calibration or weight-source types.
+
+    Example:
+
+    ```python
+    report = quailora_init(peft_model, c4_texts, QuAILoRAConfig(solver="closed_form"), tokenizer=tokenizer)
+    print(report.summary())
+    ```
+    """
+    config = config if config is not None else QuAILoRAConfig()
+    if not isinstance(config, QuAILoRAConfig):
+        raise TypeError(f"`config` must be a QuAILoRAConfig, got {type(config).__name__}.")
+    # 1. Plan
+    weights, plans, skipped, calibration = _prepare(
+        model, calibration, config, tokenizer, full_precision_weights, adapter_name
+    )
+    report = QuAILoRAReport(solver=config.solver, num_tokens=0, skipped=skipped)
+    # 2. Calibrate
+    stats = calibration if isinstance(calibration, GramStatistics) else None
+    if calibration is not None and stats is None:
+        started = time.perf_counter()
+        stats = _calibrate(model, calibration, plans, config)
+        report.calibration_seconds = time.perf_counter() - started
+    report.num_tokens = stats.num_tokens if stats is not None else 0
+    report.gram_statistics = stats
+    # 3. Solve
+    started = time.perf_counter()
+    results = []
+    for plan in tqdm(plans, desc=f"QuAILoRA {config.solver}", disable=not config.show_progress, unit="layer"):
+        lora_B, lora_A, layer_report = _solve_layer(plan, weights, stats, config)
+        results.append((plan, lora_B, lora_A))
+        report.layers.append(layer_report)
+    report.solve_seconds = time.perf_counter() - started
+    # 4. Write, only now that every layer succeeded; then make all processes agree.
+    for plan, lora_B, lora_A in results:
+        _write(plan.module, adapter_name, lora_B, lora_A)
+    _broadcast_lora(plans, adapter_name)
+    record_adapter_facts(model, adapter_name, quailora=True)
+    logger.info(report.summary())
+    return report

@@ -1,0 +1,147 @@
+"""lm-eval bridge on a tiny Llama with a LoRA whose ranks differ (random B): sweeps, registered model, CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+from lm_eval import simple_evaluate
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_quailora import export_rank
+from hf_quailora.cli import main as cli_main
+from hf_quailora.dynamic_rank.spec import DynamicRankMetadata
+from hf_quailora.evaluation.lm_eval_bridge import evaluate_ranks, resolve_tasks
+from hf_quailora.evaluation.tasks import write_offline_tasks
+
+from testing_utils import require_bitsandbytes
+
+
+TASK = "quailora_wiki_ppl"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tiny_model_path, tmp_path_factory):
+    """A rank-8 LoRA with random A and B saved as a dynamic-rank adapter (so every rank differs)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    folder = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(folder)
+    DynamicRankMetadata(min_rank=1, max_rank=8, rank_scaling="per_rank").save(folder)
+    return model, AutoTokenizer.from_pretrained(tiny_model_path), str(folder)
+
+
+def values(rows, metric="bits_per_byte"):
+    return {row["rank"]: row["value"] for row in rows if row["metric"] == metric}
+
+
+def test_sweep_over_ranks_writes_table_json_and_plot(tiny_adapter, tmp_path):
+    model, tokenizer, _ = tiny_adapter
+    model.train()
+    rows = evaluate_ranks(model, tokenizer, "1,8", [TASK], limit=2, max_length=4096, output_dir=str(tmp_path),
+                          baselines={"base model": "no_adapter"}, show_progress=False)
+    by_rank = values(rows)
+    assert set(by_rank) == {None, 1, 8}
+    assert all(math.isfinite(v) for v in by_rank.values())
+    assert len(set(by_rank.values())) == 3  # base, rank 1 and rank 8 all differ
+    assert model.training  # mode restored
+    assert json.loads((tmp_path / "results.json").read_text()) == rows
+    assert "| model | rank |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "results.png").read_bytes().startswith(PNG_MAGIC)
+    with pytest.raises(ValueError, match="already holds results"):
+        evaluate_ranks(model, tokenizer, [1], [TASK], limit=1, output_dir=str(tmp_path))
+
+
+def test_registered_model_equals_exported_adapter_in_stock_hf(tiny_model_path, tiny_adapter, tmp_path):
+    model, _, folder = tiny_adapter
+    exported = export_rank(model, 3, str(tmp_path / "r3"))
+    manager_kwargs = dict(tasks=[TASK], limit=2, log_samples=False, bootstrap_iters=0, device="cpu")
+    _, manager = resolve_tasks([TASK])
+    ours = simple_evaluate(model="hf-dynrank", model_args=f"pretrained={tiny_model_path},peft={folder},rank=3,"
+                           "max_length=4096", task_manager=manager, **manager_kwargs)
+    stock = simple_evaluate(model="hf", model_args=f"pretrained={tiny_model_path},peft={exported},max_length=4096,"
+                            "dtype=float32", task_manager=manager, **manager_kwargs)
+    full = simple_evaluate(model="hf-dynrank", model_args=f"pretrained={tiny_model_path},peft={folder},"
+                           "max_length=4096", task_manager=manager, **manager_kwargs)
+    a, b, c = (r["results"][TASK]["bits_per_byte,none"] for r in (ours, stock, full))
+    assert math.isclose(a, b, rel_tol=1e-5), (a, b)
+    assert not math.isclose(a, c, rel_tol=1e-4)  # rank 3 is not the full rank 8
+
+
+def test_cli_eval_and_export_end_to_end(tiny_model_path, tiny_adapter, tmp_path, capsys):
+    _, _, folder = tiny_adapter
+    out = tmp_path / "sweep"
+    assert cli_main(["eval", "--model", tiny_model_path, "--adapter", folder, "--ranks", "2,8", "--tasks", TASK,
+                     "--limit", "1", "--max_length", "4096", "--output_dir", str(out)]) == 0
+    assert "Results written" in capsys.readouterr().out
+    rows = json.loads((out / "results.json").read_text())
+    assert {row["rank"] for row in rows} == {None, 2, 8}
+    assert cli_main(["export", "--model", tiny_model_path, "--adapter", folder, "--rank", "2",
+                     "--output_dir", str(tmp_path / "r2")]) == 0
+    config = json.loads((tmp_path / "r2" / "adapter_config.json").read_text())
+    assert config["r"] == 2
+    with pytest.raises(SystemExit):
+        cli_main(["export", "--model", tiny_model_path, "--adapter", folder, "--rank", "9", "--output_dir", str(tmp_path)])
+
+
+def test_bad_input_is_rejected_before_running(tiny_adapter, tmp_path):
+    model, tokenizer, _ = tiny_adapter
+    with pytest.raises(ValueError, match="outside this adapter's range 1..8"):
+        evaluate_ranks(model, tokenizer, [0, 4], [TASK])
+    with pytest.raises(ValueError, match="outside this adapter's range"):
+        evaluate_ranks(model, tokenizer, [9], [TASK])
+    with pytest.raises(ValueError, match="integers"):
+        evaluate_ranks(model, tokenizer, "one,two", [TASK])
+    with pytest.raises(ValueError, match="Unknown lm-eval task"):
+        evaluate_ranks(model, tokenizer, [1], ["no_such_task"])
+    with pytest.raises(ValueError, match="Hugging Face Hub"):
+        evaluate_ranks(model, tokenizer, [1], ["hellaswag"])  # tests run with HF_HUB_OFFLINE=1
+    no_pad = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    no_pad.pad_token = None
+    with pytest.raises(ValueError, match="no pad token"):
+        evaluate_ranks(model, no_pad, [1], [TASK])
+
+
+def test_plain_adapter_is_evaluated_at_its_own_rank_only(tiny_model_path, tiny_adapter, tmp_path):
+    model, _, _ = tiny_adapter
+    plain = export_rank(model, 4, str(tmp_path / "plain"))
+    (tmp_path / "plain" / "dynamic_rank.json").unlink()  # now an ordinary peft adapter, nothing says "dynamic"
+    _, manager = resolve_tasks([TASK])
+    with pytest.warns(UserWarning, match="not a dynamic-rank adapter"):
+        from hf_quailora.evaluation.lm_eval_bridge import DynamicRankLM
+
+        lm = DynamicRankLM(pretrained=tiny_model_path, peft=plain, rank=2, max_length=4096)
+    assert lm.dynamic_rank == 4
+
+
+@require_bitsandbytes
+def test_quantization_none_in_model_args_overrides_the_recorded_base(tiny_model_path, tiny_adapter, tmp_path):
+    # lm-eval parses `none` in --model_args as Python None, which would mean "the recorded quantization" (NF4 here).
+    import bitsandbytes as bnb
+
+    from hf_quailora.evaluation.lm_eval_bridge import DynamicRankLM
+
+    model, _, _ = tiny_adapter
+    folder = tmp_path / "nf4_trained"
+    model.save_pretrained(folder)
+    DynamicRankMetadata(min_rank=1, max_rank=8, rank_scaling="per_rank", quantization="nf4").save(folder)
+
+    def has_4bit(lm):
+        return any(isinstance(m, bnb.nn.Linear4bit) for m in lm.model.modules())
+
+    common = f"pretrained={tiny_model_path},peft={folder},max_length=4096"
+    assert has_4bit(DynamicRankLM.create_from_arg_string(common))  # the recorded base by default
+    assert not has_4bit(DynamicRankLM.create_from_arg_string(common + ",quantization=none"))
+    assert not has_4bit(DynamicRankLM.create_from_arg_string(common + ",quantization=None"))
+
+
+def test_offline_tasks_are_written_and_indexed(tmp_path):
+    folder = write_offline_tasks(tmp_path)
+    names, manager = resolve_tasks("quailora_wiki_ppl,quailora_alpaca_loss,quailora_alpaca_mc")
+    assert len(names) == 3
+    mc = [json.loads(line) for line in (tmp_path / "quailora_alpaca_mc.jsonl").read_text().splitlines()]
+    assert len(mc) == 200 and all(len(row["choices"]) == 4 and 0 <= row["label"] < 4 for row in mc)
+    assert folder == str(tmp_path)
