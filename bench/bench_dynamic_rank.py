@@ -32,6 +32,9 @@ import time
 
 import torch
 
+from hf_quailora.dynamic_rank.spec import UPDATE_RULES
+from hf_quailora.quantization import QUANTIZATIONS
+
 
 RANKS = (1, 2, 4, 8, 16)
 
@@ -39,7 +42,7 @@ RANKS = (1, 2, 4, 8, 16)
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--quantization", default="nf4", choices=["nf4", "fp4", "int8", "none"])
+    parser.add_argument("--quantization", default="nf4", choices=list(QUANTIZATIONS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-rank", type=int, default=16)
     parser.add_argument("--lora-alpha", type=int, default=16)
@@ -51,7 +54,7 @@ def parse_args(argv=None):
     parser.add_argument("--speed-rounds", type=int, default=2)
     parser.add_argument("--quality-steps", type=int, default=20, help="optimizer steps of every quality run")
     parser.add_argument("--eval-examples", type=int, default=32)
-    parser.add_argument("--update-rule", default="nested", choices=["frozen", "nested"])
+    parser.add_argument("--update-rule", default="nested", choices=list(UPDATE_RULES))
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: speed,memory,quality")
     parser.add_argument("--quailora", action="store_true", help="also measure QuAILoRA init under constant vs α/b")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)

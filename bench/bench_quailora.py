@@ -32,7 +32,10 @@ from hf_quailora import (
 from hf_quailora.quailora.calibration import collect_gram_matrices, make_calibration_batches
 
 
-def main() -> None:
+LABELS = {"svd": "SVD start (uncalibrated)", "closed_form": "QuAILoRA closed form", "als": "QuAILoRA ALS (20 it.)"}
+
+
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 64])
@@ -42,57 +45,50 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default="bench/results")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    rows: list[dict] = []
+    return parser
 
-    def add(name, ppl, **extra):
-        rows.append({"start": name, "perplexity": ppl, **extra})
+
+class Rows(list):
+    """Result rows, printed as they come."""
+
+    def add(self, name, ppl, **extra):
+        self.append({"start": name, "perplexity": ppl, **extra})
         print(f"{name:32s} ppl {ppl:8.3f} {extra}", flush=True)
 
-    _, tokenizer = load_quantized_model(args.model, "none")
-    held_out = make_token_windows(tokenizer, load_dataset_any("wiki")["text"], args.window, args.eval_windows)
-    calibration = make_token_windows(tokenizer, load_dataset_any("c4")["text"], args.window, args.calibration_windows)
-    for quantization, name in (("none", "fp32"), ("int8", "LLM.int8 (B = 0)")):
-        model, _ = load_quantized_model(args.model, quantization)
-        add(name, compute_perplexity(model, held_out))
-        del model
 
+def load_adapters(args, rows: Rows, held_out):
+    """The NF4 model with one LoRA adapter per rank (all-linear, alpha = r); adds the B = 0 row."""
     model, _ = load_quantized_model(args.model, "nf4")
     model = get_peft_model(model, LoraConfig(r=args.ranks[0], lora_alpha=args.ranks[0], target_modules="all-linear",
                                              lora_dropout=0.0), adapter_name=f"r{args.ranks[0]}")
     for rank in args.ranks[1:]:
         model.add_adapter(f"r{rank}", LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear", lora_dropout=0.0))
     with model.disable_adapter():
-        add("NF4 (B = 0, QLoRA start)", compute_perplexity(model, held_out))
+        rows.add("NF4 (B = 0, QLoRA start)", compute_perplexity(model, held_out))
+    return model
 
-    # Calibration once: the quantized model with adapters off sees the same inputs whatever the rank.
-    started = time.perf_counter()
-    batches = make_calibration_batches(calibration, num_samples=None, batch_size=8)
-    model.eval()
-    with model.disable_adapter():
-        stats = collect_gram_matrices(model, batches, find_lora_layers(model, f"r{args.ranks[0]}"))
-    calibration_seconds = time.perf_counter() - started
-    print(f"calibration: {stats.num_tokens} tokens in {calibration_seconds:.1f} s", flush=True)
 
+def solve_every_rank(args, model, stats, rows: Rows, held_out) -> dict:
+    """Every solver at every rank from the same Gram matrices; returns the ALS / closed-form error ratios."""
     als_check = {}
     for rank in args.ranks:
         adapter = f"r{rank}"
         model.set_adapter(adapter)
-        solvers = ["svd", "closed_form"] + (["als"] if rank in args.als_ranks else [])
         reports = {}
-        for solver in solvers:
+        for solver in ["svd", "closed_form"] + (["als"] if rank in args.als_ranks else []):
             config = QuAILoRAConfig(solver=solver, show_progress=False)
             reports[solver] = quailora_init(model, stats if solver != "svd" else None, config, adapter_name=adapter)
-            label = {"svd": "SVD start (uncalibrated)", "closed_form": "QuAILoRA closed form", "als": "QuAILoRA ALS (20 it.)"}
-            add(f"r={rank} {label[solver]}", compute_perplexity(model, held_out), rank=rank, solver=solver,
-                solve_seconds=reports[solver].solve_seconds)
+            rows.add(f"r={rank} {LABELS[solver]}", compute_perplexity(model, held_out), rank=rank, solver=solver,
+                     solve_seconds=reports[solver].solve_seconds)
         if "als" in reports:
             ratios = [a.calibrated_error_result / c.calibrated_error_result
                       for a, c in zip(reports["als"].layers, reports["closed_form"].layers)]
             als_check[rank] = {"max_ratio": max(ratios), "mean_ratio": sum(ratios) / len(ratios)}
             print(f"r={rank}: ALS / closed-form calibrated error per layer: max {max(ratios):.5f}", flush=True)
+    return als_check
 
+
+def to_markdown(args, rows: Rows, stats, held_out, calibration_seconds: float, als_check: dict) -> str:
     by_name = {row["start"]: row["perplexity"] for row in rows}
     nf4, int8 = by_name["NF4 (B = 0, QLoRA start)"], by_name["LLM.int8 (B = 0)"]
     lines = [
@@ -113,7 +109,33 @@ def main() -> None:
             f"r={rank}: ALS calibrated error / closed form, per layer: max {check['max_ratio']:.5f}, "
             f"mean {check['mean_ratio']:.5f}."
         )
-    table = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = make_parser().parse_args()
+    torch.set_num_threads(args.threads)
+    rows = Rows()
+    # 1. Held-out and calibration windows; the fp32 and int8 baselines.
+    _, tokenizer = load_quantized_model(args.model, "none")
+    held_out = make_token_windows(tokenizer, load_dataset_any("wiki")["text"], args.window, args.eval_windows)
+    calibration = make_token_windows(tokenizer, load_dataset_any("c4")["text"], args.window, args.calibration_windows)
+    for quantization, name in (("none", "fp32"), ("int8", "LLM.int8 (B = 0)")):
+        model, _ = load_quantized_model(args.model, quantization)
+        rows.add(name, compute_perplexity(model, held_out))
+        del model
+    model = load_adapters(args, rows, held_out)
+    # 2. Calibration once: the quantized model with adapters off sees the same inputs whatever the rank.
+    started = time.perf_counter()
+    batches = make_calibration_batches(calibration, num_samples=None, batch_size=8)
+    model.eval()
+    with model.disable_adapter():
+        stats = collect_gram_matrices(model, batches, find_lora_layers(model, f"r{args.ranks[0]}"))
+    calibration_seconds = time.perf_counter() - started
+    print(f"calibration: {stats.num_tokens} tokens in {calibration_seconds:.1f} s", flush=True)
+    # 3. Every solver at every rank, then the table.
+    als_check = solve_every_rank(args, model, stats, rows, held_out)
+    table = to_markdown(args, rows, stats, held_out, calibration_seconds, als_check)
     print("\n" + table)
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "quailora.md"), "w") as handle:

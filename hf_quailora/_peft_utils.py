@@ -50,3 +50,19 @@ def active_adapter_name(model: torch.nn.Module) -> str:
     """The name of the model's active adapter (`"default"` when it has none)."""
     name = getattr(model, "active_adapter", "default")
     return name if isinstance(name, str) else name[0]
+
+
+# Per-adapter facts recorded on the model object by the pieces that know them (quailora_init, the trainer, the
+# adapter loader), so that later calls (use_rank, export_rank, evaluate_ranks) default to the right scaling.
+_MODEL_FACTS = "_hf_quailora_adapter_facts"
+
+
+def record_adapter_facts(model, adapter_name: str = "default", **facts) -> None:
+    """Remember facts about an adapter on the model object (e.g. `quailora=True`, `rank_scaling="constant"`)."""
+    store = model.__dict__.setdefault(_MODEL_FACTS, {})
+    store.setdefault(adapter_name, {}).update(facts)
+
+
+def adapter_facts(model, adapter_name: str = "default") -> dict:
+    """What `record_adapter_facts` remembered about an adapter (empty when nothing was recorded)."""
+    return dict(model.__dict__.get(_MODEL_FACTS, {}).get(adapter_name, {}))

@@ -22,7 +22,7 @@ model, tokenizer = load_quantized_model("smollm2-135m", quantization="nf4")
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -32,8 +32,10 @@ from .embedded.models import resolve
 
 logger = logging.getLogger(__name__)
 
-BNB_QUANTIZATIONS = ("nf4", "fp4", "int8")
-QUANTIZATIONS = (*BNB_QUANTIZATIONS, "none")
+BnbQuantization = Literal["nf4", "fp4", "int8"]
+Quantization = Literal["nf4", "fp4", "int8", "none"]
+BNB_QUANTIZATIONS: tuple[str, ...] = get_args(BnbQuantization)
+QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 
 
 class _OnceFilter(logging.Filter):
@@ -108,7 +110,7 @@ def disable_bnb_cpu_fast_path(model: torch.nn.Module) -> int:
 
 
 def make_bnb_config(
-    quantization: Literal["nf4", "fp4", "int8"] = "nf4",
+    quantization: BnbQuantization = "nf4",
     double_quant: bool = True,
     compute_dtype: torch.dtype | None = None,
 ):
@@ -152,7 +154,7 @@ def make_bnb_config(
 
 def load_quantized_model(
     name_or_path: str,
-    quantization: Literal["nf4", "fp4", "int8", "none"] = "nf4",
+    quantization: Quantization = "nf4",
     double_quant: bool = True,
     compute_dtype: torch.dtype | None = None,
     device_map: str | dict | None = None,

@@ -43,7 +43,7 @@ from hf_quailora import (
     load_quantized_model,
     quiet_bnb_warnings,
 )
-from hf_quailora.dynamic_rank.spec import parse_ranks
+from hf_quailora.dynamic_rank.spec import check_ranks, parse_ranks
 from hf_quailora.embedded.data import ALPACA_HOLDOUT, split_holdout
 from hf_quailora.quailora.config import SOLVERS
 from hf_quailora.quantization import QUANTIZATIONS
@@ -99,10 +99,7 @@ def _check(script_args: AlpacaScriptArguments, training_args: DynamicRankConfig)
     if training_args.max_rank is not None and training_args.max_rank > script_args.lora_r:
         raise ValueError(f"`max_rank` ({training_args.max_rank}) exceeds `lora_r` ({script_args.lora_r}).")
     for name in ("sweep_ranks", "export_ranks"):
-        ranks = _ranks(getattr(script_args, name), [])
-        bad = [b for b in ranks if not 1 <= b <= script_args.lora_r]
-        if bad:
-            raise ValueError(f"`{name}` holds ranks {bad} outside 1..{script_args.lora_r} (lora_r).")
+        check_ranks(_ranks(getattr(script_args, name), []), 1, script_args.lora_r, name, "the LoRA range (lora_r)")
     if script_args.num_eval_examples < 1 or script_args.eval_holdout < script_args.num_eval_examples:
         raise ValueError(
             f"`num_eval_examples` ({script_args.num_eval_examples}) must be between 1 and `eval_holdout` "
@@ -116,13 +113,8 @@ def _check(script_args: AlpacaScriptArguments, training_args: DynamicRankConfig)
         resolve_tasks(script_args.sweep_tasks)
 
 
-def main(script_args: AlpacaScriptArguments, training_args: DynamicRankConfig) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    quiet_bnb_warnings()
-    _check(script_args, training_args)
-    started = time.perf_counter()
-
-    # 1. Quantized base + LoRA of the maximum rank.
+def _load_model(script_args: AlpacaScriptArguments):
+    """Step 1: the quantized base wrapped in a LoRA of the maximum rank."""
     model, tokenizer = load_quantized_model(
         script_args.model_name_or_path, script_args.quantization, double_quant=script_args.double_quant
     )
@@ -131,19 +123,23 @@ def main(script_args: AlpacaScriptArguments, training_args: DynamicRankConfig) -
         r=script_args.lora_r, lora_alpha=script_args.lora_alpha, lora_dropout=script_args.lora_dropout,
         target_modules=targets if targets == "all-linear" else targets.split(","), task_type="CAUSAL_LM",
     ))
+    return model, tokenizer
 
-    # 2. Data: Alpaca as prompt/completion (loss on the response only); the last examples are held out.
+
+def _load_data(script_args: AlpacaScriptArguments):
+    """Step 2: Alpaca as prompt/completion (loss on the response only); the last examples are held out."""
     train, held_out = split_holdout(load_alpaca_sft(script_args.dataset_name), script_args.eval_holdout)
     if script_args.num_train_examples is not None:
         train = train.select(range(min(len(train), script_args.num_train_examples)))
-    evaluation = held_out.select(range(script_args.num_eval_examples))
+    return train, held_out.select(range(script_args.num_eval_examples))
 
-    # 3. QuAILoRA start, then dynamic-rank training.
+
+def _train(script_args, training_args, model, tokenizer, train, evaluation):
+    """Step 3: QuAILoRA start, then dynamic-rank training; returns the trainer and the start/end evaluations."""
     callbacks = []
     if script_args.quailora:
-        calibration = load_dataset_any(script_args.calibration_dataset)
         callbacks.append(QuAILoRAInitCallback(
-            calibration_dataset=calibration,
+            calibration_dataset=load_dataset_any(script_args.calibration_dataset),
             config=QuAILoRAConfig(
                 num_samples=script_args.calibration_samples, max_length=script_args.calibration_length,
                 solver=script_args.quailora_solver, damping=script_args.quailora_damping,
@@ -157,54 +153,80 @@ def main(script_args: AlpacaScriptArguments, training_args: DynamicRankConfig) -
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if training_args.eval_on_start:  # evaluated right after on_train_begin, i.e. at the QuAILoRA start
         initial = next((e for e in trainer.state.log_history if "eval_loss" in e), None)
-    final = trainer.evaluate()
+    return trainer, initial, trainer.evaluate()
 
-    # 4. Save, sweep, export (main process).
-    adapter_dir = os.path.join(training_args.output_dir, "adapter")
+
+def _loss_rows(trainer, evaluations: dict) -> list[dict]:
+    """The held-out Alpaca loss of each evaluation at every eval rank, as result rows."""
+    rows = []
+    for label, metrics in evaluations.items():
+        for b in trainer.eval_ranks if metrics else []:
+            loss = metrics.get(f"eval_loss@r{b}")
+            if loss is not None:
+                rows.append({"model": label, "rank": b, "task": "alpaca held-out", "metric": "eval_loss",
+                             "value": loss, "stderr": None})
+    return rows
+
+
+def _print_summary(summary: dict, rows: list[dict], trainer) -> None:
+    from hf_quailora.evaluation.reporting import rows_to_markdown
+
+    paths, initial, final = summary["results"], summary["initial_metrics"], summary["final_metrics"]
+    print("\n" + rows_to_markdown(rows))
+    print(f"Done in {summary['seconds']:.0f} s. Written to {summary['output_dir']}:")
+    print(f"  adapter (full rank {trainer.max_rank}): {summary['adapter']}")
+    for b, path in summary["exported"].items():
+        print(f"  rank {b} as a plain peft adapter: {path}")
+    print(f"  results: {paths['markdown']}, {paths['json']}, {paths['plot']}")
+    print(f"  summary: {os.path.join(summary['output_dir'], 'summary.json')}")
+    if initial and final:
+        for b in trainer.eval_ranks:
+            before, after = initial.get(f"eval_loss@r{b}"), final.get(f"eval_loss@r{b}")
+            if before is not None and after is not None:
+                print(f"  rank {b:>3}: eval loss {before:.4f} → {after:.4f} (ppl {math.exp(after):.2f})")
+
+
+def _sweep_and_export(script_args, training_args, trainer, tokenizer, initial, final, summary, started) -> None:
+    """Step 4 (main process): per-rank tables, the lm-eval sweep, exports, `summary.json`."""
+    from hf_quailora.evaluation.reporting import write_rank_report
+
+    start_label = "start" if training_args.eval_on_start or not script_args.quailora else "before QuAILoRA"
+    rows = _loss_rows(trainer, {start_label: initial, "after training": final})
+    if script_args.sweep_tasks:
+        from hf_quailora.evaluation.lm_eval_bridge import evaluate_ranks
+
+        rows += evaluate_ranks(
+            trainer.model, tokenizer, _ranks(script_args.sweep_ranks, trainer.eval_ranks), script_args.sweep_tasks,
+            limit=script_args.sweep_limit, rank_scaling=training_args.rank_scaling,
+            baselines={"base model (no adapter)": "no_adapter"}, label="after training",
+        )
+    paths = write_rank_report(rows, training_args.output_dir,
+                              title=f"{script_args.model_name_or_path} ({script_args.quantization}) on Alpaca")
+    exported = {
+        b: export_rank(trainer.model, b, os.path.join(training_args.output_dir, f"adapter-r{b}"),
+                       rank_scaling=training_args.rank_scaling)
+        for b in _ranks(script_args.export_ranks, [])
+    }
+    summary.update({"initial_metrics": initial, "final_metrics": final, "results": paths, "exported": exported,
+                    "seconds": time.perf_counter() - started})
+    with open(os.path.join(training_args.output_dir, "summary.json"), "w") as handle:
+        json.dump(summary, handle, indent=1, default=str)
+    _print_summary(summary, rows, trainer)
+
+
+def main(script_args: AlpacaScriptArguments, training_args: DynamicRankConfig) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_bnb_warnings()
+    _check(script_args, training_args)
+    started = time.perf_counter()
+    model, tokenizer = _load_model(script_args)  # 1.
+    train, evaluation = _load_data(script_args)  # 2.
+    trainer, initial, final = _train(script_args, training_args, model, tokenizer, train, evaluation)  # 3.
+    adapter_dir = os.path.join(training_args.output_dir, "adapter")  # 4. save, sweep, export
     trainer.save_model(adapter_dir)
     summary: dict = {"output_dir": training_args.output_dir, "adapter": adapter_dir, "eval_ranks": trainer.eval_ranks}
     if trainer.is_world_process_zero():
-        rows = []
-        start_label = "start" if training_args.eval_on_start or not script_args.quailora else "before QuAILoRA"
-        for label, metrics in ((start_label, initial), ("after training", final)):
-            for b in trainer.eval_ranks if metrics else []:
-                loss = metrics.get(f"eval_loss@r{b}")
-                if loss is not None:
-                    rows.append({"model": label, "rank": b, "task": "alpaca held-out", "metric": "eval_loss",
-                                 "value": loss, "stderr": None})
-        sweep_rows = []
-        if script_args.sweep_tasks:
-            from hf_quailora.evaluation.lm_eval_bridge import evaluate_ranks
-
-            sweep_rows = evaluate_ranks(
-                model, tokenizer, _ranks(script_args.sweep_ranks, trainer.eval_ranks), script_args.sweep_tasks,
-                limit=script_args.sweep_limit, rank_scaling=training_args.rank_scaling,
-                baselines={"base model (no adapter)": "no_adapter"}, label="after training",
-            )
-        from hf_quailora.evaluation.reporting import rows_to_markdown, write_rank_report
-
-        paths = write_rank_report(rows + sweep_rows, training_args.output_dir,
-                                  title=f"{script_args.model_name_or_path} ({script_args.quantization}) on Alpaca")
-        exported = {}
-        for b in _ranks(script_args.export_ranks, []):
-            exported[b] = export_rank(model, b, os.path.join(training_args.output_dir, f"adapter-r{b}"),
-                                      rank_scaling=training_args.rank_scaling)
-        summary.update({"initial_metrics": initial, "final_metrics": final, "results": paths, "exported": exported,
-                        "seconds": time.perf_counter() - started})
-        with open(os.path.join(training_args.output_dir, "summary.json"), "w") as handle:
-            json.dump(summary, handle, indent=1, default=str)
-        print("\n" + rows_to_markdown(rows + sweep_rows))
-        print(f"Done in {summary['seconds']:.0f} s. Written to {training_args.output_dir}:")
-        print(f"  adapter (full rank {trainer.max_rank}): {adapter_dir}")
-        for b, path in exported.items():
-            print(f"  rank {b} as a plain peft adapter: {path}")
-        print(f"  results: {paths['markdown']}, {paths['json']}, {paths['plot']}")
-        print(f"  summary: {os.path.join(training_args.output_dir, 'summary.json')}")
-        if initial and final:
-            for b in trainer.eval_ranks:
-                before, after = initial.get(f"eval_loss@r{b}"), final.get(f"eval_loss@r{b}")
-                if before is not None and after is not None:
-                    print(f"  rank {b:>3}: eval loss {before:.4f} → {after:.4f} (ppl {math.exp(after):.2f})")
+        _sweep_and_export(script_args, training_args, trainer, tokenizer, initial, final, summary, started)
     return summary
 
 

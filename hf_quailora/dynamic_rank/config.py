@@ -12,7 +12,6 @@ args = DynamicRankConfig(output_dir="out", min_rank=1, update_rule="nested", eva
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from trl import SFTConfig
@@ -22,6 +21,9 @@ from .spec import (
     RANK_DISTRIBUTIONS,
     RANK_SCALINGS,
     UPDATE_RULES,
+    RankDistribution,
+    RankScaling,
+    UpdateRule,
     check_choice,
     check_integer,
     check_rank_range,
@@ -86,7 +88,7 @@ class DynamicRankConfig(SFTConfig):
     max_rank: int | None = field(
         default=None, metadata={"help": "Largest rank drawn; defaults to the LoRA r. Must not exceed it."}
     )
-    rank_distribution: Literal["uniform", "weighted"] = field(
+    rank_distribution: RankDistribution = field(
         default="uniform",
         metadata={"help": "Distribution of the rank drawn each optimizer step.", "choices": list(RANK_DISTRIBUTIONS)},
     )
@@ -94,12 +96,12 @@ class DynamicRankConfig(SFTConfig):
     rank_weights: list[float] | None = field(default=None, metadata={"help": "Weights of `rank_choices`."})
     rank_seed: int | None = field(default=None, metadata={"help": "Seed of the rank generator; defaults to `seed`."})
     # Update rule and scaling
-    update_rule: Literal["frozen", "nested"] = field(
+    update_rule: UpdateRule = field(
         default=DEFAULT_UPDATE_RULE,
         metadata={"help": "'frozen': only component b learns (DyLoRA); 'nested': all <= b (QDyLoRA).",
                   "choices": list(UPDATE_RULES)},
     )
-    rank_scaling: Literal["per_rank", "constant", "rslora"] | None = field(
+    rank_scaling: RankScaling | None = field(
         default=None,
         metadata={"help": "Scaling at rank b: alpha/b, peft's constant alpha/r, or alpha/sqrt(b); default: constant "
                   "with QuAILoRA, else alpha/b.", "choices": list(RANK_SCALINGS)},

@@ -23,18 +23,18 @@ import logging
 import math
 import os
 import re
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 from torch import nn
 
+from .._peft_utils import adapter_facts, record_adapter_facts
 from .spec import (
     DEFAULT_UPDATE_RULE,
     METADATA_FILE,
     DynamicRankMetadata,
-    adapter_facts,
+    RankScaling,
     check_choice,
     rank_scaling_for,
-    record_adapter_facts,
     resolve_rank_scaling,
 )
 from .truncation import _renamed_scaling, checked_rank_layers, lora_rank_of
@@ -82,7 +82,7 @@ def export_rank(
     model: nn.Module,
     b: int,
     output_dir: str,
-    rank_scaling: Literal["per_rank", "constant", "rslora"] | None = None,
+    rank_scaling: RankScaling | None = None,
     adapter_name: str = "default",
     *,
     scaling: str | None = None,

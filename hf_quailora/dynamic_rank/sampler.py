@@ -15,11 +15,17 @@ ranks = [sampler.sample() for _ in range(4)]
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 
-from .spec import RANK_DISTRIBUTIONS, check_choice, check_rank_range, check_uniform_ranks, check_weighted_ranks
+from .spec import (
+    RANK_DISTRIBUTIONS,
+    RankDistribution,
+    check_choice,
+    check_rank_range,
+    check_uniform_ranks,
+    check_weighted_ranks,
+)
 
 
 class RankSampler:
@@ -53,7 +59,7 @@ class RankSampler:
         self,
         min_rank: int,
         max_rank: int,
-        distribution: Literal["uniform", "weighted"] = "uniform",
+        distribution: RankDistribution = "uniform",
         choices: Sequence[int] | None = None,
         weights: Sequence[float] | None = None,
         seed: int = 0,

@@ -30,11 +30,17 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Literal, get_args
+
+from .._peft_utils import adapter_facts
 
 
-UPDATE_RULES = ("frozen", "nested")
-RANK_SCALINGS = ("per_rank", "constant", "rslora")
-RANK_DISTRIBUTIONS = ("uniform", "weighted")
+UpdateRule = Literal["frozen", "nested"]
+RankScaling = Literal["per_rank", "constant", "rslora"]
+RankDistribution = Literal["uniform", "weighted"]
+UPDATE_RULES: tuple[str, ...] = get_args(UpdateRule)
+RANK_SCALINGS: tuple[str, ...] = get_args(RankScaling)
+RANK_DISTRIBUTIONS: tuple[str, ...] = get_args(RankDistribution)
 DEFAULT_UPDATE_RULE = "frozen"  # DyLoRA's rule (Valipour et al. 2023)
 DEFAULT_RANK_SCALING = "per_rank"  # DyLoRA's α/b, without QuAILoRA
 QUAILORA_RANK_SCALING = "constant"  # with QuAILoRA: every truncation starts at its own calibrated optimum
@@ -153,22 +159,6 @@ def rank_scaling_for(layer, adapter_name: str, b: int, rank_scaling: str) -> flo
         r = layer.r[adapter_name]
         return alpha / math.sqrt(r) if layer.use_rslora.get(adapter_name, False) else alpha / r
     raise ValueError(f"`rank_scaling` must be one of {RANK_SCALINGS}; got {rank_scaling!r}.")
-
-
-# Per-adapter facts recorded on the model object by the pieces that know them (quailora_init, the trainer, the
-# adapter loader), so that later calls (use_rank, export_rank, evaluate_ranks) default to the right scaling.
-_MODEL_FACTS = "_hf_quailora_adapter_facts"
-
-
-def record_adapter_facts(model, adapter_name: str = "default", **facts) -> None:
-    """Remember facts about an adapter on the model object (e.g. `quailora=True`, `rank_scaling="constant"`)."""
-    store = model.__dict__.setdefault(_MODEL_FACTS, {})
-    store.setdefault(adapter_name, {}).update(facts)
-
-
-def adapter_facts(model, adapter_name: str = "default") -> dict:
-    """What `record_adapter_facts` remembered about an adapter (empty when nothing was recorded)."""
-    return dict(model.__dict__.get(_MODEL_FACTS, {}).get(adapter_name, {}))
 
 
 def resolve_rank_scaling(model, rank_scaling: str | None, adapter_name: str = "default") -> str:

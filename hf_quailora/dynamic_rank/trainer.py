@@ -30,7 +30,7 @@ import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import SFTTrainer
 
-from .._peft_utils import active_adapter_name, common_lora_rank
+from .._peft_utils import active_adapter_name, adapter_facts, common_lora_rank, record_adapter_facts
 from ..quantization import base_quantization, disable_bnb_cpu_fast_path
 from .config import DynamicRankConfig
 from .sampler import RankSampler
@@ -38,10 +38,8 @@ from .spec import (
     DEFAULT_RANK_SCALING,
     QUAILORA_RANK_SCALING,
     DynamicRankMetadata,
-    adapter_facts,
     check_ranks,
     default_eval_ranks,
-    record_adapter_facts,
 )
 from .truncation import find_dynamic_rank_layers, use_rank
 
@@ -95,7 +93,7 @@ class DynamicRankTrainer(SFTTrainer):
         # LoRA layers and the rank range, checked against the model before any training
         self._adapter_name = active_adapter_name(self.model)
         self.max_rank = self._check_ranks_against_model(args)
-        self.eval_ranks = sorted(args.eval_ranks) if args.eval_ranks else default_eval_ranks(args.min_rank, self.max_rank)
+        self.eval_ranks = sorted(args.eval_ranks or default_eval_ranks(args.min_rank, self.max_rank))
         self.rank_scaling = self._resolve_rank_scaling(args)
         record_adapter_facts(self.model, self._adapter_name, rank_scaling=self.rank_scaling, min_rank=args.min_rank,
                              update_rule=args.update_rule)
@@ -127,7 +125,8 @@ class DynamicRankTrainer(SFTTrainer):
         max_rank = args.max_rank if args.max_rank is not None else lora_r
         if args.min_rank > max_rank:
             raise ValueError(
-                f"`min_rank` ({args.min_rank}) exceeds `max_rank` ({max_rank}, the LoRA r); lower one or raise the other."
+                f"`min_rank` ({args.min_rank}) exceeds `max_rank` ({max_rank}, the LoRA r); lower one or raise the "
+                "other."
             )
         for field_name in ("rank_choices", "soft_ranks", "eval_ranks"):
             low = 1 if field_name == "eval_ranks" else args.min_rank

@@ -31,14 +31,22 @@ import functools
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .._peft_utils import common_lora_rank, require_lora_layers
-from .spec import UPDATE_RULES, check_choice, check_integer, check_ranks, rank_scaling_for, resolve_rank_scaling
+from .spec import (
+    UPDATE_RULES,
+    RankScaling,
+    UpdateRule,
+    check_choice,
+    check_integer,
+    check_ranks,
+    rank_scaling_for,
+    resolve_rank_scaling,
+)
 
 
 class _TruncatedLoraLinear(nn.Linear):
@@ -161,8 +169,8 @@ def _restore(saved: list, adapter_name: str) -> None:
 def use_rank(
     model: nn.Module,
     b: int,
-    update_rule: Literal["frozen", "nested"] | None = None,
-    rank_scaling: Literal["per_rank", "constant", "rslora"] | None = None,
+    update_rule: UpdateRule | None = None,
+    rank_scaling: RankScaling | None = None,
     min_rank: int = 1,
     adapter_name: str = "default",
     *,
@@ -225,5 +233,7 @@ def _renamed_scaling(rank_scaling: str | None, scaling: str | None) -> str | Non
         stacklevel=4,
     )
     if rank_scaling is not None and rank_scaling != scaling:
-        raise ValueError(f"Got both `rank_scaling={rank_scaling!r}` and `scaling={scaling!r}`; pass only `rank_scaling`.")
+        raise ValueError(
+            f"Got both `rank_scaling={rank_scaling!r}` and `scaling={scaling!r}`; pass only `rank_scaling`."
+        )
     return scaling

@@ -141,17 +141,20 @@ def _run_lm_eval(model, tokenizer, task_names, manager, batch_size, max_length, 
     return results
 
 
+def _check_baselines(baselines: dict | None) -> list[torch.nn.Module]:
+    """Raise unless every baseline is `"no_adapter"` or a loaded model; return the loaded ones."""
+    for name, baseline in (baselines or {}).items():
+        if not (baseline == "no_adapter" or isinstance(baseline, torch.nn.Module)):
+            raise TypeError(f"Baseline {name!r} must be 'no_adapter' or a loaded model, got {type(baseline).__name__}.")
+    return [baseline for baseline in (baselines or {}).values() if isinstance(baseline, torch.nn.Module)]
+
+
 def _evaluate_baselines(model, baselines: dict | None, run) -> list[dict]:
     """Rows of each baseline: `"no_adapter"` (this model with its adapter disabled) or another loaded model."""
     rows = []
     for name, baseline in (baselines or {}).items():
-        if isinstance(baseline, str) and baseline == "no_adapter":
-            context, target = model.disable_adapter(), model
-        elif isinstance(baseline, torch.nn.Module):
-            context, target = contextlib.nullcontext(), baseline
-            disable_bnb_cpu_fast_path(baseline)
-        else:
-            raise TypeError(f"Baseline {name!r} must be 'no_adapter' or a loaded model, got {type(baseline).__name__}.")
+        no_adapter = isinstance(baseline, str)
+        context, target = (model.disable_adapter(), model) if no_adapter else (contextlib.nullcontext(), baseline)
         with context:
             rows += results_to_rows(run(target), name, None)
     return rows
@@ -222,7 +225,8 @@ def evaluate_ranks(
     rank_scaling = resolve_rank_scaling(model, rank_scaling, adapter_name)
     task_names, manager = resolve_tasks(tasks, include_path)
     _check_output_dir(output_dir, overwrite)
-    disable_bnb_cpu_fast_path(model)  # lm-eval runs no-grad eval passes; the model may train afterwards
+    for target in [model, *_check_baselines(baselines)]:  # lm-eval runs no-grad eval passes; training may follow
+        disable_bnb_cpu_fast_path(target)
     options = dict(num_fewshot=num_fewshot, limit=limit, apply_chat_template=apply_chat_template,
                    bootstrap_iters=bootstrap_iters, **lm_eval_kwargs)
 
@@ -233,7 +237,8 @@ def evaluate_ranks(
     try:
         rows = _evaluate_baselines(model, baselines, run)
         for b in tqdm(rank_list, desc="lm-eval over ranks", disable=not show_progress, unit="rank"):
-            with use_rank(model, b, rank_scaling=rank_scaling, adapter_name=adapter_name):
+            # evaluation: no gradient flows, so the update rule does not matter
+            with use_rank(model, b, rank_scaling=rank_scaling, adapter_name=adapter_name, update_rule="frozen"):
                 rows += results_to_rows(run(model), label, b)
     finally:
         model.train(was_training)
@@ -314,7 +319,8 @@ class DynamicRankLM(HFLM):
         return super().create_from_arg_string(arg_string, additional_config)
 
     def _at_rank(self):
-        return use_rank(self._model, self.dynamic_rank, rank_scaling=self.rank_scaling, adapter_name=self.adapter_name)
+        return use_rank(self._model, self.dynamic_rank, rank_scaling=self.rank_scaling, adapter_name=self.adapter_name,
+                        update_rule="frozen")  # evaluation only
 
     def _model_call(self, inps, attn_mask=None, labels=None):
         with self._at_rank():

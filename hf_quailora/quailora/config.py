@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 
-SOLVERS = ("closed_form", "als", "svd")
-DTYPES = ("float64", "float32")
+Solver = Literal["closed_form", "als", "svd"]
+Dtype = Literal["float64", "float32"]
+SOLVERS: tuple[str, ...] = get_args(Solver)
+DTYPES: tuple[str, ...] = get_args(Dtype)
 
 
 @dataclass
@@ -50,16 +52,16 @@ class QuAILoRAConfig:
     num_samples: int | None = field(default=128, metadata={"help": "Calibration sequences to run."})
     max_length: int = field(default=512, metadata={"help": "Tokens per calibration sequence."})
     batch_size: int = field(default=8, metadata={"help": "Calibration sequences per forward pass."})
-    gram_dtype: Literal["float64", "float32"] = field(
+    gram_dtype: Dtype = field(
         default="float64", metadata={"help": "Accumulation dtype of Gram matrices.", "choices": list(DTYPES)}
     )
     # Solver
-    solver: Literal["closed_form", "als", "svd"] = field(
+    solver: Solver = field(
         default="closed_form", metadata={"help": "Initialisation solver.", "choices": list(SOLVERS)}
     )
     als_iterations: int = field(default=20, metadata={"help": "Iterations of the 'als' solver."})
     damping: float = field(default=1e-4, metadata={"help": "Relative damping of the Gram matrix."})
-    solve_dtype: Literal["float64", "float32"] = field(
+    solve_dtype: Dtype = field(
         default="float64", metadata={"help": "Dtype of the solves.", "choices": list(DTYPES)}
     )
     # Output

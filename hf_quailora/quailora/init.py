@@ -33,8 +33,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .._peft_utils import require_lora_layers
-from ..dynamic_rank.spec import record_adapter_facts
+from .._peft_utils import record_adapter_facts, require_lora_layers
 from ..quantization import dequantize_weight, disable_bnb_cpu_fast_path, quantization_kind
 from .calibration import GramStatistics, collect_gram_matrices, make_calibration_batches
 from .config import QuAILoRAConfig
