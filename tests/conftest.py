@@ -7,12 +7,15 @@ import pytest
 import torch
 
 
-# Tests import their helpers both as `from testing_utils import …` and `from testing_utils import …`.
+# Tests in every subfolder import their helpers as `from testing_utils import …`.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from testing_utils import TINY_NUM_BLOCKS  # noqa: E402 (needs the sys.path entry above)
+
 
 TINY_TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -52,7 +55,7 @@ def tiny_model_path(tmp_path_factory):
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=TINY_NUM_BLOCKS,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,

@@ -99,3 +99,19 @@ def test_short_keys_never_match_every_layer_alike(tiny_model_path):
     # a state dict taken from a peft-wrapped model (".base_layer.weight") is found
     peft_keys = {"base_model.model.model.layers.1.self_attn.q_proj.base_layer.weight": torch.zeros(64, 64)}
     assert FullPrecisionWeights.from_any(peft_keys).shape("base_model.model.model.layers.1.self_attn.q_proj") == (64, 64)
+
+
+@require_bitsandbytes
+def test_the_bitsandbytes_warning_filter_is_opt_in(tiny_model_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import logging; from hf_quailora import load_quantized_model, quiet_bnb_warnings; "
+        f"load_quantized_model({tiny_model_path!r}, 'nf4'); "
+        "bnb = logging.getLogger('bitsandbytes.autograd._functions'); before = len(bnb.filters); "
+        "quiet_bnb_warnings(); quiet_bnb_warnings(); print(before, len(bnb.filters))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-2:] == ["0", "1"]

@@ -12,6 +12,9 @@ REPO_ROOT = os.path.dirname(TESTS_DIR)
 SCRIPTS_DIR = os.path.join(TESTS_DIR, "scripts")
 
 R = 8  # the LoRA r of the tiny test adapters
+TINY_NUM_BLOCKS = 2  # the tiny Llama of conftest.tiny_model_path
+TINY_LINEAR_LAYERS = TINY_NUM_BLOCKS * 7  # q, k, v, o, gate, up, down per block: every LoRA layer of "all-linear"
+TINY_DISTINCT_INPUTS = TINY_NUM_BLOCKS * 4  # attention in (q/k/v), o_proj in, MLP in (gate/up), down_proj in
 
 require_bitsandbytes = pytest.mark.skipif(
     importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes"

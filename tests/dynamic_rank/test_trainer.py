@@ -352,3 +352,23 @@ def test_quailora_init_callback_runs_inside_the_dynamic_rank_trainer(tiny_model_
     after = trainer.evaluate()
     for b in (1, 2, 4, 8):
         assert after[f"eval_loss@r{b}"] != before[f"eval_loss@r{b}"], f"rank {b}: QuAILoRA changed nothing"
+
+
+@require_bitsandbytes
+def test_rank_scaling_defaults_to_constant_with_quailora_and_to_per_rank_without(tiny_model_path, tiny_texts, tmp_path):
+    from hf_quailora import QuAILoRAInitCallback
+
+    plain = make_trainer(tiny_model_path, tiny_texts, tmp_path / "plain", max_steps=1)
+    assert plain.args.rank_scaling is None and plain.rank_scaling == "per_rank"
+    callback = QuAILoRAInitCallback(calibration_dataset=tiny_texts, num_samples=4, max_length=32)
+    with_quailora = make_trainer(tiny_model_path, tiny_texts, tmp_path / "q", quantization="nf4", callbacks=[callback],
+                                 max_steps=1)
+    assert with_quailora.rank_scaling == "constant"
+    with_quailora.train()
+    with_quailora.save_model(str(tmp_path / "adapter"))
+    from hf_quailora import DynamicRankMetadata
+
+    saved = DynamicRankMetadata.load(tmp_path / "adapter")
+    assert (saved.rank_scaling, saved.quantization, saved.quailora) == ("constant", "nf4", True)
+    explicit = make_trainer(tiny_model_path, tiny_texts, tmp_path / "e", callbacks=[callback], rank_scaling="rslora")
+    assert explicit.rank_scaling == "rslora"

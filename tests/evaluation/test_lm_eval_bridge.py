@@ -145,3 +145,27 @@ def test_offline_tasks_are_written_and_indexed(tmp_path):
     mc = [json.loads(line) for line in (tmp_path / "quailora_alpaca_mc.jsonl").read_text().splitlines()]
     assert len(mc) == 200 and all(len(row["choices"]) == 4 and 0 <= row["label"] < 4 for row in mc)
     assert folder == str(tmp_path)
+
+
+def test_offline_tasks_are_written_once_from_the_shipped_yaml(tmp_path):
+    first = write_offline_tasks(tmp_path / "tasks")
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "tasks").iterdir()}
+    assert write_offline_tasks(tmp_path / "tasks") == first
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "tasks").iterdir()} == stamps
+    yaml_text = (tmp_path / "tasks" / "quailora_wiki_ppl.yaml").read_text()
+    assert str((tmp_path / "tasks" / "quailora_wiki_ppl.jsonl").resolve()) in yaml_text
+
+
+def test_plotting_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import matplotlib; matplotlib.use('pdf'); from hf_quailora.evaluation.reporting import plot_rank_curves; "
+        f"plot_rank_curves([{{'model': 'm', 'rank': 1, 'task': 't', 'metric': 'x', 'value': 1.0}}], {str(tmp_path / 'p.png')!r}); "
+        "import sys; print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["pdf", "False"]
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

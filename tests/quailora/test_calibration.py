@@ -8,6 +8,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hf_quailora import find_lora_layers
 from hf_quailora.quailora.calibration import collect_gram_matrices, make_calibration_batches
 
+from testing_utils import TINY_DISTINCT_INPUTS
+
 
 @pytest.fixture
 def tiny_lora(tiny_model_path):
@@ -51,7 +53,7 @@ def test_padding_is_excluded_and_shared_inputs_share(tiny_lora, tiny_texts):
     assert stats.groups[prefix + "self_attn.v_proj"] == stats.groups[prefix + "self_attn.q_proj"]
     assert stats.groups[prefix + "mlp.up_proj"] == stats.groups[prefix + "mlp.gate_proj"]
     assert stats.groups[prefix + "self_attn.o_proj"] == prefix + "self_attn.o_proj"
-    assert len(stats.matrices) == 4 * 2  # attention in, o_proj in, mlp in, down_proj in; two layers
+    assert len(stats.matrices) == TINY_DISTINCT_INPUTS
 
 
 def test_calibration_inputs_of_every_kind(tiny_lora, tiny_texts):

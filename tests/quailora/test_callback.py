@@ -13,7 +13,7 @@ from trl import SFTConfig, SFTTrainer
 from hf_quailora import QuAILoRAConfig, QuAILoRAInitCallback, quailora_init
 from hf_quailora.quantization import load_quantized_model
 
-from testing_utils import require_bitsandbytes, snapshot
+from testing_utils import TINY_LINEAR_LAYERS, require_bitsandbytes, snapshot
 
 
 pytestmark = require_bitsandbytes
@@ -51,9 +51,9 @@ def test_callback_initialises_then_trains_the_same_parameters(tiny_model_path, t
     for name, value in snapshot(model).items():
         # trl stores QLoRA adapters in bf16 (sft_trainer.py); the callback writes into whatever dtype they have.
         torch.testing.assert_close(value, reference[name].to(value.dtype), msg=name)
-    assert callback.report is not None and len(callback.report.layers) == 14
+    assert callback.report is not None and len(callback.report.layers) == TINY_LINEAR_LAYERS
     saved = json.loads((tmp_path / "lr0" / "quailora_report.json").read_text())
-    assert len(saved["layers"]) == 14 and saved["solver"] == "closed_form"
+    assert len(saved["layers"]) == TINY_LINEAR_LAYERS and saved["solver"] == "closed_form"
 
     # learning rate > 0: the optimizer moves the very Parameters the callback wrote into
     model, tokenizer = lora_model(tiny_model_path)
@@ -81,7 +81,7 @@ def test_callback_calibrates_from_the_train_dataloader(tiny_model_path, tiny_tex
     assert callback.report.num_tokens > 0
     assert not os.path.exists(tmp_path / "quailora_report.json")
     changed = [n for n, v in snapshot(model).items() if "lora_B" in n and not torch.equal(v, before[n])]
-    assert len(changed) == 14
+    assert len(changed) == TINY_LINEAR_LAYERS
 
 
 def test_callback_keeps_checkpoint_weights_on_resume(tiny_model_path, tiny_texts, tmp_path):
@@ -108,3 +108,12 @@ def test_callback_bad_input(tiny_model_path, tiny_texts, tmp_path):
     with pytest.raises(ValueError, match="no LoRA layers"):
         callback.on_train_begin(sft_args(tmp_path), TrainerState(), TrainerControl(), model=model,
                                 processing_class=tokenizer)
+
+
+def test_callback_takes_quailora_config_fields_as_overrides_and_no_defaults_of_its_own():
+    default = QuAILoRAInitCallback().config
+    assert default == QuAILoRAConfig()  # the config's own defaults, not a second copy
+    callback = QuAILoRAInitCallback(config=QuAILoRAConfig(solver="als", damping=1e-2), num_samples=4)
+    assert (callback.config.solver, callback.config.damping, callback.config.num_samples) == ("als", 1e-2, 4)
+    with pytest.raises(TypeError, match="unknown settings \\['num_sample'\\]"):
+        QuAILoRAInitCallback(num_sample=4)

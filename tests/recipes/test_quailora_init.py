@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from testing_utils import REPO_ROOT, require_bitsandbytes
+from testing_utils import REPO_ROOT, TINY_LINEAR_LAYERS, require_bitsandbytes
 
 
 RECIPES = os.path.join(REPO_ROOT, "recipes")
@@ -24,7 +24,7 @@ def test_quailora_init_recipe_runs_and_writes_its_report(tiny_model_path, tmp_pa
     printed = capsys.readouterr().out
     assert "Held-out perplexity" in printed and "| **all layers** |" in printed
     saved = json.loads((out / "quailora_report.json").read_text())
-    assert saved["perplexity_quailora_start"] > 0 and len(saved["report"]["layers"]) == 14
+    assert saved["perplexity_quailora_start"] > 0 and len(saved["report"]["layers"]) == TINY_LINEAR_LAYERS
     assert (out / "quailora_report.md").read_text().startswith("| layer |")
 
 

@@ -1,0 +1,55 @@
+"""The embedded defaults: the cache is written once, under a lock, atomically; the one Alpaca hold-out."""
+
+import multiprocessing
+import time
+
+import pytest
+
+from hf_quailora.embedded.cache import build_once
+from hf_quailora.embedded.data import ALPACA_HOLDOUT, split_holdout
+
+
+def _slow_build(folder):
+    time.sleep(0.5)  # long enough for the other process to arrive while this one holds the lock
+    (folder / "built_by").write_text(multiprocessing.current_process().name)
+
+
+def _build_in_process(target):
+    build_once(target, _slow_build)
+
+
+def test_build_once_builds_a_single_time_across_processes(tmp_path):
+    target = tmp_path / "thing"
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_build_in_process, args=(target,), name=f"p{i}") for i in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+        assert process.exitcode == 0
+    assert (target / "built_by").read_text() in ("p0", "p1")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".thing-")] == []  # no temporary folder left
+    calls = []
+    build_once(target, lambda folder: calls.append(folder))
+    assert calls == []  # complete: not built again
+
+
+def test_build_once_replaces_a_half_written_folder_and_keeps_nothing_of_a_failed_build(tmp_path):
+    target = tmp_path / "thing"
+    target.mkdir()
+    (target / "partial").write_text("from a killed run")
+    with pytest.raises(RuntimeError, match="boom"):
+        build_once(target, lambda folder: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert (target / "partial").is_file()  # a failed build leaves the old folder as it was
+    build_once(target, lambda folder: (folder / "whole").write_text("ok"))
+    assert sorted(p.name for p in target.iterdir() if not p.name.startswith(".")) == ["whole"]
+
+
+def test_split_holdout_is_the_one_alpaca_hold_out():
+    examples = list(range(999))
+    train, held_out = split_holdout(examples)
+    assert len(held_out) == ALPACA_HOLDOUT and held_out[0] == len(examples) - ALPACA_HOLDOUT
+    assert train + held_out == examples
+    for bad in (0, 999, 5000, 2.5):
+        with pytest.raises(ValueError, match="hold-out"):
+            split_holdout(examples, bad)
