@@ -1,4 +1,4 @@
-"""recipes/compare_init.py end to end (runpy, patched sys.argv) on the tiny Llama, and its input checks."""
+"""bench/compare_init end to end (runpy, patched sys.argv) on the tiny Llama, and its input checks."""
 
 import json
 import math
@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from testing_utils import require_bitsandbytes
+from testing_utils import REPO_ROOT, require_bitsandbytes
 
 
-RECIPE = os.path.join(os.path.dirname(__file__), "..", "recipes", "compare_init.py")
+RECIPE = os.path.join(REPO_ROOT, "bench", "compare_init", "__main__.py")
 ALL_ARMS = ["qlora", "svd", "quailora", "int8", "fp32", "dynamic"]
 
 
