@@ -1,8 +1,8 @@
-"""bench/compare_init end to end (runpy, patched sys.argv) on the tiny Llama, and its input checks."""
+"""bench/compare_init end to end (`python -m bench.compare_init` through runpy, patched sys.argv) on the tiny Llama,
+and its input checks."""
 
 import json
 import math
-import os
 import runpy
 import sys
 
@@ -11,7 +11,6 @@ import pytest
 from testing_utils import REPO_ROOT, require_bitsandbytes
 
 
-RECIPE = os.path.join(REPO_ROOT, "bench", "compare_init", "__main__.py")
 ALL_ARMS = ["qlora", "svd", "quailora", "int8", "fp32", "dynamic"]
 
 
@@ -25,8 +24,10 @@ def write_small_data(folder, texts):
 
 
 def run_recipe(monkeypatch, argv):
-    monkeypatch.setattr(sys, "argv", ["compare_init.py", *argv])
-    runpy.run_path(RECIPE, run_name="__main__")
+    """`python -m bench.compare_init *argv` from the repository root, in this process."""
+    monkeypatch.syspath_prepend(REPO_ROOT)
+    monkeypatch.setattr(sys, "argv", ["compare_init", *argv])
+    runpy.run_module("bench.compare_init", run_name="__main__")
 
 
 @require_bitsandbytes

@@ -1,0 +1,167 @@
+"""The arms of the fine-tuning comparison, its settings (`CompareScriptArguments`) and their checks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from hf_quailora.dynamic_rank.spec import check_ranks, parse_ranks
+from hf_quailora.embedded.data import ALPACA_HOLDOUT
+
+
+# arm -> (quantization, init solver or None for B = 0, dynamic-rank training)
+ARMS: dict[str, tuple[str, str | None, bool]] = {
+    "qlora": ("nf4", None, False),
+    "svd": ("nf4", "svd", False),
+    "quailora": ("nf4", "closed_form", False),
+    "int8": ("int8", None, False),
+    "fp32": ("none", None, False),
+    "dynamic": ("nf4", "closed_form", True),
+}
+ARM_LABELS = {
+    "qlora": "QLoRA (NF4, B = 0)",
+    "svd": "SVD start (NF4, uncalibrated)",
+    "quailora": "QuAILoRA (NF4, closed form)",
+    "int8": "LLM.int8 base (B = 0)",
+    "fp32": "fp32 base (B = 0)",
+    "dynamic": "dynamic rank (NF4, QuAILoRA, r_max)",
+}
+
+
+@dataclass
+class CompareScriptArguments:
+    """Settings of the fine-tuning comparison benchmark.
+
+    Parameters:
+        > Arms and model
+
+        arms (`str`, defaults to all six): comma-separated subset of `qlora,svd,quailora,int8,fp32,dynamic`.
+        model_name_or_path (`str`, defaults to `"smollm2-135m"`): embedded name, folder or Hub id.
+        rank (`int`, defaults to 16): LoRA r; `lora_alpha = r` (scaling 1).
+        target_modules (`str`, defaults to `"all-linear"`): peft target modules (comma-separated or all-linear).
+
+        > Training
+
+        steps (`int`, defaults to 40): optimizer steps of every arm.
+        batch_size (`int`, defaults to 4): examples per step.
+        learning_rate (`float`, defaults to 2e-4), lr_scheduler_type (`str`, defaults to `"constant"`).
+        max_length (`int`, defaults to 256): tokens per training/eval example (prompt + response, truncated).
+        seed (`int`, defaults to 42): the same for every arm (LoRA A init, data order, dropout-free).
+        adapter_dtype (`str`, defaults to `"float32"`): trl casts adapters of quantized models to bf16; we cast them
+            back so every arm trains fp32 adapters (`"bfloat16"` keeps trl's QLoRA behaviour for the 8/4-bit arms).
+
+        > Data
+
+        train_data (`str`, defaults to `"alpaca"`): Alpaca-format data (embedded name or local JSON).
+        train_examples (`int`, *optional*): training examples, taken from the front; default: all before the
+            held-out tail.
+        holdout_examples (`int`, defaults to `ALPACA_HOLDOUT` = 200): the tail of the data never trained on (the
+            project's lm-eval tasks use the same tail of the embedded Alpaca data, `split_holdout`).
+        eval_examples (`int`, defaults to 200): the last examples (within the held-out tail) whose response loss is
+            reported; lower it to save time on a CPU.
+        perplexity_data (`str`, defaults to `"wiki"`), eval_windows (`int`, defaults to 16), window_length (256).
+        calibration_data (`str`, defaults to `"c4"`), calibration_windows (`int`, defaults to 32).
+
+        > Evaluation and dynamic rank
+
+        eval_steps (`int`, defaults to 10): evaluate every this many steps (and at start and end).
+        dynamic_eval_ranks (`str`, defaults to `"1,2,4,8,16"`), dynamic_update_rule (`str`, defaults to `"nested"`).
+
+        > Run
+
+        output_dir (`str`), threads (`int`, defaults to 1): torch threads (stated in the results).
+    """
+
+    # Arms and model
+    arms: str = field(default="qlora,svd,quailora,int8,fp32,dynamic", metadata={"help": "Comma-separated arms."})
+    model_name_or_path: str = field(default="smollm2-135m", metadata={"help": "Embedded name, folder or Hub id."})
+    rank: int = field(default=16, metadata={"help": "LoRA rank r (lora_alpha = r)."})
+    target_modules: str = field(default="all-linear", metadata={"help": "peft target_modules (comma-separated)."})
+    # Training
+    steps: int = field(default=40, metadata={"help": "Optimizer steps of every arm."})
+    batch_size: int = field(default=4, metadata={"help": "Examples per optimizer step."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "Learning rate."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "transformers scheduler name."})
+    max_length: int = field(default=256, metadata={"help": "Tokens per training/eval example."})
+    seed: int = field(default=42, metadata={"help": "Seed shared by every arm."})
+    adapter_dtype: str = field(
+        default="float32", metadata={"help": "Dtype of the trained adapter.", "choices": ["float32", "bfloat16"]}
+    )
+    # Data
+    train_data: str = field(default="alpaca", metadata={"help": "Alpaca-format data: embedded name or JSON file."})
+    train_examples: int | None = field(
+        default=None, metadata={"help": "Training examples (default: all but the tail)."}
+    )
+    holdout_examples: int = field(
+        default=ALPACA_HOLDOUT, metadata={"help": "Tail of the Alpaca data never trained on."}
+    )
+    eval_examples: int = field(
+        default=ALPACA_HOLDOUT, metadata={"help": "Last examples whose response loss is reported (≤ holdout)."}
+    )
+    perplexity_data: str = field(default="wiki", metadata={"help": "Held-out text for perplexity."})
+    eval_windows: int = field(default=16, metadata={"help": "Held-out perplexity windows."})
+    window_length: int = field(default=256, metadata={"help": "Tokens per perplexity/calibration window."})
+    calibration_data: str = field(default="c4", metadata={"help": "QuAILoRA calibration text."})
+    calibration_windows: int = field(default=32, metadata={"help": "QuAILoRA calibration windows."})
+    # Evaluation and dynamic rank
+    eval_steps: int = field(default=10, metadata={"help": "Evaluate every this many steps."})
+    dynamic_eval_ranks: str = field(default="1,2,4,8,16", metadata={"help": "Ranks of the dynamic arm's curve."})
+    dynamic_update_rule: str = field(
+        default="nested", metadata={"help": "DyLoRA update rule.", "choices": ["nested", "frozen"]}
+    )
+    # Run
+    output_dir: str = field(default="outputs/compare_init", metadata={"help": "Where results are written."})
+    threads: int = field(default=1, metadata={"help": "torch threads."})
+
+
+def parse_arms(text: str) -> list[str]:
+    arms = [arm.strip() for arm in text.split(",") if arm.strip()]
+    unknown = [arm for arm in arms if arm not in ARMS]
+    if not arms or unknown:
+        raise ValueError(f"`--arms` ({text!r}) holds unknown arms {unknown}; choose among {', '.join(ARMS)}.")
+    if len(set(arms)) != len(arms):
+        raise ValueError(f"`--arms` ({text!r}) repeats an arm; name each once.")
+    return arms
+
+
+def parse_dynamic_eval_ranks(text: str, rank: int) -> list[int]:
+    """`--dynamic_eval_ranks` → sorted unique ranks in `[1, rank]`, by the library's `parse_ranks`/`check_ranks`.
+
+    Raises:
+        ValueError: naming `--dynamic_eval_ranks`, when `text` is not comma-separated integers or holds a rank
+            outside `[1, rank]`.
+    """
+    try:
+        ranks = parse_ranks(text)
+    except ValueError as err:
+        raise ValueError(f"`--dynamic_eval_ranks` ({text!r}): {err}") from err
+    check_ranks(ranks, 1, rank, "--dynamic_eval_ranks", "the adapter's ranks (`--rank`)")
+    return ranks
+
+
+def check_arguments(args: CompareScriptArguments) -> list[str]:
+    """Every check that can fail before a model is loaded; returns the parsed arms."""
+    arms = parse_arms(args.arms)
+    for name in ("steps", "rank", "batch_size", "eval_steps", "eval_windows", "eval_examples", "holdout_examples",
+                 "threads"):
+        value = getattr(args, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`--{name}` ({value!r}) must be an integer of at least 1.")
+    if args.eval_examples > args.holdout_examples:
+        raise ValueError(
+            f"`--eval_examples` ({args.eval_examples}) exceeds `--holdout_examples` ({args.holdout_examples}): "
+            "evaluated examples must be held out from training; lower the first or raise the second."
+        )
+    if args.train_examples is not None and args.train_examples < 1:
+        raise ValueError(f"`--train_examples` ({args.train_examples}) must be at least 1 (or omitted).")
+    if args.max_length < 8 or args.window_length < 8:
+        raise ValueError(
+            f"`--max_length` ({args.max_length}) and `--window_length` ({args.window_length}) must be at least 8."
+        )
+    if any(ARMS[arm][1] in ("closed_form",) for arm in arms) and args.calibration_windows < 1:
+        raise ValueError(f"`--calibration_windows` ({args.calibration_windows}) must be ≥ 1 for QuAILoRA arms.")
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        raise ValueError(f"`--learning_rate` ({args.learning_rate}) must be a positive number.")
+    if "dynamic" in arms:
+        parse_dynamic_eval_ranks(args.dynamic_eval_ranks, args.rank)
+    return arms

@@ -1,0 +1,216 @@
+"""The data of the fine-tuning comparison and one arm's run: model, trainer, adapter start, training, evaluation."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from hf_quailora import (
+    DynamicRankConfig,
+    DynamicRankTrainer,
+    QuAILoRAConfig,
+    compute_perplexity,
+    load_quantized_model,
+    quailora_init,
+    use_rank,
+)
+from hf_quailora.embedded.data import load_alpaca_sft, split_holdout
+
+from .arms import ARM_LABELS, ARMS, CompareScriptArguments
+
+
+logger = logging.getLogger(__name__)
+
+
+class HeldOutPerplexityCallback(TrainerCallback):
+    """Adds held-out perplexity to every evaluation and records the convergence curve of one arm."""
+
+    def __init__(self, windows: torch.Tensor):
+        self.windows = windows
+        self.history: list[dict] = []
+
+    def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
+        if "eval_loss" not in (metrics or {}):  # the dynamic arm's rank sweeps use another prefix
+            return
+        entry = {"step": state.global_step, "eval_loss": metrics.get("eval_loss")}
+        entry.update({key[len("eval_"):]: value for key, value in metrics.items() if key.startswith("eval_loss@r")})
+        entry["perplexity"] = compute_perplexity(model, self.windows)
+        self.history.append(entry)
+        logger.info("step %d: %s", state.global_step, entry)
+
+
+def load_alpaca_split(args: CompareScriptArguments):
+    """The Alpaca training examples and the evaluated held-out examples, the same for every arm.
+
+    The hold-out is the library's (`split_holdout`): the last `--holdout_examples` examples are never trained on.
+
+    Returns:
+        `(train, held_out, train_examples)`: the first `--train_examples` examples (default: all before the
+        hold-out), the last `--eval_examples` examples, and the number of training examples.
+
+    Raises:
+        ValueError: the data are too few for `--train_examples` plus the hold-out.
+    """
+    alpaca = load_alpaca_sft(args.train_data)
+    default_train = len(alpaca) - args.holdout_examples  # all before the held-out tail
+    train_examples = args.train_examples if args.train_examples is not None else default_train
+    try:
+        available, tail = split_holdout(alpaca, args.holdout_examples)
+    except ValueError as err:  # nothing would be left to train on
+        raise ValueError(_too_few(args, len(alpaca), train_examples)) from err
+    if train_examples > len(available):
+        raise ValueError(_too_few(args, len(alpaca), train_examples))
+    train = available.select(range(train_examples))
+    held_out = tail.select(range(len(tail) - args.eval_examples, len(tail)))
+    return train, held_out, train_examples
+
+
+def _too_few(args: CompareScriptArguments, size: int, train_examples: int) -> str:
+    return (
+        f"{args.train_data!r} has {size} examples: too few for --train_examples {train_examples} plus a "
+        f"held-out tail of --holdout_examples {args.holdout_examples}; lower one of them."
+    )
+
+
+def build_peft_model(args: CompareScriptArguments, quantization: str):
+    """The base model in `quantization` with a fresh LoRA (r = `lora_alpha` = `--rank`; the same random A)."""
+    model, _ = load_quantized_model(args.model_name_or_path, quantization)
+    targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
+    torch.manual_seed(args.seed)  # the same random A in every arm
+    lora = LoraConfig(
+        r=args.rank, lora_alpha=args.rank, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, lora)
+
+
+def training_settings(args: CompareScriptArguments, arm: str) -> dict:
+    """The `SFTConfig` / `DynamicRankConfig` keyword arguments shared by every arm."""
+    return dict(
+        output_dir=os.path.join(args.output_dir, arm),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=8,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type=args.lr_scheduler_type,
+        logging_steps=args.eval_steps,
+        eval_strategy="steps",
+        eval_steps=args.eval_steps,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,  # fp32 compute in every arm; SFTConfig's bf16 default fails on a CPU
+        use_cpu=not torch.cuda.is_available(),
+        max_length=args.max_length,
+        seed=args.seed,
+        gradient_checkpointing=False,  # faster on a CPU; memory is no issue at this size
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
+def build_trainer(arm, args, model, tokenizer, train, held_out, windows, dynamic_ranks):
+    """The arm's trainer (`DynamicRankTrainer` for the dynamic arm, else `SFTTrainer`) with fp32/bf16 adapters.
+
+    Returns:
+        `(trainer, perplexity)`: the trainer and its `HeldOutPerplexityCallback`.
+    """
+    settings = training_settings(args, arm)
+    perplexity = HeldOutPerplexityCallback(windows)
+    trainer_kwargs = dict(
+        train_dataset=train, eval_dataset=held_out, processing_class=tokenizer, callbacks=[perplexity]
+    )
+    if ARMS[arm][2]:
+        config = DynamicRankConfig(**settings, min_rank=1, rank_scaling="constant",
+                                   update_rule=args.dynamic_update_rule, eval_ranks=dynamic_ranks)
+        trainer = DynamicRankTrainer(model, args=config, **trainer_kwargs)
+    else:
+        trainer = SFTTrainer(model, args=SFTConfig(**settings), **trainer_kwargs)
+    for name, dataset in (("training", trainer.train_dataset), ("held-out", trainer.eval_dataset)):
+        if len(dataset) == 0:  # trl drops examples whose response was truncated away entirely
+            raise ValueError(
+                f"No {name} example keeps any response token within --max_length {args.max_length}; raise it."
+            )
+    # trl casts the adapters of quantized models to bf16 (QLoRA's recipe); the optimizer does not exist yet, so
+    # recasting here gives every arm the same adapter dtype, and QuAILoRA writes its factors into that dtype.
+    dtype = getattr(torch, args.adapter_dtype)
+    for name, param in trainer.model.named_parameters():
+        if param.requires_grad:
+            param.data = param.data.to(dtype)
+    return trainer, perplexity
+
+
+def initialize_adapter(trainer, solver: str | None, calibration, window_length: int) -> float | None:
+    """Write the arm's adapter start (SVD or QuAILoRA; nothing for B = 0); returns its seconds (None for B = 0)."""
+    if solver is None:
+        return None
+    init_started = time.perf_counter()
+    quailora_init(
+        trainer.model,
+        calibration if solver != "svd" else None,
+        QuAILoRAConfig(solver=solver, num_samples=None, max_length=window_length, show_progress=False),
+    )
+    return time.perf_counter() - init_started
+
+
+def measure_dynamic_ranks(trainer, windows, ranks) -> dict[str, dict[str, float]]:
+    """Alpaca response loss (one evaluate() call covers every rank) and held-out perplexity at each rank."""
+    trainer.eval_ranks = ranks
+    metrics = trainer.evaluate(metric_key_prefix="rank_sweep")
+    out = {}
+    for b in ranks:
+        with use_rank(trainer.model, b, rank_scaling="constant"):
+            perplexity = compute_perplexity(trainer.model, windows)
+        out[str(b)] = {"eval_loss": metrics[f"rank_sweep_loss@r{b}"], "perplexity": perplexity}
+    return out
+
+
+def train_and_evaluate(trainer, perplexity, windows, dynamic_ranks, result: dict, started: float) -> None:
+    """Evaluate at the start, train (evaluating every `--eval_steps`), evaluate at the end; fills `result`.
+
+    Args:
+        dynamic_ranks: the ranks of the per-rank evaluation of the dynamic arm (`None` for the other arms).
+        result: the arm's results so far; the metrics, curves and times are added to it.
+        started: `time.perf_counter()` when the arm started (for its total seconds).
+    """
+    dynamic = dynamic_ranks is not None
+    if dynamic:
+        result["per_rank"] = {"start": measure_dynamic_ranks(trainer, windows, dynamic_ranks)}
+        trainer.eval_ranks = [trainer.max_rank]  # intermediate evaluations at r_max only (cost)
+    trainer.evaluate()
+    train_started = time.perf_counter()
+    trainer.train()
+    result["train_seconds"] = time.perf_counter() - train_started
+    if perplexity.history[-1]["step"] != trainer.state.global_step:
+        trainer.evaluate()
+    if dynamic:
+        trainer.eval_ranks = dynamic_ranks
+        result["per_rank"]["end"] = measure_dynamic_ranks(trainer, windows, dynamic_ranks)
+    start, end = perplexity.history[0], perplexity.history[-1]
+    result.update(
+        perplexity_start=start["perplexity"], perplexity_end=end["perplexity"],
+        eval_loss_start=start["eval_loss"], eval_loss_end=end["eval_loss"],
+        history=perplexity.history, seconds=time.perf_counter() - started,
+        train_loss=[(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry],
+    )
+
+
+def run_arm(arm, args, tokenizer, train, held_out, windows, calibration, dynamic_ranks) -> dict:
+    """Fine-tune and evaluate one arm from a freshly loaded model; returns its results (curves included)."""
+    quantization, solver, dynamic = ARMS[arm]
+    started = time.perf_counter()
+    model = build_peft_model(args, quantization)
+    trainer, perplexity = build_trainer(arm, args, model, tokenizer, train, held_out, windows, dynamic_ranks)
+    init_seconds = initialize_adapter(trainer, solver, calibration, args.window_length)
+
+    result: dict = {"arm": arm, "label": ARM_LABELS[arm], "quantization": quantization, "init": solver or "B = 0",
+                    "init_seconds": init_seconds}
+    train_and_evaluate(trainer, perplexity, windows, dynamic_ranks if dynamic else None, result, started)
+    logger.info("%s: ppl %.3f -> %.3f, Alpaca loss %.4f -> %.4f", arm, result["perplexity_start"],
+                result["perplexity_end"], result["eval_loss_start"], result["eval_loss_end"])
+    del trainer, model
+    return result
