@@ -1,5 +1,6 @@
 """Skip markers and small helpers shared by the tests."""
 
+import gc
 import importlib.util
 import os
 
@@ -87,3 +88,14 @@ def make_trainer(path, texts, output_dir, quantization="none", model=None, callb
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+
+
+def float64_bytes() -> int:
+    """Bytes of the float64 tensors alive anywhere in the process (after a garbage collection).
+
+    QuAILoRA's Gram matrices, W, Q and E are float64 by default and the tiny test models float32, so this counts
+    what an initialisation leaves behind.
+    """
+    gc.collect()
+    return sum(obj.numel() * obj.element_size() for obj in gc.get_objects()
+               if isinstance(obj, torch.Tensor) and obj.dtype == torch.float64)

@@ -160,12 +160,13 @@ def make_calibration_batches(
     return batches
 
 
-class _GramCollector:
+class GramCollector:
     """Forward hooks that accumulate `XᵀX` per distinct input tensor, padding excluded."""
 
-    def __init__(self, modules: Mapping[str, torch.nn.Module], dtype: torch.dtype):
+    def __init__(self, modules: Mapping[str, torch.nn.Module], dtype: torch.dtype, device: torch.device | None = None):
         self.modules = dict(modules)
         self.dtype = dtype
+        self.device = device  # where the matrices accumulate; None: where the activations are
         self.stats = GramStatistics()
         self.mask: torch.Tensor | None = None
         self._seen: dict[int, tuple[weakref.ref, str]] = {}
@@ -207,7 +208,7 @@ class _GramCollector:
             # Per-batch products in the activations' precision (float32 at least), accumulated in self.dtype:
             # float64 matmuls cost twice as much and change nothing at this batch size.
             rows = rows.float() if rows.dtype in (torch.float16, torch.bfloat16) else rows
-            gram = (rows.T @ rows).to(self.dtype)
+            gram = (rows.T @ rows).to(device=self.device or rows.device, dtype=self.dtype)
             if leader in self.stats.matrices:
                 self.stats.matrices[leader] += gram
             else:
@@ -216,41 +217,20 @@ class _GramCollector:
         return hook
 
 
-@torch.no_grad()
-def collect_gram_matrices(
-    model: torch.nn.Module,
-    batches: list[dict[str, torch.Tensor]],
-    modules: Mapping[str, torch.nn.Module],
-    dtype: torch.dtype = torch.float64,
-    show_progress: bool = True,
-) -> GramStatistics:
-    """Run `model` over `batches` and accumulate the Gram matrix of each module's input.
-
-    Args:
-        model (`torch.nn.Module`): the model to run (its current mode is used; callers put it in eval mode).
-        batches (`list[dict]`): from `make_calibration_batches`.
-        modules (`Mapping[str, torch.nn.Module]`): named modules whose input `X` to record.
-        dtype (`torch.dtype`, defaults to float64): accumulation dtype.
-        show_progress (`bool`, defaults to `True`): a tqdm bar over batches.
-
-    Returns:
-        `GramStatistics`; under `torch.distributed` summed over all processes.
-
-    Raises:
-        ValueError: no non-padding tokens were seen, a module never ran, or a matrix is not finite (naming it).
-    """
+def check_dtype(dtype: torch.dtype) -> None:
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"Accumulate Gram matrices in float32 or float64, not {dtype}.")
-    device = next(model.parameters()).device
-    collector = _GramCollector(modules, dtype)
-    num_tokens = 0
-    with collector:
-        for batch in tqdm(batches, desc="QuAILoRA calibration", disable=not show_progress, unit="batch"):
-            mask = batch["attention_mask"]
-            collector.start_batch(mask)
-            model(input_ids=batch["input_ids"].to(device), attention_mask=mask.to(device), use_cache=False)
-            num_tokens += int(mask.sum())
-    stats = collector.stats
+
+
+def finish_statistics(stats: GramStatistics, modules: Mapping[str, torch.nn.Module], num_tokens: int,
+                      device: torch.device) -> GramStatistics:
+    """Check that every module ran, sum matrices and token counts over processes, and check the result.
+
+    Under `torch.distributed` every process must call this the same number of times, with the same `modules`.
+
+    Raises:
+        ValueError: a module never ran, no non-padding token was seen, or a matrix is not finite (naming it).
+    """
     stats.num_tokens = num_tokens
     missing = [name for name in modules if name not in stats.groups]
     if missing:
@@ -260,7 +240,10 @@ def collect_gram_matrices(
         torch.distributed.all_reduce(count)
         stats.num_tokens = int(count.item())
         for name in sorted(stats.matrices):  # same order on every process
-            torch.distributed.all_reduce(stats.matrices[name])
+            matrix = stats.matrices[name]
+            reduced = matrix.to(device)  # gloo/nccl reduce on the process's device
+            torch.distributed.all_reduce(reduced)
+            stats.matrices[name] = reduced.to(matrix.device)
     if stats.num_tokens == 0:
         raise ValueError("Calibration saw no non-padding tokens; check the attention masks of the calibration data.")
     for name, matrix in stats.matrices.items():
@@ -270,3 +253,41 @@ def collect_gram_matrices(
                 "use float32 compute or other calibration data."
             )
     return stats
+
+
+@torch.no_grad()
+def collect_gram_matrices(
+    model: torch.nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    modules: Mapping[str, torch.nn.Module],
+    dtype: torch.dtype = torch.float64,
+    show_progress: bool = True,
+    device: torch.device | str | None = None,
+) -> GramStatistics:
+    """Run `model` over `batches` and accumulate the Gram matrix of each module's input.
+
+    Args:
+        model (`torch.nn.Module`): the model to run (its current mode is used; callers put it in eval mode).
+        batches (`list[dict]`): from `make_calibration_batches`.
+        modules (`Mapping[str, torch.nn.Module]`): named modules whose input `X` to record.
+        dtype (`torch.dtype`, defaults to float64): accumulation dtype.
+        show_progress (`bool`, defaults to `True`): a tqdm bar over batches.
+        device (*optional*): where the matrices accumulate (e.g. `"cpu"`); defaults to each module's device.
+
+    Returns:
+        `GramStatistics`; under `torch.distributed` summed over all processes.
+
+    Raises:
+        ValueError: no non-padding tokens were seen, a module never ran, or a matrix is not finite (naming it).
+    """
+    check_dtype(dtype)
+    model_device = next(model.parameters()).device
+    collector = GramCollector(modules, dtype, torch.device(device) if device is not None else None)
+    num_tokens = 0
+    with collector:
+        for batch in tqdm(batches, desc="QuAILoRA calibration", disable=not show_progress, unit="batch"):
+            mask = batch["attention_mask"]
+            collector.start_batch(mask)
+            model(input_ids=batch["input_ids"].to(model_device), attention_mask=mask.to(model_device), use_cache=False)
+            num_tokens += int(mask.sum())
+    return finish_statistics(collector.stats, modules, num_tokens, model_device)

@@ -15,11 +15,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
+from .memory import parse_memory_budget
+
 
 Solver = Literal["closed_form", "als", "svd"]
 Dtype = Literal["float64", "float32"]
+Streaming = Literal["auto", "replay", "passes", "off"]
+GramDevice = Literal["model", "cpu"]
 SOLVERS: tuple[str, ...] = get_args(Solver)
 DTYPES: tuple[str, ...] = get_args(Dtype)
+STREAMING_MODES: tuple[str, ...] = get_args(Streaming)
+GRAM_DEVICES: tuple[str, ...] = get_args(GramDevice)
 
 
 @dataclass
@@ -34,6 +40,28 @@ class QuAILoRAConfig:
         batch_size (`int`, defaults to 8): calibration sequences per forward pass.
         gram_dtype (`str`, defaults to `"float64"`): accumulation dtype of the Gram matrices.
 
+        > Memory (see the README's memory contract)
+
+        streaming (`str`, defaults to `"auto"`): how the decoder blocks are calibrated and solved, a group at a time,
+            each group's Gram matrices freed before the next:
+            - `"replay"` caches the hidden states at the input of the first block and runs one block at a time with
+              its own forward arguments (attention masks, position embeddings), feeding its outputs to the next
+              block: one forward's worth of compute;
+            - `"passes"` runs the whole model once per group, with hooks on that group only (any architecture;
+              one forward per group);
+            - `"off"` collects every Gram matrix in one pass, all alive at once (the original design);
+            - `"auto"` replays when the LoRA layers lie in one list of decoder blocks, else uses passes.
+        memory_budget (`str` or `int`, defaults to `"auto"`): bytes of Gram matrices alive at once, as an integer or
+            a string such as `"8GiB"` or `"500MB"`; it decides how many consecutive blocks form a group. `"auto"`:
+            one block at a time when replaying (no extra compute), and as many blocks as fit in half the free
+            memory of the Gram device for passes. The budget counts `in_features² × bytes` for every LoRA layer,
+            not subtracting the matrices q/k/v and gate/up share, so the real peak stays below it.
+        gram_device (`str`, defaults to `"model"`): where Gram matrices accumulate: `"model"` (the device of each
+            layer) or `"cpu"` (for GPUs with little memory; the per-batch products are still computed on the
+            layer's device, then added on the CPU).
+        keep_gram_statistics (`bool`, defaults to `False`): keep every Gram matrix in `report.gram_statistics` (to
+            initialise several ranks from one calibration). This keeps all of them alive at once.
+
         > Solver
 
         solver (`str`, defaults to `"closed_form"`): `"closed_form"` (exact optimum of the calibrated objective),
@@ -42,6 +70,9 @@ class QuAILoRAConfig:
         als_iterations (`int`, defaults to 20): iterations of `"als"`.
         damping (`float`, defaults to 1e-4): `H ← H + damping · mean(diag H) · I`.
         solve_dtype (`str`, defaults to `"float64"`): dtype of the solves.
+        report_svd_baseline (`bool`, defaults to `False`): also compute the uncalibrated SVD start's errors for the
+            report (`calibrated_error_svd`, `frobenius_error_svd`); this doubles the per-layer work of the
+            closed form (the `"als"` and `"svd"` solvers compute that SVD anyway and always report it).
 
         > Output
 
@@ -55,6 +86,20 @@ class QuAILoRAConfig:
     gram_dtype: Dtype = field(
         default="float64", metadata={"help": "Accumulation dtype of Gram matrices.", "choices": list(DTYPES)}
     )
+    # Memory
+    streaming: Streaming = field(
+        default="auto",
+        metadata={"help": "Calibrate and solve a group of blocks at a time.", "choices": list(STREAMING_MODES)},
+    )
+    memory_budget: str = field(
+        default="auto", metadata={"help": "Bytes of Gram matrices alive at once ('auto', an integer, or e.g. '8GiB')."}
+    )
+    gram_device: GramDevice = field(
+        default="model", metadata={"help": "Where Gram matrices accumulate.", "choices": list(GRAM_DEVICES)}
+    )
+    keep_gram_statistics: bool = field(
+        default=False, metadata={"help": "Keep every Gram matrix in the report (all alive at once)."}
+    )
     # Solver
     solver: Solver = field(
         default="closed_form", metadata={"help": "Initialisation solver.", "choices": list(SOLVERS)}
@@ -63,6 +108,9 @@ class QuAILoRAConfig:
     damping: float = field(default=1e-4, metadata={"help": "Relative damping of the Gram matrix."})
     solve_dtype: Dtype = field(
         default="float64", metadata={"help": "Dtype of the solves.", "choices": list(DTYPES)}
+    )
+    report_svd_baseline: bool = field(
+        default=False, metadata={"help": "Also report the uncalibrated SVD start's errors (doubles closed-form work)."}
     )
     # Output
     show_progress: bool = field(default=True, metadata={"help": "Show progress bars."})
@@ -83,3 +131,11 @@ class QuAILoRAConfig:
         for name in ("gram_dtype", "solve_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"`{name}` must be one of {DTYPES}; got {getattr(self, name)!r}.")
+        if self.streaming not in STREAMING_MODES:
+            raise ValueError(f"`streaming` must be one of {STREAMING_MODES}; got {self.streaming!r}.")
+        if self.gram_device not in GRAM_DEVICES:
+            raise ValueError(
+                f"`gram_device` must be one of {GRAM_DEVICES} (the layer's own device, or the CPU); got "
+                f"{self.gram_device!r}."
+            )
+        parse_memory_budget(self.memory_budget)  # raises on a bad budget, before any work

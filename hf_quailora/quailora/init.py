@@ -35,10 +35,11 @@ from tqdm.auto import tqdm
 
 from .._peft_utils import record_adapter_facts, require_lora_layers
 from ..quantization import dequantize_weight, disable_bnb_cpu_fast_path, quantization_kind
-from .calibration import GramStatistics, collect_gram_matrices, make_calibration_batches
+from .calibration import GramStatistics, check_dtype, make_calibration_batches
 from .config import QuAILoRAConfig
 from .report import LayerReport, QuAILoRAReport
 from .solvers import calibrated_error, frobenius_error, solve_als, solve_closed_form, solve_svd, split_for_lora
+from .streaming import Schedule, plan_schedule, stream_statistics
 from .weights import FullPrecisionWeights
 
 
@@ -153,8 +154,16 @@ def _check_calibration(calibration, plans: list[_Plan], tokenizer, config: QuAIL
     return None
 
 
+def _gram_devices(model, config: QuAILoRAConfig) -> tuple[torch.device | None, torch.device]:
+    """Where Gram matrices accumulate (None: each layer's device) and the device whose free memory counts."""
+    if config.gram_device == "cpu":
+        return torch.device("cpu"), torch.device("cpu")
+    return None, next(model.parameters()).device
+
+
 def _prepare(model, calibration, config, tokenizer, full_precision_weights, adapter_name):
-    """Step 1: find the LoRA layers, their quantized bases and full-precision weights; check everything."""
+    """Step 1: find the LoRA layers, their quantized bases and full-precision weights, the calibration groups
+    within the memory budget; check everything."""
     source = full_precision_weights if full_precision_weights is not None else _default_weight_source(model)
     weights = FullPrecisionWeights.from_any(source)
     plans, skipped = _plan_layers(model, adapter_name, weights)
@@ -164,25 +173,46 @@ def _prepare(model, calibration, config, tokenizer, full_precision_weights, adap
     for plan in plans:
         if not torch.isfinite(dequantize_weight(plan.module.get_base_layer())).all():
             raise ValueError(f"{plan.name}: the dequantized weight Q is not finite.")
-    return weights, plans, skipped, _check_calibration(calibration, plans, tokenizer, config)
+    calibration = _check_calibration(calibration, plans, tokenizer, config)
+    schedule = Schedule("off", [[plan.name for plan in plans]])
+    if calibration is not None and not isinstance(calibration, GramStatistics):
+        in_features = {plan.name: plan.shape[1] for plan in plans}
+        schedule = plan_schedule(model, in_features, config, _gram_devices(model, config)[1])
+    return weights, plans, skipped, calibration, schedule
 
 
-def _calibrate(model, batches, plans: list[_Plan], config: QuAILoRAConfig) -> GramStatistics:
-    """Step 2: Gram matrices of the quantized model's layer inputs (adapters off, eval mode, no dropout)."""
+@contextlib.contextmanager
+def _calibration_mode(model):
+    """The quantized model as it runs for calibration: adapters disabled, eval mode (no dropout)."""
     was_training = model.training
     model.eval()
     try:
-        disable = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-        with disable:
-            return collect_gram_matrices(
-                model,
-                batches,
-                {plan.name: plan.module for plan in plans},
-                dtype=getattr(torch, config.gram_dtype),
-                show_progress=config.show_progress,
-            )
+        with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
+            yield
     finally:
         model.train(was_training)
+
+
+def _statistics_per_group(model, calibration, plans: list[_Plan], schedule: Schedule, config: QuAILoRAConfig,
+                          report: QuAILoRAReport):
+    """Step 2, a group at a time: yields `(stats, plans of the group)`; timing calibration into `report`."""
+    if calibration is None or isinstance(calibration, GramStatistics):  # SVD, or statistics given
+        yield calibration, plans
+        return
+    dtype = getattr(torch, config.gram_dtype)
+    check_dtype(dtype)
+    modules = {plan.name: plan.module for plan in plans}
+    with _calibration_mode(model):
+        groups = stream_statistics(model, calibration, modules, schedule, dtype, _gram_devices(model, config)[0],
+                                   config.show_progress)
+        while True:
+            started = time.perf_counter()
+            stats = next(groups, None)
+            report.calibration_seconds += time.perf_counter() - started
+            if stats is None:
+                return
+            yield stats, [plan for plan in plans if plan.name in stats.groups]  # in the model's order
+            del stats  # the group's matrices go before the next group's are collected
 
 
 def _solve_layer(plan: _Plan, weights: FullPrecisionWeights, stats: GramStatistics | None, config: QuAILoRAConfig):
@@ -195,7 +225,7 @@ def _solve_layer(plan: _Plan, weights: FullPrecisionWeights, stats: GramStatisti
         raise ValueError(f"{plan.name}: the full-precision weight W is not finite.")
     E = W - Q
     H = stats.for_layer(plan.name).to(device=E.device, dtype=solve_dtype) / stats.num_tokens if stats else None
-    svd = solve_svd(E, plan.rank)
+    svd = solve_svd(E, plan.rank) if config.solver != "closed_form" or config.report_svd_baseline else None
     if config.solver == "closed_form":
         result = solve_closed_form(E, H, plan.rank, config.damping)
     elif config.solver == "als":
@@ -224,10 +254,10 @@ def _layer_report(plan: _Plan, E, H, svd, lora_B, lora_A, seconds: float) -> Lay
         rank=plan.rank,
         scaling=plan.scaling,
         calibrated_error_qlora=calibrated(),
-        calibrated_error_svd=calibrated(svd.B, svd.A),
+        calibrated_error_svd=calibrated(svd.B, svd.A) if svd is not None else None,
         calibrated_error_result=calibrated(M_B, M_A),
         frobenius_error_qlora=float(frobenius_error(E)),
-        frobenius_error_svd=float(frobenius_error(E, svd.B, svd.A)),
+        frobenius_error_svd=float(frobenius_error(E, svd.B, svd.A)) if svd is not None else None,
         frobenius_error_result=float(frobenius_error(E, M_B, M_A)),
         seconds=seconds,
     )
@@ -244,11 +274,15 @@ def quailora_init(
 ) -> QuAILoRAReport:
     """Initialise every LoRA layer on a quantized base so that `Q + sBA` matches `W` on calibration activations.
 
-    Steps: (1) *plan*: find the LoRA layers, their quantized bases and their full-precision weights, and check
-    everything before any model runs; (2) *calibrate*: run the calibration data through the quantized model
-    (adapters disabled) and collect one Gram matrix per distinct layer input; (3) *solve*: per layer, form
-    `E = W − Q` from the real quant state, solve for the product `sBA`, sort its components, and compute the
-    report's errors; (4) *write* all factors in place with `param.data.copy_()`, only after every layer succeeded.
+    Steps: (1) *plan*: find the LoRA layers, their quantized bases and their full-precision weights, group the
+    decoder blocks within the memory budget, and check everything before any model runs; (2) *calibrate* a group
+    of blocks: run the calibration data through the quantized model (adapters disabled; by block replay or one
+    pass per group, see `QuAILoRAConfig.streaming`) and collect one Gram matrix per distinct layer input of the
+    group; (3) *solve* the group: per layer, form `E = W − Q` from the real quant state (W streamed one tensor at a
+    time), solve for the product `sBA`, sort its components, and compute the report's errors; then free the
+    group's matrices and go on with the next group; (4) *write* all factors in place with `param.data.copy_()`,
+    only after every layer succeeded. When it returns, no Gram matrix, W, Q or E is referenced (unless
+    `keep_gram_statistics=True`).
 
     Args:
         model (`peft.PeftModel` or a model with peft LoRA layers): base quantized with bitsandbytes.
@@ -281,27 +315,33 @@ def quailora_init(
     config = config if config is not None else QuAILoRAConfig()
     if not isinstance(config, QuAILoRAConfig):
         raise TypeError(f"`config` must be a QuAILoRAConfig, got {type(config).__name__}.")
-    # 1. Plan
-    weights, plans, skipped, calibration = _prepare(
+    # 1. Plan, and check everything (the memory budget included) before any forward pass
+    weights, plans, skipped, calibration, schedule = _prepare(
         model, calibration, config, tokenizer, full_precision_weights, adapter_name
     )
-    report = QuAILoRAReport(solver=config.solver, num_tokens=0, skipped=skipped)
-    # 2. Calibrate
-    stats = calibration if isinstance(calibration, GramStatistics) else None
-    if calibration is not None and stats is None:
-        started = time.perf_counter()
-        stats = _calibrate(model, calibration, plans, config)
-        report.calibration_seconds = time.perf_counter() - started
-    report.num_tokens = stats.num_tokens if stats is not None else 0
-    report.gram_statistics = stats
-    # 3. Solve
-    started = time.perf_counter()
+    report = QuAILoRAReport(solver=config.solver, num_tokens=0, skipped=skipped, streaming=schedule.mode)
+    kept = calibration if isinstance(calibration, GramStatistics) else None
+    if config.keep_gram_statistics and kept is None and calibration is not None:
+        kept = GramStatistics()
+    # 2. Calibrate and 3. solve, a group of blocks at a time; each group's Gram matrices are freed before the next
     results = []
-    for plan in tqdm(plans, desc=f"QuAILoRA {config.solver}", disable=not config.show_progress, unit="layer"):
-        lora_B, lora_A, layer_report = _solve_layer(plan, weights, stats, config)
-        results.append((plan, lora_B, lora_A))
-        report.layers.append(layer_report)
-    report.solve_seconds = time.perf_counter() - started
+    progress = tqdm(total=len(plans), desc=f"QuAILoRA {config.solver}", disable=not config.show_progress, unit="layer")
+    for stats, group in _statistics_per_group(model, calibration, plans, schedule, config, report):
+        report.num_tokens = stats.num_tokens if stats is not None else 0
+        if kept is not None and stats is not kept:
+            kept.matrices.update(stats.matrices)
+            kept.groups.update(stats.groups)
+            kept.num_tokens = stats.num_tokens
+        started = time.perf_counter()
+        for plan in group:
+            lora_B, lora_A, layer_report = _solve_layer(plan, weights, stats, config)
+            results.append((plan, lora_B, lora_A))
+            report.layers.append(layer_report)
+            progress.update(1)
+        report.solve_seconds += time.perf_counter() - started
+        del stats
+    progress.close()
+    report.gram_statistics = kept if config.keep_gram_statistics else None
     # 4. Write, only now that every layer succeeded; then make all processes agree.
     for plan, lora_B, lora_A in results:
         _write(plan.module, adapter_name, lora_B, lora_A)

@@ -32,7 +32,7 @@ class LayerReport:
     calibrated_error_svd: float | None
     calibrated_error_result: float | None
     frobenius_error_qlora: float
-    frobenius_error_svd: float
+    frobenius_error_svd: float | None
     frobenius_error_result: float
     seconds: float
 
@@ -54,6 +54,7 @@ class QuAILoRAReport:
     skipped: dict[str, str] = field(default_factory=dict)
     calibration_seconds: float = 0.0
     solve_seconds: float = 0.0
+    streaming: str = "off"
     gram_statistics: GramStatistics | None = field(default=None, repr=False)
 
     def totals(self) -> dict[str, float]:
@@ -73,6 +74,7 @@ class QuAILoRAReport:
             "num_tokens": self.num_tokens,
             "calibration_seconds": self.calibration_seconds,
             "solve_seconds": self.solve_seconds,
+            "streaming": self.streaming,
             "totals": self.totals(),
             "skipped": dict(self.skipped),
             "layers": [asdict(layer) for layer in self.layers],
@@ -103,7 +105,7 @@ class QuAILoRAReport:
             lines.append(
                 f"| **all layers** | | | {rel(totals.get('calibrated_error_svd'), totals.get('calibrated_error_qlora'))} "
                 f"| {rel(totals.get('calibrated_error_result'), totals.get('calibrated_error_qlora'))} "
-                f"| {rel(totals['frobenius_error_svd'], totals['frobenius_error_qlora'])} "
+                f"| {rel(totals.get('frobenius_error_svd'), totals['frobenius_error_qlora'])} "
                 f"| {rel(totals['frobenius_error_result'], totals['frobenius_error_qlora'])} |"
             )
         return "\n".join(lines)
@@ -116,9 +118,8 @@ class QuAILoRAReport:
             f"solves {self.solve_seconds:.1f} s"
         )
         if "calibrated_error_result" in totals and totals.get("calibrated_error_qlora"):
-            text += (
-                f"; calibrated error vs QLoRA start: SVD start "
-                f"{totals['calibrated_error_svd'] / totals['calibrated_error_qlora']:.3f}, result "
-                f"{totals['calibrated_error_result'] / totals['calibrated_error_qlora']:.3f}"
-            )
+            text += "; calibrated error vs QLoRA start: "
+            if "calibrated_error_svd" in totals:
+                text += f"SVD start {totals['calibrated_error_svd'] / totals['calibrated_error_qlora']:.3f}, "
+            text += f"result {totals['calibrated_error_result'] / totals['calibrated_error_qlora']:.3f}"
         return text

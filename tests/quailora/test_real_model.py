@@ -25,12 +25,27 @@ def test_quailora_start_beats_qlora_and_svd_starts_on_held_out_text(smollm2_path
         qlora = compute_perplexity(model, held_out)  # B = 0 is the quantized model itself
     quailora_init(model, None, QuAILoRAConfig(solver="svd", show_progress=False))
     svd = compute_perplexity(model, held_out)
-    report = quailora_init(model, calibration, QuAILoRAConfig(show_progress=False))
+    report = quailora_init(model, calibration, QuAILoRAConfig(show_progress=False, report_svd_baseline=True))
     quailora = compute_perplexity(model, held_out)
     assert quailora < svd and quailora < qlora, (qlora, svd, quailora)
     assert quailora < qlora * 0.97  # a clear gain, not rounding (measured: ~11% lower at these sizes)
     totals = report.totals()
     assert totals["calibrated_error_result"] < totals["calibrated_error_svd"] < totals["calibrated_error_qlora"]
+
+
+def test_streamed_init_gives_the_all_at_once_factors_on_the_real_model(smollm2_path, embedded_texts):
+    model, tokenizer = load_quantized_model(smollm2_path, "nf4")
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=["k_proj", "o_proj", "down_proj"],
+                                             lora_dropout=0.0))
+    calibration = make_token_windows(tokenizer, embedded_texts["c4"], 128, 4)
+    factors = {}
+    for streaming in ("off", "replay"):
+        report = quailora_init(model, calibration, QuAILoRAConfig(show_progress=False, streaming=streaming))
+        assert report.streaming == streaming and report.gram_statistics is None
+        factors[streaming] = {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}
+    assert len(factors["off"]) == 2 * 3 * model.config.num_hidden_layers
+    for name, value in factors["off"].items():
+        torch.testing.assert_close(factors["replay"][name], value, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def _first_losses(smollm2_path, tmp_path, callback, steps=3):

@@ -1,0 +1,170 @@
+"""The memory of QuAILoRA initialisation: the budget option, how blocks are grouped, and the README's formula.
+
+The peak *extra* memory of `quailora_init` (beyond the quantized model and its adapter) is
+
+    Gram bytes of one group  +  one layer's solve workspace  +  (replay only) the cached hidden states
+
+- Gram bytes of a block: `Σ d_in² × b_gram` over the block's *distinct* layer inputs (q/k/v share one matrix,
+  gate/up another); a Llama block has `(3·h² + i²) × b_gram` (hidden h, intermediate i; b_gram = 8 in float64,
+  4 in float32).
+- One layer's solve workspace (closed form, solve dtype b_solve): `W`, `Q`, `E = W − Q`, `E·L` and the report's
+  `E·H` (5 × out·in), the normalised, damped and factored Gram matrix (3 × in²) and the smaller Gram matrix of the
+  SVD (min(out, in)²): `(5·out·in + 3·in² + min(out, in)²) × b_solve`, at the largest layer.
+- The hidden-state cache of replay: the inputs and outputs of the current block for every calibration token,
+  `2 × tokens × h × b_act` (b_act: the compute dtype, e.g. 2 in bf16).
+
+`estimate_init_memory` evaluates the formula for a transformers config; `bench/bench_init_scaling.py` checks it
+against measured peaks.
+
+Example:
+
+```python
+from transformers import AutoConfig
+from hf_quailora.quailora.memory import estimate_init_memory
+
+print(estimate_init_memory(AutoConfig.from_pretrained("meta-llama/Llama-3.1-8B"), tokens=128 * 512))
+```
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory_budget(value) -> int | None:
+    """`"auto"` → None; an integer number of bytes, or a string such as `"8GiB"`, `"500MB"`, `"1e9"` → bytes.
+
+    Raises:
+        ValueError: zero, negative or non-finite budgets, and strings that are not a number with a unit.
+        TypeError: anything that is neither a string nor a number.
+    """
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(f"`memory_budget` must be 'auto', a number of bytes or a string like '8GiB'; got {value!r}.")
+    number, unit = value, ""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9.eE+-]+|[+-]?inf|nan)\s*([a-zA-Z]*)\s*", value, flags=re.I)
+        if not match or match.group(2).lower() not in _UNITS:
+            raise ValueError(
+                f"`memory_budget` ({value!r}) must be 'auto', a number of bytes, or a number with a unit "
+                f"({', '.join(unit for unit in _UNITS if unit)}), e.g. '8GiB'."
+            )
+        try:
+            number = float(match.group(1))
+        except ValueError as err:
+            raise ValueError(f"`memory_budget` ({value!r}): {match.group(1)!r} is not a number.") from err
+        unit = match.group(2).lower()
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"`memory_budget` ({value!r}) must be a positive, finite number of bytes (or 'auto').")
+    return int(number * _UNITS[unit])
+
+
+def format_bytes(num_bytes: float) -> str:
+    """`1.5 GiB`, `26.0 MiB`, … (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(num_bytes) < 1024 or unit == "TiB":
+            return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{int(num_bytes)} B"
+        num_bytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def free_memory(device: torch.device) -> int:
+    """Free bytes on `device`: `torch.cuda.mem_get_info` on a GPU, the available system memory on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # Linux without psutil
+        with open("/proc/meminfo") as handle:
+            fields = dict(line.split(":", 1) for line in handle)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+def group_blocks(block_bytes: list[int], budget: int, block_names: list[str]) -> list[list[int]]:
+    """Consecutive blocks in groups whose Gram bytes (`block_bytes`, an upper bound per block) fit in `budget`.
+
+    Raises:
+        ValueError: one block alone needs more than `budget`, naming the block and the minimum budget.
+    """
+    largest = max(range(len(block_bytes)), key=block_bytes.__getitem__)
+    if block_bytes[largest] > budget:
+        raise ValueError(
+            f"`memory_budget` ({format_bytes(budget)}) is smaller than one block: {block_names[largest]} needs "
+            f"{format_bytes(block_bytes[largest])} ({block_bytes[largest]} bytes) of Gram matrices. Give at least "
+            f"that, 'auto', or gram_dtype='float32' (half the bytes)."
+        )
+    groups, current, used = [], [], 0
+    for index, size in enumerate(block_bytes):
+        if current and used + size > budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(index)
+        used += size
+    groups.append(current)
+    return groups
+
+
+@dataclass
+class InitMemory:
+    """The formula's terms for one model, in bytes (see the module docstring)."""
+
+    parameters: int
+    model_4bit: int
+    gram_all_blocks: int
+    gram_per_block: int
+    solve_workspace: int
+    hidden_state_cache: int
+
+    @property
+    def streamed_peak(self) -> int:
+        """Peak extra memory of the default (replay, one block at a time) initialisation."""
+        return self.gram_per_block + self.solve_workspace + self.hidden_state_cache
+
+    @property
+    def all_at_once_peak(self) -> int:
+        """Peak extra memory of `streaming="off"` (every Gram matrix alive at once)."""
+        return self.gram_all_blocks + self.solve_workspace
+
+
+def estimate_init_memory(config, tokens: int = 128 * 512, gram_bytes: int = 8, solve_bytes: int = 8,
+                         activation_bytes: int = 2) -> InitMemory:
+    """The memory formula for a Llama-shaped transformers config (Llama, Qwen, Mistral, Gemma: q/k/v, o, gate/up,
+    down in every block, LoRA on all of them).
+
+    Args:
+        config: a transformers `PretrainedConfig` (or anything with `hidden_size`, `intermediate_size`,
+            `num_hidden_layers`, `num_attention_heads`, `vocab_size`; optional `num_key_value_heads`, `head_dim`).
+        tokens (`int`, defaults to 128 × 512): calibration tokens (`num_samples × max_length`).
+        gram_bytes / solve_bytes (`int`, default 8): bytes per element of `gram_dtype` / `solve_dtype`.
+        activation_bytes (`int`, defaults to 2): bytes per element of the compute dtype (bf16).
+    """
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    q = heads * head_dim
+    shapes = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]  # (out, in) of q, k, v, o, gate, up, down
+    block_params = sum(out * inp for out, inp in shapes)
+    embeddings = config.vocab_size * h * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    per_block = (2 * h * h + q * q + i * i) * gram_bytes  # distinct inputs: h (q/k/v), q (o), h (gate/up), i (down)
+    workspace = max((5 * out * inp + 3 * inp * inp + min(out, inp) ** 2) * solve_bytes for out, inp in shapes)
+    return InitMemory(
+        parameters=layers * block_params + embeddings,
+        # NF4 with double quantization: 4.127 bits per block weight; embeddings and head stay in bf16
+        model_4bit=int(layers * block_params * 4.127 / 8) + embeddings * 2,
+        gram_all_blocks=layers * per_block,
+        gram_per_block=per_block,
+        solve_workspace=workspace,
+        hidden_state_cache=2 * tokens * h * activation_bytes,
+    )
