@@ -45,7 +45,7 @@ from hf_quailora import (
 )
 from hf_quailora.dynamic_rank.spec import check_ranks, parse_ranks
 from hf_quailora.embedded.data import ALPACA_HOLDOUT, split_holdout
-from hf_quailora.quailora.config import SOLVERS
+from hf_quailora.quailora.config import GRAM_DEVICES, SOLVERS
 from hf_quailora.quantization import QUANTIZATIONS
 
 
@@ -81,6 +81,12 @@ class AlpacaScriptArguments:
         default="closed_form", metadata={"help": "QuAILoRA solver.", "choices": list(SOLVERS)}
     )
     quailora_damping: float = field(default=1e-4, metadata={"help": "Relative damping of the Gram matrices."})
+    quailora_memory_budget: str = field(
+        default="auto", metadata={"help": "Bytes of Gram matrices alive at once ('auto': one block at a time)."}
+    )
+    quailora_gram_device: str = field(
+        default="model", metadata={"help": "Where Gram matrices accumulate.", "choices": list(GRAM_DEVICES)}
+    )
     # Final rank sweep and export
     sweep_tasks: str = field(default="quailora_wiki_ppl", metadata={"help": "lm-eval tasks of the final sweep ('' = skip)."})
     sweep_ranks: str | None = field(default=None, metadata={"help": "Ranks of the final sweep (default: eval_ranks)."})
@@ -90,6 +96,14 @@ class AlpacaScriptArguments:
 
 def _ranks(text: str | None, default: list[int]) -> list[int]:
     return parse_ranks(text) if text else list(default)
+
+
+def _quailora_config(script_args: AlpacaScriptArguments) -> QuAILoRAConfig:
+    return QuAILoRAConfig(
+        num_samples=script_args.calibration_samples, max_length=script_args.calibration_length,
+        solver=script_args.quailora_solver, damping=script_args.quailora_damping,
+        memory_budget=script_args.quailora_memory_budget, gram_device=script_args.quailora_gram_device,
+    )
 
 
 def _check(script_args: AlpacaScriptArguments, training_args: DynamicRankConfig) -> None:
@@ -107,6 +121,8 @@ def _check(script_args: AlpacaScriptArguments, training_args: DynamicRankConfig)
         )
     if script_args.quailora and script_args.quantization == "none":
         raise ValueError("QuAILoRA corrects a quantization error: use a quantized base or `--quailora false`.")
+    if script_args.quailora:
+        _quailora_config(script_args)  # its own checks (solver, budget, placement), before any loading
     if script_args.sweep_tasks:
         from hf_quailora.evaluation.lm_eval_bridge import resolve_tasks
 
@@ -140,10 +156,7 @@ def _train(script_args, training_args, model, tokenizer, train, evaluation):
     if script_args.quailora:
         callbacks.append(QuAILoRAInitCallback(
             calibration_dataset=load_dataset_any(script_args.calibration_dataset),
-            config=QuAILoRAConfig(
-                num_samples=script_args.calibration_samples, max_length=script_args.calibration_length,
-                solver=script_args.quailora_solver, damping=script_args.quailora_damping,
-            ),
+            config=_quailora_config(script_args),
         ))
     trainer = DynamicRankTrainer(model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                                  processing_class=tokenizer, callbacks=callbacks)

@@ -208,11 +208,12 @@ class GramCollector:
             # Per-batch products in the activations' precision (float32 at least), accumulated in self.dtype:
             # float64 matmuls cost twice as much and change nothing at this batch size.
             rows = rows.float() if rows.dtype in (torch.float16, torch.bfloat16) else rows
-            gram = (rows.T @ rows).to(device=self.device or rows.device, dtype=self.dtype)
-            if leader in self.stats.matrices:
-                self.stats.matrices[leader] += gram
-            else:
-                self.stats.matrices[leader] = gram
+            # `add_` casts element by element: no float64 copy of the product is made.
+            gram = (rows.T @ rows).to(self.device or rows.device)
+            total = self.stats.matrices.get(leader)
+            if total is None:
+                total = self.stats.matrices[leader] = torch.zeros(gram.shape, dtype=self.dtype, device=gram.device)
+            total.add_(gram)
 
         return hook
 

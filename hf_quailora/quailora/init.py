@@ -219,12 +219,17 @@ def _solve_layer(plan: _Plan, weights: FullPrecisionWeights, stats: GramStatisti
     """Step 3, one layer: `E = W − Q`, the solver's sorted product `sBA`, LoRA's factors and the report's errors."""
     started = time.perf_counter()
     solve_dtype = getattr(torch, config.solve_dtype)
-    Q = dequantize_weight(plan.module.get_base_layer()).to(solve_dtype)  # solve where the layer lives
-    W = weights.get(plan.name).to(device=Q.device, dtype=solve_dtype)
-    if not torch.isfinite(W).all():
+    # E = W − Q in one tensor: W is copied (never the caller's state dict) and Q subtracted in place, so the
+    # workspace holds E, not W, Q and E. Solve where the layer lives.
+    Q = dequantize_weight(plan.module.get_base_layer()).to(solve_dtype)
+    E = weights.get(plan.name).to(device=Q.device, dtype=solve_dtype, copy=True)
+    if not torch.isfinite(E).all():
         raise ValueError(f"{plan.name}: the full-precision weight W is not finite.")
-    E = W - Q
-    H = stats.for_layer(plan.name).to(device=E.device, dtype=solve_dtype) / stats.num_tokens if stats else None
+    E.sub_(Q)
+    del Q
+    # H unnormalised (no copy): the solution does not depend on its scale (damping is relative to its diagonal);
+    # the report's errors are divided by the token count.
+    H = stats.for_layer(plan.name).to(device=E.device, dtype=solve_dtype) if stats else None
     svd = solve_svd(E, plan.rank) if config.solver != "closed_form" or config.report_svd_baseline else None
     if config.solver == "closed_form":
         result = solve_closed_form(E, H, plan.rank, config.damping)
@@ -236,16 +241,17 @@ def _solve_layer(plan: _Plan, weights: FullPrecisionWeights, stats: GramStatisti
     lora_B, lora_A = split_for_lora(B, A, plan.scaling)
     if not (torch.isfinite(lora_B).all() and torch.isfinite(lora_A).all()):
         raise ValueError(f"{plan.name}: the solution is not finite; raise `damping`.")
-    return lora_B, lora_A, _layer_report(plan, E, H, svd, lora_B, lora_A, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return lora_B, lora_A, _layer_report(plan, E, H, stats.num_tokens if stats else 1, svd, lora_B, lora_A, seconds)
 
 
-def _layer_report(plan: _Plan, E, H, svd, lora_B, lora_A, seconds: float) -> LayerReport:
-    """Errors of the product actually written (`M = s·lora_B·lora_A`), with the undamped H."""
+def _layer_report(plan: _Plan, E, H, num_tokens: int, svd, lora_B, lora_A, seconds: float) -> LayerReport:
+    """Errors of the product actually written (`M = s·lora_B·lora_A`), with the undamped H, per calibration token."""
     M_B, M_A = lora_B * plan.scaling, lora_A
     EH = E @ H if H is not None else None
 
     def calibrated(B=None, A=None):
-        return float(calibrated_error(E, H, B, A, EH=EH)) if H is not None else None
+        return float(calibrated_error(E, H, B, A, EH=EH)) / num_tokens if H is not None else None
 
     return LayerReport(
         name=plan.name,

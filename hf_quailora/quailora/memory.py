@@ -7,11 +7,11 @@ The peak *extra* memory of `quailora_init` (beyond the quantized model and its a
 - Gram bytes of a block: `Σ d_in² × b_gram` over the block's *distinct* layer inputs (q/k/v share one matrix,
   gate/up another); a Llama block has `(3·h² + i²) × b_gram` (hidden h, intermediate i; b_gram = 8 in float64,
   4 in float32).
-- One layer's solve workspace (closed form, solve dtype b_solve): `W`, `Q`, `E = W − Q`, `E·L` and the report's
-  `E·H` (5 × out·in), the normalised, damped and factored Gram matrix (3 × in²) and the smaller Gram matrix of the
-  SVD (min(out, in)²): `(5·out·in + 3·in² + min(out, in)²) × b_solve`, at the largest layer.
-- The hidden-state cache of replay: the inputs and outputs of the current block for every calibration token,
-  `2 × tokens × h × b_act` (b_act: the compute dtype, e.g. 2 in bf16).
+- One layer's solve workspace (closed form, solve dtype b_solve): `E = W − Q` and `E·L` (or the report's `E·H`),
+  the damped Gram matrix and its Cholesky factor, and the SVD's Gram matrix with its eigenvectors:
+  `(2·out·in + 2·in² + 3·min(out, in)²) × b_solve`, at the layer where it is largest (the down projection).
+- The hidden-state cache of replay: the current block's inputs for every calibration token, replaced batch by batch
+  by its outputs, `tokens × h × b_act` (b_act: the compute dtype's bytes, e.g. 2 in bf16).
 
 `estimate_init_memory` evaluates the formula for a transformers config; `bench/bench_init_scaling.py` checks it
 against measured peaks.
@@ -158,7 +158,7 @@ def estimate_init_memory(config, tokens: int = 128 * 512, gram_bytes: int = 8, s
     block_params = sum(out * inp for out, inp in shapes)
     embeddings = config.vocab_size * h * (1 if getattr(config, "tie_word_embeddings", False) else 2)
     per_block = (2 * h * h + q * q + i * i) * gram_bytes  # distinct inputs: h (q/k/v), q (o), h (gate/up), i (down)
-    workspace = max((5 * out * inp + 3 * inp * inp + min(out, inp) ** 2) * solve_bytes for out, inp in shapes)
+    workspace = max((2 * out * inp + 2 * inp * inp + 3 * min(out, inp) ** 2) * solve_bytes for out, inp in shapes)
     return InitMemory(
         parameters=layers * block_params + embeddings,
         # NF4 with double quantization: 4.127 bits per block weight; embeddings and head stay in bf16
@@ -166,5 +166,5 @@ def estimate_init_memory(config, tokens: int = 128 * 512, gram_bytes: int = 8, s
         gram_all_blocks=layers * per_block,
         gram_per_block=per_block,
         solve_workspace=workspace,
-        hidden_state_cache=2 * tokens * h * activation_bytes,
+        hidden_state_cache=tokens * h * activation_bytes,
     )

@@ -60,7 +60,9 @@ def damp(H: torch.Tensor, damping: float) -> torch.Tensor:
     lam = max(damping, torch.finfo(H.dtype).eps) * scale
     if not torch.isfinite(lam) or lam <= 0:
         lam = torch.tensor(torch.finfo(H.dtype).eps, dtype=H.dtype, device=H.device)
-    return H + lam * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    damped = H.clone()  # one copy of H, not the two of `H + λ·eye`
+    damped.diagonal().add_(lam)
+    return damped
 
 
 def _cholesky(H: torch.Tensor) -> torch.Tensor:

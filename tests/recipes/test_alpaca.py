@@ -69,6 +69,7 @@ def test_no_arguments_means_the_cpu_demo_config(tmp_path):
     (["--num_eval_examples", "500"], "num_eval_examples"),
     (["--quantization", "none"], "quantized base"),
     (["--sweep_tasks", "hellaswag_offline_nope"], "Unknown lm-eval task"),
+    (["--quailora_memory_budget", "0"], "memory_budget"),
 ])
 def test_bad_arguments_fail_before_loading(override, match, tmp_path):
     recipe = load_recipe()
