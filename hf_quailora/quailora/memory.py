@@ -2,7 +2,8 @@
 
 The peak *extra* memory of `quailora_init` (beyond the quantized model and its adapter) is
 
-    Gram bytes of one group  +  one layer's solve workspace  +  (replay only) the cached hidden states
+    Gram bytes of one group  +  (replay only) the cached hidden states
+                             +  max(one layer's solve workspace, one calibration step)
 
 - Gram bytes of a block: `Σ d_in² × b_gram` over the block's *distinct* layer inputs (q/k/v share one matrix,
   gate/up another); a Llama block has `(3·h² + i²) × b_gram` (hidden h, intermediate i; b_gram = 8 in float64,
@@ -12,6 +13,11 @@ The peak *extra* memory of `quailora_init` (beyond the quantized model and its a
   `(2·out·in + 2·in² + 3·min(out, in)²) × b_solve`, at the layer where it is largest (the down projection).
 - The hidden-state cache of replay: the current block's inputs for every calibration token, replaced batch by batch
   by its outputs, `tokens × h × b_act` (b_act: the compute dtype's bytes, e.g. 2 in bf16).
+- One calibration step (one batch of `T_b = batch_size × max_length` tokens through one block, with the hooks):
+  the block's activations, about `T_b × (4·i + 6·h) × b_act`, eager attention's scores and probabilities
+  `2 × batch_size × heads × max_length² × b_act`, and the hook's rows and product in at least float32,
+  `(T_b·in + in²) × max(b_act, 4)` at the widest input. Solves and calibration steps never overlap, hence the max.
+  The full logits (`T_b × vocab`) are not computed when the output head is not calibrated.
 
 `estimate_init_memory` evaluates the formula for a transformers config; `bench/bench_init_scaling.py` checks it
 against measured peaks.
@@ -22,7 +28,7 @@ Example:
 from transformers import AutoConfig
 from hf_quailora.quailora.memory import estimate_init_memory
 
-print(estimate_init_memory(AutoConfig.from_pretrained("meta-llama/Llama-3.1-8B"), tokens=128 * 512))
+print(estimate_init_memory(AutoConfig.from_pretrained("meta-llama/Llama-3.1-8B"), num_samples=128, max_length=512))
 ```
 """
 
@@ -125,27 +131,28 @@ class InitMemory:
     gram_per_block: int
     solve_workspace: int
     hidden_state_cache: int
+    calibration_step: int
 
     @property
     def streamed_peak(self) -> int:
         """Peak extra memory of the default (replay, one block at a time) initialisation."""
-        return self.gram_per_block + self.solve_workspace + self.hidden_state_cache
+        return self.gram_per_block + self.hidden_state_cache + max(self.solve_workspace, self.calibration_step)
 
     @property
     def all_at_once_peak(self) -> int:
         """Peak extra memory of `streaming="off"` (every Gram matrix alive at once)."""
-        return self.gram_all_blocks + self.solve_workspace
+        return self.gram_all_blocks + max(self.solve_workspace, self.calibration_step)
 
 
-def estimate_init_memory(config, tokens: int = 128 * 512, gram_bytes: int = 8, solve_bytes: int = 8,
-                         activation_bytes: int = 2) -> InitMemory:
+def estimate_init_memory(config, num_samples: int = 128, max_length: int = 512, batch_size: int = 8,
+                         gram_bytes: int = 8, solve_bytes: int = 8, activation_bytes: int = 2) -> InitMemory:
     """The memory formula for a Llama-shaped transformers config (Llama, Qwen, Mistral, Gemma: q/k/v, o, gate/up,
     down in every block, LoRA on all of them).
 
     Args:
         config: a transformers `PretrainedConfig` (or anything with `hidden_size`, `intermediate_size`,
             `num_hidden_layers`, `num_attention_heads`, `vocab_size`; optional `num_key_value_heads`, `head_dim`).
-        tokens (`int`, defaults to 128 × 512): calibration tokens (`num_samples × max_length`).
+        num_samples / max_length / batch_size (`int`, default 128 / 512 / 8): as in `QuAILoRAConfig`.
         gram_bytes / solve_bytes (`int`, default 8): bytes per element of `gram_dtype` / `solve_dtype`.
         activation_bytes (`int`, defaults to 2): bytes per element of the compute dtype (bf16).
     """
@@ -159,6 +166,12 @@ def estimate_init_memory(config, tokens: int = 128 * 512, gram_bytes: int = 8, s
     embeddings = config.vocab_size * h * (1 if getattr(config, "tie_word_embeddings", False) else 2)
     per_block = (2 * h * h + q * q + i * i) * gram_bytes  # distinct inputs: h (q/k/v), q (o), h (gate/up), i (down)
     workspace = max((2 * out * inp + 2 * inp * inp + 3 * min(out, inp) ** 2) * solve_bytes for out, inp in shapes)
+    step_tokens, widest = min(batch_size, num_samples) * max_length, max(h, q, i)
+    calibration_step = (
+        step_tokens * (4 * i + 6 * h) * activation_bytes
+        + 2 * min(batch_size, num_samples) * heads * max_length**2 * activation_bytes
+        + (step_tokens * widest + widest**2) * max(activation_bytes, 4)
+    )
     return InitMemory(
         parameters=layers * block_params + embeddings,
         # NF4 with double quantization: 4.127 bits per block weight; embeddings and head stay in bf16
@@ -166,5 +179,6 @@ def estimate_init_memory(config, tokens: int = 128 * 512, gram_bytes: int = 8, s
         gram_all_blocks=layers * per_block,
         gram_per_block=per_block,
         solve_workspace=workspace,
-        hidden_state_cache=tokens * h * activation_bytes,
+        hidden_state_cache=num_samples * max_length * h * activation_bytes,
+        calibration_step=calibration_step,
     )

@@ -6,7 +6,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_quailora import find_lora_layers
-from hf_quailora.quailora.calibration import collect_gram_matrices, make_calibration_batches
+from hf_quailora.quailora.calibration import collect_gram_matrices, make_calibration_batches, skip_logits
 
 from testing_utils import TINY_DISTINCT_INPUTS
 
@@ -84,3 +84,22 @@ def test_bad_calibration_data(tiny_lora):
         make_calibration_batches(["some text"], None)
     with pytest.raises(ValueError, match="num_samples"):
         make_calibration_batches(["some text"], tokenizer, num_samples=0)
+
+
+def test_logits_are_skipped_unless_the_output_head_is_calibrated(tiny_model_path, tiny_texts):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "lm_head"])).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    layers = find_lora_layers(model)
+    head = next(name for name in layers if name.endswith("lm_head"))
+    blocks_only = {name: module for name, module in layers.items() if name != head}
+    assert skip_logits(model, blocks_only) == {"logits_to_keep": 1}
+    assert skip_logits(model, layers) == {}
+
+    # The head's input is still every non-padding position: the final hidden states, checked independently.
+    batches = make_calibration_batches(tiny_texts[:3], tokenizer, num_samples=None, max_length=32, batch_size=3)
+    stats = collect_gram_matrices(model, batches, layers, show_progress=False)
+    with torch.no_grad(), model.disable_adapter():
+        hidden = model(**batches[0], output_hidden_states=True).hidden_states[-1]
+    rows = hidden.reshape(-1, hidden.shape[-1])[batches[0]["attention_mask"].reshape(-1).bool()].double()
+    torch.testing.assert_close(stats.for_layer(head), rows.T @ rows, rtol=1e-4, atol=1e-4)  # float32 products

@@ -6,7 +6,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from hf_quailora import QuAILoRAConfig, quailora_init
-from hf_quailora.quailora.memory import parse_memory_budget
+from hf_quailora.quailora.memory import estimate_init_memory, parse_memory_budget
 from hf_quailora.quailora.streaming import find_decoder_blocks, record_block_inputs
 from hf_quailora.quantization import load_quantized_model
 
@@ -122,6 +122,10 @@ def test_nothing_is_left_behind_unless_asked(tiny_model_path, tiny_texts, stream
     assert float64_bytes() - before == sum(matrix.numel() * 8 for matrix in stats.matrices.values())
     again = quailora_init(model, stats, QuAILoRAConfig(show_progress=False, solver="closed_form"))
     assert again.num_tokens == report.num_tokens  # the kept statistics initialise again without calibration
+    # The README's formula counts exactly these Gram bytes (all linear layers adapted, Llama-shaped).
+    terms = estimate_init_memory(model.config)
+    kept_bytes = sum(matrix.numel() * 8 for matrix in stats.matrices.values())
+    assert terms.gram_all_blocks == kept_bytes == model.config.num_hidden_layers * terms.gram_per_block
 
 
 def test_svd_baseline_is_optional(tiny_model_path, tiny_texts):

@@ -1,0 +1,280 @@
+"""Peak memory and wall time of QuAILoRA initialisation as models grow: streamed (block replay) against all at once.
+
+Synthetic Llama-shaped checkpoints (random weights, saved once as safetensors under the hf_quailora cache) of
+growing width and depth, loaded in NF4 with LoRA r on every linear layer, initialised with the closed form on
+random token ids. Each case runs in a fresh process: Linux resets the process's high-water mark (VmHWM) on
+`echo 5 > /proc/self/clear_refs` after loading, so the peak *extra* memory of the initialisation is
+`VmHWM after init − VmRSS before init`, not hidden by the loading peak. Each case runs with
+`MALLOC_MMAP_THRESHOLD_=131072`: glibc otherwise raises its mmap threshold after the first large free, serves
+later large tensors from the heap and keeps freed ones resident, so the high-water mark would count memory that no
+tensor holds (a CPU-allocator effect; on a GPU, PyTorch's caching allocator reuses freed blocks). Without it the
+peaks read up to ~1.5× the formula at the smallest shape; it also makes every large allocation a fresh mmap,
+which slows both modes alike (compare times within one run). A warm-up with small tensors (one small solve, one
+8-token forward) runs first, so the peak does not include lazily loaded code. Printed next to it: the README's formula
+(`hf_quailora.quailora.memory.estimate_init_memory`) and the ratio of the two. Writes a Markdown table, JSON and
+a PNG of memory against parameters.
+
+Usage (the run recorded in the README):
+
+    HF_HUB_OFFLINE=1 python bench/bench_init_scaling.py --threads 2
+
+Every case uses `torch.set_num_threads(--threads)`; timings are compared within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+DEFAULT_SHAPES = "576x1536x30,1024x4096x16,2048x8192x8"
+VOCAB = 1024  # small: the blocks, not the embeddings, are what the initialisation works on
+HEAD_DIM = 64
+
+
+# The public configs (config.json) of the models in the README's memory contract.
+REAL_MODELS = {
+    "Llama-3.2-1B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True),
+    "Llama-3.2-3B": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                         num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=True),
+    "Llama-3.1-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False),
+    "Qwen2.5-14B": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
+                        num_key_value_heads=8, head_dim=128, vocab_size=152064, tie_word_embeddings=False),
+    "Qwen2.5-32B": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
+                        num_key_value_heads=8, head_dim=128, vocab_size=152064, tie_word_embeddings=False),
+    "Llama-3.1-70B": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                          num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False),
+}
+GPU_SIZES = (24, 48, 80)  # GB
+
+
+def memory_contract(num_samples: int = 128, max_length: int = 512, batch_size: int = 8) -> str:
+    """The formula for real models: 4-bit model, Gram bytes all at once and streamed, and which GPUs fit."""
+    from types import SimpleNamespace
+
+    from hf_quailora.quailora.memory import estimate_init_memory
+
+    gib = 2**30
+    lines = [
+        f"Formula only (not measured on a GPU): {num_samples} × {max_length} calibration tokens in batches of "
+        f"{batch_size}, float64 Gram matrices and solves, bf16 activations, LoRA on every linear layer. \"fits\": NF4 model + the init's peak ≤ the GPU "
+        "(GB = 10⁹ bytes); fine-tuning itself then needs what QLoRA needs.",
+        "",
+        "| model | NF4 model | Gram all at once (old) | Gram per block | solve workspace | streamed peak | "
+        + " | ".join(f"fits {size} GB: old / streamed" for size in GPU_SIZES) + " |",
+        "|---|---:|---:|---:|---:|---:|" + "---|" * len(GPU_SIZES),
+    ]
+    for name, config in REAL_MODELS.items():
+        terms = estimate_init_memory(SimpleNamespace(**config), num_samples, max_length, batch_size)
+        fits = [
+            " / ".join("yes" if terms.model_4bit + peak <= size * 1e9 else "no"
+                       for peak in (terms.all_at_once_peak, terms.streamed_peak))
+            for size in GPU_SIZES
+        ]
+        lines.append(
+            f"| {name} | {terms.model_4bit / gib:.1f} GiB | {terms.gram_all_blocks / gib:.1f} GiB | "
+            f"{terms.gram_per_block / gib:.2f} GiB | {terms.solve_workspace / gib:.2f} GiB | "
+            f"{terms.streamed_peak / gib:.2f} GiB | " + " | ".join(fits) + " |"
+        )
+    return "\n".join(lines)
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    """`"576x1536x30,…"` → [(hidden, intermediate, layers), …]."""
+    shapes = []
+    for item in text.split(","):
+        parts = item.strip().split("x")
+        if len(parts) != 3 or not all(part.isdigit() and int(part) > 0 for part in parts):
+            raise ValueError(f"--shapes: {item!r} is not hidden x intermediate x layers, e.g. 1024x4096x16.")
+        if int(parts[0]) % HEAD_DIM:
+            raise ValueError(f"--shapes: hidden {parts[0]} must be a multiple of the head size {HEAD_DIM}.")
+        shapes.append(tuple(int(part) for part in parts))
+    return shapes
+
+
+def llama_config(hidden: int, intermediate: int, layers: int):
+    from transformers import LlamaConfig
+
+    heads = hidden // HEAD_DIM
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
+                       tie_word_embeddings=False)
+
+
+def checkpoint(shape: tuple[int, int, int]) -> str:
+    """The synthetic checkpoint of `shape`, built once (random weights, float32 safetensors)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from hf_quailora.embedded.cache import build_once, get_cache_dir
+
+    def build(folder) -> None:
+        torch.manual_seed(0)
+        LlamaForCausalLM(llama_config(*shape)).save_pretrained(folder)
+
+    return str(build_once(os.path.join(get_cache_dir(), "bench", "llama-{}x{}x{}".format(*shape)), build))
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def run_case(path: str, streaming: str, args) -> dict:
+    """One initialisation in this (fresh) process; its peak extra memory, time and the formula's terms."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from hf_quailora import QuAILoRAConfig, quailora_init
+    from hf_quailora.quailora.solvers import solve_closed_form
+    from hf_quailora.quantization import disable_bnb_cpu_fast_path, make_bnb_config
+
+    torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=make_bnb_config("nf4"), device_map="cpu",
+                                                 dtype=torch.float32)
+    disable_bnb_cpu_fast_path(model)
+    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules="all-linear"))
+    ids = torch.randint(0, VOCAB, (args.windows, args.window_length), generator=torch.Generator().manual_seed(0))
+    config = QuAILoRAConfig(streaming=streaming, num_samples=None, batch_size=args.batch_size, show_progress=False)
+    # Warm-up with small tensors: lazily loaded code (LAPACK kernels, bitsandbytes' CPU path) and thread pools are
+    # paid here, so the measured peak is the initialisation's data, not the first call's code pages. (Not a warm-up
+    # init: its full-size Gram matrices would stay in the allocator and hide the real init's peak.)
+    E, X = torch.randn(64, 32, dtype=torch.float64), torch.randn(128, 32, dtype=torch.float64)
+    solve_closed_form(E, X.T @ X, 4, 1e-4)
+    with torch.no_grad(), model.disable_adapter():
+        model(input_ids=ids[:1, :8])
+    del E, X
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # reset VmHWM: the loading peak must not hide the initialisation's
+    before = _status_bytes("VmRSS")
+    started = time.perf_counter()
+    report = quailora_init(model, ids, config)
+    seconds = time.perf_counter() - started
+    return {"peak_extra": _status_bytes("VmHWM") - before, "seconds": seconds, "streaming": report.streaming,
+            "calibration_seconds": report.calibration_seconds, "solve_seconds": report.solve_seconds}
+
+
+def formula(shape, args) -> dict:
+    from hf_quailora.quailora.memory import estimate_init_memory
+
+    # fp32 activations on the CPU; the synthetic models have no tied embeddings
+    terms = estimate_init_memory(llama_config(*shape), num_samples=args.windows, max_length=args.window_length,
+                                 batch_size=args.batch_size, activation_bytes=4)
+    return {"parameters": terms.parameters, "gram_per_block": terms.gram_per_block,
+            "gram_all_blocks": terms.gram_all_blocks, "replay": terms.streamed_peak, "off": terms.all_at_once_peak}
+
+
+def measure(args) -> list[dict]:
+    rows = []
+    for shape in parse_shapes(args.shapes):
+        path = checkpoint(shape)
+        expected = formula(shape, args)
+        for streaming in args.modes.split(","):
+            command = [sys.executable, os.path.abspath(__file__), "--case", path, streaming, *sys.argv[1:]]
+            env = {**os.environ, "TQDM_DISABLE": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
+            output = subprocess.run(command, capture_output=True, text=True, env=env)
+            if output.returncode:
+                raise RuntimeError(f"case {shape} {streaming} failed:\n{output.stderr[-3000:]}")
+            case = json.loads(output.stdout.strip().splitlines()[-1])
+            rows.append({"shape": shape, **case, "formula": expected[streaming], **expected})
+            print(f"{shape} {streaming}: {case['peak_extra'] / 2**20:.0f} MiB, {case['seconds']:.1f} s", flush=True)
+    return rows
+
+
+def to_markdown(rows: list[dict], args) -> str:
+    mib = 2**20
+    lines = [
+        f"Llama-shaped NF4 checkpoints (random weights), LoRA r={args.rank} on all linear layers, closed form, "
+        f"{args.windows} × {args.window_length} calibration tokens in batches of {args.batch_size}, float64 Gram "
+        f"matrices and solves, torch threads {args.threads}.",
+        "",
+        "| hidden / intermediate / layers | parameters | init | Gram bytes alive (formula) | peak extra memory "
+        "(measured) | formula | measured / formula | wall time (s) | time / all at once |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    baseline = {row["shape"]: row["seconds"] for row in rows if row["streaming"] == "off"}
+    for row in rows:
+        gram = row["gram_per_block"] if row["streaming"] == "replay" else row["gram_all_blocks"]
+        ratio = f"{row['seconds'] / baseline[row['shape']]:.2f}" if row["shape"] in baseline else "–"
+        lines.append(
+            "| {} | {:.0f}M | {} | {:,.0f} MiB | {:,.0f} MiB | {:,.0f} MiB | {:.2f} | {:.1f} | {} |".format(
+                " / ".join(map(str, row["shape"])), row["parameters"] / 1e6,
+                "streamed (replay)" if row["streaming"] == "replay" else "all at once", gram / mib,
+                row["peak_extra"] / mib, row["formula"] / mib, row["peak_extra"] / row["formula"], row["seconds"],
+                ratio,
+            )
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 4.2))
+    axes = figure.subplots()
+    for streaming, color in (("off", "tab:red"), ("replay", "tab:blue")):
+        mine = sorted((row for row in rows if row["streaming"] == streaming), key=lambda row: row["parameters"])
+        if not mine:
+            continue
+        label = "all at once" if streaming == "off" else "streamed (replay)"
+        params = [row["parameters"] / 1e6 for row in mine]
+        axes.plot(params, [row["peak_extra"] / 2**30 for row in mine], "o-", color=color, label=f"{label}: measured")
+        axes.plot(params, [row["formula"] / 2**30 for row in mine], "x--", color=color, label=f"{label}: formula")
+    axes.set_xlabel("parameters (millions)")
+    axes.set_ylabel("peak extra memory of the init (GiB)")
+    axes.set_title("QuAILoRA initialisation memory (CPU, float64 Gram matrices)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="hidden x intermediate x layers, comma-separated")
+    parser.add_argument("--modes", default="off,replay", help="streaming modes to compare (off first: the baseline)")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--windows", type=int, default=16, help="calibration sequences")
+    parser.add_argument("--window-length", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", default="bench/results/init_scaling", help="writes .md, .json and .png")
+    parser.add_argument("--contract", action="store_true", help="print the formula's table for real models and stop")
+    parser.add_argument("--case", nargs=2, metavar=("PATH", "STREAMING"), help=argparse.SUPPRESS)
+    return parser
+
+
+def main() -> None:
+    args = make_parser().parse_args()
+    if args.contract:
+        print(memory_contract())
+        return
+    if args.case:
+        print(json.dumps(run_case(args.case[0], args.case[1], args)))
+        return
+    rows = measure(args)
+    table = to_markdown(rows, args)
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+    with open(args.output + ".md", "w") as handle:
+        handle.write(table + "\n")
+    with open(args.output + ".json", "w") as handle:
+        json.dump({"settings": vars(args), "rows": rows}, handle, indent=1)
+    plot(rows, args.output + ".png")
+    print("\n" + table)
+    print(f"\nWrote {args.output}.md, .json and .png")
+
+
+if __name__ == "__main__":
+    main()
