@@ -253,3 +253,12 @@ def base_quantization(layers) -> str:
         if kind is not None:
             return kind
     return "none"
+
+
+def model_quantization(model: torch.nn.Module) -> str:
+    """The bitsandbytes quantization of the first quantized layer of `model` (`"none"` if no layer is)."""
+    for module in model.modules():
+        kind = quantization_kind(module)
+        if kind is not None:
+            return kind
+    return "none"

@@ -30,7 +30,7 @@ def tiny_adapter(tiny_model_path, tmp_path_factory):
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
     folder = tmp_path_factory.mktemp("adapter")
     model.save_pretrained(folder)
-    DynamicRankMetadata(min_rank=1, max_rank=8, rank_scaling="per_rank").save(folder)
+    DynamicRankMetadata(min_rank=1, max_rank=8, rank_scaling="per_rank", quantization="none").save(folder)
     return model, AutoTokenizer.from_pretrained(tiny_model_path), str(folder)
 
 
