@@ -25,6 +25,7 @@ from transformers import TrainerCallback
 
 from .._peft_utils import require_lora_layers, unwrap_model
 from ..dynamic_rank.spec import QUAILORA_RANK_SCALING
+from ..embedded.data import check_token_ids
 from .config import QuAILoRAConfig
 from .init import quailora_init
 from .report import QuAILoRAReport
@@ -85,6 +86,13 @@ class QuAILoRAInitCallback(TrainerCallback):
         if unknown:
             raise TypeError(f"QuAILoRAInitCallback got unknown settings {unknown}; QuAILoRAConfig has {sorted(fields)}.")
         config = dataclasses.replace(config if config is not None else QuAILoRAConfig(), **config_overrides)
+        if isinstance(calibration_dataset, str):
+            raise TypeError(
+                f"`calibration_dataset` must hold calibration data, not a name; for a named dataset pass "
+                f"load_dataset_any({calibration_dataset!r})."
+            )
+        if isinstance(calibration_dataset, torch.Tensor):
+            check_token_ids(calibration_dataset, name="calibration_dataset")
         if calibration_dataset is not None and hasattr(calibration_dataset, "__len__") and len(calibration_dataset) == 0:
             raise ValueError("`calibration_dataset` is empty; give calibration texts or leave it None.")
         self.config = config
