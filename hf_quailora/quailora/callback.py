@@ -19,10 +19,12 @@ import dataclasses
 import json
 import logging
 import os
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
+from .._io_utils import write_file_atomically
 from .._peft_utils import require_lora_layers, unwrap_model
 from ..dynamic_rank.spec import QUAILORA_RANK_SCALING
 from ..embedded.data import check_token_ids
@@ -160,5 +162,6 @@ class QuAILoRAInitCallback(TrainerCallback):
             logger.info(self.report.summary())
             if self.report_file and args.output_dir:
                 os.makedirs(args.output_dir, exist_ok=True)
-                with open(os.path.join(args.output_dir, self.report_file), "w") as handle:
-                    json.dump(self.report.to_dict(), handle, indent=1)
+                text = json.dumps(self.report.to_dict(), indent=1)
+                write_file_atomically(os.path.join(args.output_dir, self.report_file),
+                                      lambda tmp: Path(tmp).write_text(text))
