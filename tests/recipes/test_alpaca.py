@@ -42,6 +42,8 @@ def test_cpu_demo_config_runs_end_to_end_and_writes_every_file(tiny_model_path, 
     rows = json.loads((out / "results.json").read_text())
     assert {row["task"] for row in rows} == {"alpaca held-out", "quailora_wiki_ppl"}
     assert json.loads((out / "adapter-r2" / "adapter_config.json").read_text())["r"] == 2
+    for adapter in ("adapter", "adapter-r2"):  # both record the NF4 base they belong on (make demo's adapter-r4 too)
+        assert json.loads((out / adapter / "dynamic_rank.json").read_text())["quantization"] == "nf4"
     assert any(p.name.startswith("checkpoint-") for p in out.iterdir())  # checkpoints kept for resume
 
 
