@@ -45,7 +45,7 @@ def main() -> None:
                                              init_lora_weights=False))
     adapter = tempfile.mkdtemp(prefix="bench-adapter-")
     model.save_pretrained(adapter)
-    DynamicRankMetadata(min_rank=1, max_rank=max(args.ranks), rank_scaling="per_rank").save(adapter)
+    DynamicRankMetadata.for_model(model, max_rank=max(args.ranks), rank_scaling="per_rank").save(adapter)
     _, manager = resolve_tasks(args.task)
     options = dict(limit=args.limit, show_progress=False, bootstrap_iters=0)
 

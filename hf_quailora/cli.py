@@ -58,29 +58,45 @@ def make_parser() -> argparse.ArgumentParser:
                                  "(r=b, lora_alpha set so peft's scaling equals the trained one).")
     _add_model_arguments(export)
     export.add_argument("--rank", type=int, required=True, help="the rank b to export")
-    export.add_argument("--output_dir", required=True, help="folder for adapter_config.json and the weights")
+    export.add_argument("--output_dir", required=True,
+                        help="folder for adapter_config.json and the weights (never the --adapter folder)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace another adapter in --output_dir (an earlier export is replaced without it)")
     return parser
 
 
-def _load(args):
+def _read_adapter(args, ranks: list[int], name: str):
+    """The adapter folder, read and checked with the requested ranks before any model loads."""
+    from .dynamic_rank.spec import check_trained_ranks, read_saved_adapter
+
+    saved = read_saved_adapter(args.adapter)
+    if saved.metadata is not None:
+        check_trained_ranks(ranks, saved.lora_rank, saved.max_rank, name)
+    return saved
+
+
+def _load(args, saved):
     from .dynamic_rank.export import load_dynamic_rank_adapter
 
-    return load_dynamic_rank_adapter(args.model, args.adapter, args.quantization, args.rank_scaling)
+    return load_dynamic_rank_adapter(args.model, saved, args.quantization, args.rank_scaling)
 
 
 def _evaluate(args) -> None:
     from .dynamic_rank.spec import parse_ranks
-    from .evaluation.lm_eval_bridge import _check_output_dir, evaluate_ranks, resolve_tasks
+    from .evaluation.lm_eval_bridge import check_lm_eval_options, check_output_dir, evaluate_ranks, resolve_tasks
     from .evaluation.reporting import rows_to_markdown
 
+    # Everything that can be checked without the model, first.
     ranks = parse_ranks(args.ranks)
-    resolve_tasks(args.tasks, args.include_path)  # fail on task names before loading anything
-    _check_output_dir(args.output_dir, args.overwrite)
-    loaded = _load(args)
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    check_lm_eval_options(limit, args.batch_size, args.max_length, args.num_fewshot)
+    check_output_dir(args.output_dir, args.overwrite)
+    saved = _read_adapter(args, ranks, "--ranks")
+    resolve_tasks(args.tasks, args.include_path)  # seconds (lm-eval indexes its tasks), still before the model
+    loaded = _load(args, saved)
     if loaded.metadata is None and ranks != [loaded.max_rank]:
         logging.getLogger("hf_quailora").warning("Evaluating only rank %d (the adapter's own).", loaded.max_rank)
         ranks = [loaded.max_rank]
-    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     rows = evaluate_ranks(
         loaded.model, loaded.tokenizer, ranks, args.tasks, include_path=args.include_path,
         output_dir=args.output_dir, overwrite=args.overwrite,
@@ -93,12 +109,15 @@ def _evaluate(args) -> None:
 
 
 def _export(args) -> None:
-    from .dynamic_rank.export import export_rank
+    from .dynamic_rank.export import check_export_dir, export_rank
+    from .dynamic_rank.spec import check_ranks
 
-    loaded = _load(args)
-    if not 1 <= args.rank <= loaded.max_rank:
-        raise SystemExit(f"--rank {args.rank} is outside this adapter's range 1..{loaded.max_rank}.")
-    path = export_rank(loaded.model, args.rank, args.output_dir, rank_scaling=loaded.rank_scaling)
+    check_export_dir(args.output_dir, args.overwrite, source_dir=args.adapter)
+    saved = _read_adapter(args, [args.rank], "--rank")
+    check_ranks([args.rank], 1, saved.max_rank, "--rank", "this adapter's range")
+    loaded = _load(args, saved)
+    path = export_rank(loaded.model, args.rank, args.output_dir, rank_scaling=loaded.rank_scaling,
+                       overwrite=args.overwrite)
     print(f"Rank {args.rank} exported as a plain peft adapter to {path}")
 
 

@@ -27,7 +27,7 @@ from typing import Literal, get_args
 import torch
 
 from ._import_utils import is_bitsandbytes_available
-from .embedded.models import resolve
+from .embedded.models import check_model_source, resolve
 
 
 logger = logging.getLogger(__name__)
@@ -173,6 +173,10 @@ def load_quantized_model(
     Returns:
         `(model, tokenizer)`; the tokenizer gets a pad token (EOS) when it has none.
 
+    Raises:
+        ValueError: an unknown `quantization`; a model folder that does not exist, or a name that is not embedded,
+            not a folder and not in the Hub cache while the Hub is offline.
+
     Example:
 
     ```python
@@ -184,6 +188,7 @@ def load_quantized_model(
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"`quantization` must be one of {QUANTIZATIONS}; got {quantization!r}.")
     path = resolve(name_or_path)
+    check_model_source(path)
     if device_map is None:
         device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
     if compute_dtype is None:
@@ -250,6 +255,15 @@ def base_quantization(layers) -> str:
     """The bitsandbytes quantization of the first quantized base among peft LoRA `layers` (`"none"` if none is)."""
     for layer in layers:
         kind = quantization_kind(layer.get_base_layer())
+        if kind is not None:
+            return kind
+    return "none"
+
+
+def model_quantization(model: torch.nn.Module) -> str:
+    """The bitsandbytes quantization of the first quantized layer of `model` (`"none"` if no layer is)."""
+    for module in model.modules():
+        kind = quantization_kind(module)
         if kind is not None:
             return kind
     return "none"

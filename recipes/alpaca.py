@@ -9,10 +9,11 @@ Alpaca data, on a CPU, in a few minutes:
     accelerate launch --num_processes 4 recipes/alpaca.py --config recipes/configs/alpaca_multi_gpu.yaml
     torchrun --nproc_per_node 2 recipes/alpaca.py --max_steps 10 --ddp_backend gloo  # two processes on a CPU
 
-Steps: (1) load the base quantized by bitsandbytes and wrap it in a LoRA of rank `lora_r`; (2) QuAILoRA
-initialises the factors from calibration text (`QuAILoRAInitCallback`); (3) `DynamicRankTrainer` trains with a
-rank drawn every optimizer step and reports the eval loss at every `eval_ranks` rank; (4) the adapter is saved, a
-final lm-eval sweep over ranks runs, and requested ranks are exported as ordinary peft adapters. The output folder
+Steps: (1) load the data (Alpaca, its hold-out, the calibration text); (2) load the base quantized by bitsandbytes
+and wrap it in a LoRA of rank `lora_r`; (3) QuAILoRA initialises the factors from calibration text
+(`QuAILoRAInitCallback`), and `DynamicRankTrainer` trains with a rank drawn every optimizer step and reports the
+eval loss at every `eval_ranks` rank; (4) the adapter is saved, a final lm-eval sweep over ranks runs, and requested
+ranks are exported as ordinary peft adapters. Every setting is checked before the model loads. The output folder
 holds `adapter/`, `adapter-r{b}/` (on request), `results.md|json|png` and `summary.json`.
 
 Every option: `python recipes/alpaca.py --help` (the script's own options, every `DynamicRankConfig` /
@@ -28,6 +29,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from peft import LoraConfig, get_peft_model
 from trl import TrlParser
@@ -43,7 +45,8 @@ from hf_quailora import (
     load_quantized_model,
     quiet_bnb_warnings,
 )
-from hf_quailora.dynamic_rank.spec import check_ranks, parse_ranks
+from hf_quailora._io_utils import check_not_a_file, write_file_atomically
+from hf_quailora.dynamic_rank.spec import check_rank_settings, check_ranks, parse_ranks
 from hf_quailora.embedded.data import ALPACA_HOLDOUT, split_holdout
 from hf_quailora.quailora.config import GRAM_DEVICES, SOLVERS
 from hf_quailora.quantization import QUANTIZATIONS
@@ -110,10 +113,12 @@ def _check(script_args: AlpacaScriptArguments, training_args: DynamicRankConfig)
     """Fail on bad settings before anything is loaded."""
     if script_args.lora_r < 1:
         raise ValueError(f"`lora_r` ({script_args.lora_r}) must be at least 1.")
-    if training_args.max_rank is not None and training_args.max_rank > script_args.lora_r:
-        raise ValueError(f"`max_rank` ({training_args.max_rank}) exceeds `lora_r` ({script_args.lora_r}).")
-    for name in ("sweep_ranks", "export_ranks"):
-        check_ranks(_ranks(getattr(script_args, name), []), 1, script_args.lora_r, name, "the LoRA range (lora_r)")
+    max_rank = check_rank_settings(training_args, script_args.lora_r)  # eval/SoFT/choice ranks too
+    check_not_a_file(training_args.output_dir)
+    if script_args.num_train_examples is not None and script_args.num_train_examples < 1:
+        raise ValueError(f"`num_train_examples` ({script_args.num_train_examples}) must be at least 1 (or unset).")
+    for name in ("sweep_ranks", "export_ranks"):  # only trained ranks can be evaluated or exported
+        check_ranks(_ranks(getattr(script_args, name), []), 1, max_rank, name, "the trained range (up to max_rank)")
     if script_args.num_eval_examples < 1 or script_args.eval_holdout < script_args.num_eval_examples:
         raise ValueError(
             f"`num_eval_examples` ({script_args.num_eval_examples}) must be between 1 and `eval_holdout` "
@@ -124,13 +129,14 @@ def _check(script_args: AlpacaScriptArguments, training_args: DynamicRankConfig)
     if script_args.quailora:
         _quailora_config(script_args)  # its own checks (solver, budget, placement), before any loading
     if script_args.sweep_tasks:
-        from hf_quailora.evaluation.lm_eval_bridge import resolve_tasks
+        from hf_quailora.evaluation.lm_eval_bridge import check_lm_eval_options, resolve_tasks
 
+        check_lm_eval_options(limit=script_args.sweep_limit)
         resolve_tasks(script_args.sweep_tasks)
 
 
 def _load_model(script_args: AlpacaScriptArguments):
-    """Step 1: the quantized base wrapped in a LoRA of the maximum rank."""
+    """Step 2: the quantized base wrapped in a LoRA of the maximum rank."""
     model, tokenizer = load_quantized_model(
         script_args.model_name_or_path, script_args.quantization, double_quant=script_args.double_quant
     )
@@ -143,21 +149,21 @@ def _load_model(script_args: AlpacaScriptArguments):
 
 
 def _load_data(script_args: AlpacaScriptArguments):
-    """Step 2: Alpaca as prompt/completion (loss on the response only); the last examples are held out."""
+    """Step 1: Alpaca as prompt/completion (loss on the response only), the last examples held out; the
+    calibration text. Loaded before the model, so that a wrong name or size fails in seconds."""
     train, held_out = split_holdout(load_alpaca_sft(script_args.dataset_name), script_args.eval_holdout)
     if script_args.num_train_examples is not None:
         train = train.select(range(min(len(train), script_args.num_train_examples)))
-    return train, held_out.select(range(script_args.num_eval_examples))
+    calibration = load_dataset_any(script_args.calibration_dataset) if script_args.quailora else None
+    return train, held_out.select(range(script_args.num_eval_examples)), calibration
 
 
-def _train(script_args, training_args, model, tokenizer, train, evaluation):
+def _train(script_args, training_args, model, tokenizer, data):
     """Step 3: QuAILoRA start, then dynamic-rank training; returns the trainer and the start/end evaluations."""
+    train, evaluation, calibration = data
     callbacks = []
     if script_args.quailora:
-        callbacks.append(QuAILoRAInitCallback(
-            calibration_dataset=load_dataset_any(script_args.calibration_dataset),
-            config=_quailora_config(script_args),
-        ))
+        callbacks.append(QuAILoRAInitCallback(calibration_dataset=calibration, config=_quailora_config(script_args)))
     trainer = DynamicRankTrainer(model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                                  processing_class=tokenizer, callbacks=callbacks)
     initial = None
@@ -222,8 +228,9 @@ def _sweep_and_export(script_args, training_args, trainer, tokenizer, initial, f
     }
     summary.update({"initial_metrics": initial, "final_metrics": final, "results": paths, "exported": exported,
                     "seconds": time.perf_counter() - started})
-    with open(os.path.join(training_args.output_dir, "summary.json"), "w") as handle:
-        json.dump(summary, handle, indent=1, default=str)
+    text = json.dumps(summary, indent=1, default=str)
+    write_file_atomically(os.path.join(training_args.output_dir, "summary.json"),
+                          lambda tmp: Path(tmp).write_text(text))
     _print_summary(summary, rows, trainer)
 
 
@@ -232,9 +239,9 @@ def main(script_args: AlpacaScriptArguments, training_args: DynamicRankConfig) -
     quiet_bnb_warnings()
     _check(script_args, training_args)
     started = time.perf_counter()
-    model, tokenizer = _load_model(script_args)  # 1.
-    train, evaluation = _load_data(script_args)  # 2.
-    trainer, initial, final = _train(script_args, training_args, model, tokenizer, train, evaluation)  # 3.
+    data = _load_data(script_args)  # 1.
+    model, tokenizer = _load_model(script_args)  # 2.
+    trainer, initial, final = _train(script_args, training_args, model, tokenizer, data)  # 3.
     adapter_dir = os.path.join(training_args.output_dir, "adapter")  # 4. save, sweep, export
     trainer.save_model(adapter_dir)
     summary: dict = {"output_dir": training_args.output_dir, "adapter": adapter_dir, "eval_ranks": trainer.eval_ranks}

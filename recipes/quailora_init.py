@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -31,6 +32,7 @@ from hf_quailora import (
     quailora_init,
     quiet_bnb_warnings,
 )
+from hf_quailora._io_utils import write_file_atomically
 from hf_quailora.quantization import BNB_QUANTIZATIONS
 
 
@@ -102,10 +104,12 @@ def main(script_args: InitScriptArguments, quailora_args: QuAILoRAConfig) -> dic
             f"{results['perplexity_quailora_start']:.3f}"
         )
     os.makedirs(script_args.output_dir, exist_ok=True)
-    with open(os.path.join(script_args.output_dir, "quailora_report.json"), "w") as handle:
-        json.dump({**results, "report": report.to_dict()}, handle, indent=1)
-    with open(os.path.join(script_args.output_dir, "quailora_report.md"), "w") as handle:
-        handle.write(report.to_markdown() + "\n")
+    text = json.dumps({**results, "report": report.to_dict()}, indent=1)
+    write_file_atomically(os.path.join(script_args.output_dir, "quailora_report.json"),
+                          lambda tmp: Path(tmp).write_text(text))
+    markdown = report.to_markdown() + "\n"
+    write_file_atomically(os.path.join(script_args.output_dir, "quailora_report.md"),
+                          lambda tmp: Path(tmp).write_text(markdown))
     print(f"Report written to {script_args.output_dir}/quailora_report.json and quailora_report.md")
     return results
 

@@ -1,4 +1,5 @@
-"""The embedded defaults: the cache is written once, under a lock, atomically; the one Alpaca hold-out."""
+"""The embedded defaults: the cache is written once, under a lock, atomically; the one Alpaca hold-out; names of
+data and models that do not exist get a sentence, not a Hub traceback."""
 
 import multiprocessing
 import time
@@ -6,7 +7,8 @@ import time
 import pytest
 
 from hf_quailora.embedded.cache import build_once
-from hf_quailora.embedded.data import ALPACA_HOLDOUT, split_holdout
+from hf_quailora.embedded.data import ALPACA_HOLDOUT, load_dataset_any, split_holdout
+from hf_quailora.quantization import load_quantized_model
 
 
 def _slow_build(folder):
@@ -53,3 +55,35 @@ def test_split_holdout_is_the_one_alpaca_hold_out():
     for bad in (0, 999, 5000, 2.5):
         with pytest.raises(ValueError, match="hold-out"):
             split_holdout(examples, bad)
+
+
+def test_an_unknown_dataset_name_offline_says_it_is_neither_embedded_nor_a_file():
+    with pytest.raises(ValueError, match=r"'alpacca' is neither an embedded dataset \(alpaca, wiki, c4\) nor an "
+                                         r"existing file.*Hub is offline"):
+        load_dataset_any("alpacca")  # tests run with HF_HUB_OFFLINE=1
+
+
+def test_a_missing_data_file_is_named_as_a_file(tmp_path):
+    with pytest.raises(ValueError, match="nor an existing file"):
+        load_dataset_any(str(tmp_path / "train.json"))
+
+
+def test_an_empty_data_file_is_refused_naming_it(tmp_path):
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(ValueError, match="Could not read .*empty.json as a dataset"):
+        load_dataset_any(str(tmp_path / "empty.json"))
+    (tmp_path / "blank.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="holds no examples"):
+        load_dataset_any(str(tmp_path / "blank.txt"))
+
+
+def test_a_hold_out_of_data_too_small_to_split_says_so():
+    with pytest.raises(ValueError, match="at least 2"):
+        split_holdout([1], 1)
+
+
+def test_an_unknown_model_name_offline_or_a_missing_model_folder_is_named(tmp_path):
+    with pytest.raises(ValueError, match="Model folder .* does not exist"):
+        load_quantized_model(str(tmp_path / "no-model"), "none")
+    with pytest.raises(ValueError, match="'nobody/no-such-model' is neither an embedded model .* Hub is offline"):
+        load_quantized_model("nobody/no-such-model", "none")

@@ -53,6 +53,19 @@ def make_model(path, quantization="none", r=R, seed=0):
     return get_peft_model(model, lora), tokenizer
 
 
+def save_adapter(path, folder, r=R, seed=0, **metadata):
+    """Save a LoRA of rank r (random A and B) on the tiny model into `folder`, with a `dynamic_rank.json` of
+    `metadata` (max_rank defaults to r, quantization to "none"; `max_rank=None`: none, a plain adapter)."""
+    from hf_quailora import DynamicRankMetadata
+
+    model, _ = make_model(path, r=r, seed=seed)
+    model.save_pretrained(folder)
+    metadata = {"max_rank": r, "quantization": "none", **metadata}
+    if metadata["max_rank"] is not None:
+        DynamicRankMetadata(**metadata).save(folder)
+    return str(folder)
+
+
 def make_trainer(path, texts, output_dir, quantization="none", model=None, callbacks=None, **overrides):
     """A DynamicRankTrainer on the tiny model: 4 steps of batch 4, no checkpoints, CPU."""
     from datasets import Dataset

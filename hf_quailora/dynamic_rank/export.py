@@ -14,6 +14,9 @@ from hf_quailora.dynamic_rank.export import load_dynamic_rank_adapter
 export_rank(trainer.model, 4, "out/rank-4", rank_scaling="constant")
 loaded = load_dynamic_rank_adapter("smollm2-135m", "out/adapter")  # base in the quantization it was trained on
 ```
+
+An export never replaces the adapter it comes from, nor any other adapter unless asked (`overwrite=True`); it is
+written into a temporary folder and published in one step (`_io_utils.staged_folder`).
 """
 
 from __future__ import annotations
@@ -27,14 +30,18 @@ from typing import NamedTuple
 
 from torch import nn
 
+from .._io_utils import ADAPTER_CONFIG, check_not_a_file, staged_folder
 from .._peft_utils import adapter_facts, record_adapter_facts
 from .spec import (
     DEFAULT_UPDATE_RULE,
     METADATA_FILE,
+    RANK_SCALINGS,
     DynamicRankMetadata,
     RankScaling,
+    SavedAdapter,
     check_choice,
     rank_scaling_for,
+    read_saved_adapter,
     resolve_rank_scaling,
 )
 from .truncation import _renamed_scaling, checked_rank_layers, lora_rank_of
@@ -78,6 +85,53 @@ def _sliced_state(model, layers: dict, adapter_name: str, b: int) -> dict:
     return sliced
 
 
+WEIGHTS_FILE = "adapter_model.safetensors"
+EXPORT_FILES = (ADAPTER_CONFIG, WEIGHTS_FILE, METADATA_FILE)  # what export_rank writes
+
+
+def _same_folder(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _is_earlier_export(folder: str | os.PathLike) -> bool:
+    try:
+        metadata = DynamicRankMetadata.load(folder)
+    except (TypeError, ValueError):
+        return False
+    return metadata is not None and metadata.exported_rank is not None
+
+
+def check_export_dir(output_dir: str | os.PathLike, overwrite: bool = False,
+                     source_dir: str | os.PathLike | None = None) -> None:
+    """Raise unless `export_rank` may write into `output_dir`; nothing is read but file names and `dynamic_rank.json`.
+
+    Allowed: a new or empty folder, a folder without adapter files, or an earlier export (replaced). A folder with
+    another adapter (or files named like one) needs `overwrite=True`; the folder of the adapter being exported
+    (`source_dir`) is always refused.
+
+    Raises:
+        ValueError: `output_dir` is a file, is `source_dir`, or holds an adapter that is not an earlier export.
+    """
+    check_not_a_file(output_dir)
+    if not os.path.isdir(output_dir):
+        return
+    if source_dir is not None and _same_folder(output_dir, source_dir):
+        raise ValueError(
+            f"`output_dir` ({output_dir}) is the folder of the adapter being exported; writing there would replace "
+            "the full adapter by one of its ranks. Choose another folder, e.g. a sibling `adapter-r<rank>`."
+        )
+    existing = [name for name in EXPORT_FILES if os.path.exists(os.path.join(output_dir, name))]
+    if existing and not overwrite and not _is_earlier_export(output_dir):
+        raise ValueError(
+            f"`output_dir` ({output_dir}) already holds an adapter ({', '.join(existing)}) that is not an earlier "
+            "export; exporting there would replace it. Choose another folder, or pass overwrite=True "
+            "(`--overwrite`) to replace it."
+        )
+
+
 def export_rank(
     model: nn.Module,
     b: int,
@@ -85,6 +139,7 @@ def export_rank(
     rank_scaling: RankScaling | None = None,
     adapter_name: str = "default",
     *,
+    overwrite: bool = False,
     scaling: str | None = None,
 ) -> str:
     """Save rank `b` of a dynamic-rank adapter as an ordinary peft LoRA adapter with `r = b`.
@@ -94,14 +149,19 @@ def export_rank(
     `PeftModel.from_pretrained(base, output_dir)` loads it and reproduces `use_rank(model, b, rank_scaling=...)`.
     Other trainable modules of the adapter (`modules_to_save`) are saved unchanged. Layers whose trained scaling
     differs from the most common one get an `alpha_pattern` entry (their full module name). `dynamic_rank.json` is
-    written beside it (`DynamicRankMetadata`, with the base quantization and `exported_rank = b`).
+    written beside it (`DynamicRankMetadata`, with the base quantization and `exported_rank = b`). Everything is
+    checked before anything is written, and the folder is written atomically (a temporary folder, then a rename):
+    an interrupted export leaves no folder that loads as an adapter.
 
     Args:
         model (`PeftModel`): the trained dynamic-rank model.
-        b (`int`): the rank to export, `1 ≤ b ≤ r`.
-        output_dir (`str`): folder to write `adapter_config.json` and `adapter_model.safetensors` into.
+        b (`int`): the rank to export, `1 ≤ b ≤ r`, and not above the trained `max_rank`.
+        output_dir (`str`): folder to write `adapter_config.json` and `adapter_model.safetensors` into; never the
+            folder the adapter was loaded from.
         rank_scaling (`str`, *optional*): the `rank_scaling` the adapter was trained with; defaults as in `use_rank`.
         adapter_name (`str`, defaults to `"default"`).
+        overwrite (`bool`, defaults to `False`): allow replacing another adapter in `output_dir` (an earlier export
+            is replaced without it).
         scaling (`str`, *optional*): deprecated name of `rank_scaling`.
 
     Returns:
@@ -109,7 +169,9 @@ def export_rank(
 
     Raises:
         TypeError: `model` is not a `PeftModel`.
-        ValueError: `b` out of range, a bad `rank_scaling`, or no (supported) LoRA layers.
+        ValueError: `b` out of range (or above the trained `max_rank`), a bad `rank_scaling`, no (supported) LoRA
+            layers, or an `output_dir` that is a file, the adapter's own folder, or another adapter (see
+            `check_export_dir`).
 
     Example:
 
@@ -121,31 +183,30 @@ def export_rank(
     from peft import PeftModel
     from safetensors.torch import save_file
 
-    from ..quantization import base_quantization
-
     if not isinstance(model, PeftModel):
         raise TypeError(f"export_rank needs a peft `PeftModel`; got {type(model).__name__}.")
     rank_scaling = resolve_rank_scaling(model, _renamed_scaling(rank_scaling, scaling), adapter_name)
     layers, _ = checked_rank_layers(model, b, adapter_name, name="export rank")
+    facts = adapter_facts(model, adapter_name)
+    check_export_dir(output_dir, overwrite, facts.get("source_dir"))
 
-    # 1. The config of a plain LoRA of rank b with the trained scaling.
+    # 1. The config of a plain LoRA of rank b with the trained scaling, its factors and its metadata.
     config = copy.deepcopy(model.peft_config[adapter_name])
     config.lora_alpha, config.alpha_pattern = _export_alphas(layers, adapter_name, b, rank_scaling)
     config.r, config.rank_pattern = b, {}
     config.use_rslora = rank_scaling == "rslora"
     config.init_lora_weights, config.inference_mode = True, True
+    state = _sliced_state(model, layers, adapter_name, b)
+    metadata = DynamicRankMetadata.for_model(
+        model, adapter_name, max_rank=b, min_rank=min(facts.get("min_rank", 1), b), rank_scaling=rank_scaling,
+        update_rule=facts.get("update_rule", DEFAULT_UPDATE_RULE), exported_rank=b,
+    )
 
-    # 2. Write the sliced factors, the config and the metadata.
-    os.makedirs(output_dir, exist_ok=True)
-    config.save_pretrained(output_dir)
-    save_file(_sliced_state(model, layers, adapter_name, b), os.path.join(output_dir, "adapter_model.safetensors"),
-              metadata={"format": "pt"})
-    facts = adapter_facts(model, adapter_name)
-    DynamicRankMetadata(
-        max_rank=b, min_rank=min(facts.get("min_rank", 1), b), rank_scaling=rank_scaling,
-        update_rule=facts.get("update_rule", DEFAULT_UPDATE_RULE), quantization=base_quantization(layers.values()),
-        quailora=bool(facts.get("quailora", False)), exported_rank=b,
-    ).save(output_dir)
+    # 2. Written together: a temporary folder, then published (adapter_config.json last).
+    with staged_folder(output_dir) as tmp:
+        save_file(state, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
+        metadata.save(tmp)
+        config.save_pretrained(str(tmp))
     return output_dir
 
 
@@ -156,12 +217,44 @@ class LoadedAdapter(NamedTuple):
     tokenizer: object
     metadata: DynamicRankMetadata | None
     rank_scaling: str
-    max_rank: int
+    max_rank: int  # the largest trained rank: `max_rank` of dynamic_rank.json, else the LoRA r
+
+
+def _base_quantization(saved: SavedAdapter, quantization: str | None) -> str | None:
+    """The quantization to load the base in: the explicit one, else the recorded one; `None`: not known (a plain
+    adapter, or a given model that is used as it is)."""
+    recorded = saved.metadata.quantization if saved.metadata is not None else None
+    if quantization is not None:
+        if recorded is not None and recorded != quantization:
+            logger.warning("%s was trained on a %r base; loading it on a %r base as asked.", saved.path, recorded,
+                           quantization)
+        return quantization
+    if saved.metadata is not None and recorded is None:
+        raise ValueError(
+            f"{os.path.join(saved.path, METADATA_FILE)} does not record the quantization of the base the adapter "
+            "was trained on (it was written by hf_quailora 0.1), and an adapter on the wrong base gives wrong "
+            "numbers. Pass it explicitly (`quantization='nf4'`, `--quantization nf4`, `quantization=nf4` in "
+            "--model_args), or add `\"quantization\": \"nf4\"` (or none/fp4/int8) to the file."
+        )
+    return recorded
+
+
+def _check_given_base(base: nn.Module, saved: SavedAdapter, quantization: str | None) -> None:
+    """A model passed in (not loaded here) must be quantized as the adapter expects."""
+    from ..quantization import model_quantization
+
+    actual = model_quantization(base)
+    if quantization is not None and actual != quantization:
+        raise ValueError(
+            f"The given base model is quantized as {actual!r}, but {saved.path} needs a {quantization!r} base (the "
+            f"one it was trained on, or the `quantization` passed). Load the base with "
+            f"load_quantized_model(name, {quantization!r}), or pass the model's name instead of the model."
+        )
 
 
 def load_dynamic_rank_adapter(
     base,
-    adapter_dir: str | os.PathLike,
+    adapter_dir: str | os.PathLike | SavedAdapter,
     quantization: str | None = None,
     rank_scaling: str | None = None,
     adapter_name: str = "default",
@@ -169,9 +262,14 @@ def load_dynamic_rank_adapter(
 ) -> LoadedAdapter:
     """Load a base model and a saved (dynamic-rank) adapter on it, the way it was trained.
 
+    The adapter folder is read and checked first (`read_saved_adapter`), so that a wrong folder or a broken
+    `dynamic_rank.json` fails before the base model loads.
+
     Args:
-        base (`str` or `nn.Module`): embedded name, folder or Hub id of the base; or an already loaded model.
-        adapter_dir (`str`): the saved adapter (with `dynamic_rank.json` when it is dynamic-rank).
+        base (`str` or `nn.Module`): embedded name, folder or Hub id of the base; or an already loaded model, which
+            must be quantized as the adapter was trained (or as `quantization` says).
+        adapter_dir (`str` or `SavedAdapter`): the saved adapter (with `dynamic_rank.json` when it is
+            dynamic-rank), or what `read_saved_adapter` returned for it.
         quantization (`str`, *optional*): `"none"`, `"nf4"`, `"fp4"` or `"int8"`; defaults to the quantization
             recorded in `dynamic_rank.json` (the base the adapter was trained on), else `"none"`.
         rank_scaling (`str`, *optional*): overrides the scaling recorded in `dynamic_rank.json`.
@@ -180,7 +278,12 @@ def load_dynamic_rank_adapter(
 
     Returns:
         `LoadedAdapter(model, tokenizer, metadata, rank_scaling, max_rank)`; `metadata` is `None` for an ordinary
-        fixed-rank adapter (logged as a warning). The model is in eval mode and remembers its `rank_scaling`.
+        fixed-rank adapter (logged as a warning). The model is in eval mode and remembers its `rank_scaling`, its
+        trained `max_rank` and the folder it came from (which `export_rank` then refuses to write into).
+
+    Raises:
+        ValueError: see `read_saved_adapter`; a bad `quantization`/`rank_scaling`; a `dynamic_rank.json` without
+            the base quantization (and none passed); a given base model quantized otherwise.
 
     Example:
 
@@ -194,22 +297,29 @@ def load_dynamic_rank_adapter(
 
     if quantization is not None:
         check_choice("quantization", quantization, QUANTIZATIONS)
-    metadata = DynamicRankMetadata.load(adapter_dir)
+    if rank_scaling is not None:
+        check_choice("rank_scaling", rank_scaling, RANK_SCALINGS)
+    saved = adapter_dir if isinstance(adapter_dir, SavedAdapter) else read_saved_adapter(adapter_dir)
+    metadata = saved.metadata
     if metadata is None:
-        logger.warning("%s has no %s: not a dynamic-rank adapter; only its own rank is meaningful.", adapter_dir,
-                       METADATA_FILE)
+        logger.warning("%s has no %s: not a dynamic-rank adapter; only its own rank is meaningful, and its base "
+                       "loads in full precision unless a quantization is given.", saved.path, METADATA_FILE)
+    quantization = _base_quantization(saved, quantization)
     if isinstance(base, (str, os.PathLike)):
-        quantization = quantization or (metadata.quantization if metadata else "none")
-        base, loaded_tokenizer = load_quantized_model(base, quantization)
+        base, loaded_tokenizer = load_quantized_model(base, quantization or "none")
         tokenizer = tokenizer or loaded_tokenizer
-    model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=adapter_name)
+    else:
+        _check_given_base(base, saved, quantization)
+    model = PeftModel.from_pretrained(base, saved.path, adapter_name=adapter_name)
     model.eval()
+    record_adapter_facts(model, adapter_name, source_dir=saved.path)
     if metadata is not None:
         record_adapter_facts(model, adapter_name, rank_scaling=metadata.rank_scaling, min_rank=metadata.min_rank,
-                             update_rule=metadata.update_rule, quailora=metadata.quailora)
+                             max_rank=metadata.max_rank, update_rule=metadata.update_rule, quailora=metadata.quailora)
     rank_scaling = resolve_rank_scaling(model, rank_scaling, adapter_name)
     record_adapter_facts(model, adapter_name, rank_scaling=rank_scaling)
-    return LoadedAdapter(model, tokenizer, metadata, rank_scaling, lora_rank_of(model, adapter_name))
+    max_rank = min(saved.max_rank, lora_rank_of(model, adapter_name))
+    return LoadedAdapter(model, tokenizer, metadata, rank_scaling, max_rank)
 
 
-__all__ = ["LoadedAdapter", "export_rank", "load_dynamic_rank_adapter"]
+__all__ = ["LoadedAdapter", "check_export_dir", "export_rank", "load_dynamic_rank_adapter"]

@@ -30,9 +30,10 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
-from .._peft_utils import adapter_facts
+from .._io_utils import ADAPTER_CONFIG
+from .._peft_utils import adapter_facts, require_lora_layers
 
 
 UpdateRule = Literal["frozen", "nested"]
@@ -120,6 +121,32 @@ def check_uniform_ranks(choices, weights) -> None:
         )
 
 
+def check_rank_settings(config, lora_r: int) -> int:
+    """The largest rank of training (`config.max_rank`, else `lora_r`), after checking every rank of a
+    `DynamicRankConfig` against it; the trainer checks the model's LoRA r, the recipes the `lora_r` they will use.
+
+    Raises:
+        ValueError: `max_rank` above the LoRA r, `min_rank` above `max_rank`, or a rank of `rank_choices`,
+            `soft_ranks` or `eval_ranks` outside the range, naming the field.
+    """
+    if config.max_rank is not None and config.max_rank > lora_r:
+        raise ValueError(
+            f"`max_rank` ({config.max_rank}) exceeds the LoRA r of the model ({lora_r}); lower `max_rank` or raise "
+            "`r` in the LoraConfig."
+        )
+    max_rank = config.max_rank if config.max_rank is not None else lora_r
+    if config.min_rank > max_rank:
+        raise ValueError(
+            f"`min_rank` ({config.min_rank}) exceeds `max_rank` ({max_rank}, the LoRA r); lower one or raise the "
+            "other."
+        )
+    for field_name in ("rank_choices", "soft_ranks", "eval_ranks"):
+        low = 1 if field_name == "eval_ranks" else config.min_rank
+        check_ranks(getattr(config, field_name) or [], low, max_rank, field_name,
+                    "the model's range (max_rank = the LoRA r unless set)")
+    return max_rank
+
+
 def parse_ranks(ranks: str | Sequence[int]) -> list[int]:
     """`"1,2,4"` or `[1, 2, 4]` → `[1, 2, 4]` (sorted, unique); raises `ValueError` on anything else."""
     if isinstance(ranks, str):
@@ -194,8 +221,9 @@ def resolve_rank_scaling(model, rank_scaling: str | None, adapter_name: str = "d
 class DynamicRankMetadata:
     """`dynamic_rank.json`, the file beside a saved adapter that marks it as dynamic-rank.
 
-    `DynamicRankTrainer.save_model` and `export_rank` write it; the lm-eval model `hf-dynrank`, `hf-quailora eval`
-    and `hf-quailora export` read it, so that an adapter is truncated with the scaling it was trained with and
+    `DynamicRankTrainer.save_model` and `export_rank` write it, both through `DynamicRankMetadata.for_model`; the
+    lm-eval model `hf-dynrank`, `hf-quailora eval` and `hf-quailora export` read it through `read_saved_adapter`,
+    so that an adapter is truncated with the scaling it was trained with, only at ranks it was trained at, and
     evaluated on the base it was trained on. Without it an adapter is an ordinary fixed-rank LoRA.
 
     Attributes:
@@ -205,9 +233,13 @@ class DynamicRankMetadata:
         update_rule (`str`): one of `UPDATE_RULES`.
         quantization (`str`): the bitsandbytes quantization of the base it was trained on (`"nf4"`, `"fp4"`,
             `"int8"` or `"none"`); a QuAILoRA adapter on another base applies its correction to the wrong error.
+            Required to save; `None` only when read from a file of hf_quailora 0.1, which did not record it.
         quailora (`bool`): whether QuAILoRA initialised it.
         exported_rank (`int`, *optional*): set by `export_rank`: the adapter holds the first `exported_rank`
             components of a larger one.
+
+    Raises:
+        TypeError / ValueError: a field of the wrong type or out of range, naming it.
 
     Example:
 
@@ -221,17 +253,53 @@ class DynamicRankMetadata:
     min_rank: int = 1
     rank_scaling: str = DEFAULT_RANK_SCALING
     update_rule: str = DEFAULT_UPDATE_RULE
-    quantization: str = "none"
+    quantization: str | None = None
     quailora: bool = False
     exported_rank: int | None = None
 
     def __post_init__(self):
+        from ..quantization import QUANTIZATIONS
+
         check_rank_range(self.min_rank, self.max_rank)
         check_choice("rank_scaling", self.rank_scaling, RANK_SCALINGS)
         check_choice("update_rule", self.update_rule, UPDATE_RULES)
+        if self.quantization is not None:
+            check_choice("quantization", self.quantization, QUANTIZATIONS)
+        if not isinstance(self.quailora, bool):
+            raise TypeError(f"`quailora` must be true or false; got {self.quailora!r}.")
+        if self.exported_rank is not None:
+            check_integer("exported_rank", self.exported_rank)
+            if self.exported_rank != self.max_rank:
+                raise ValueError(
+                    f"`exported_rank` ({self.exported_rank}) must equal `max_rank` ({self.max_rank}): an export "
+                    "of rank b holds ranks 1..b."
+                )
+
+    @classmethod
+    def for_model(cls, model, adapter_name: str = "default", **fields) -> DynamicRankMetadata:
+        """The metadata of `model`'s adapter: `fields` plus what the model itself says (the one place that does).
+
+        The base quantization is read from the LoRA layers' base layers, and `quailora` from what `quailora_init`
+        recorded on the model; `fields` give `max_rank`, `min_rank`, `rank_scaling`, `update_rule` and, for an
+        export, `exported_rank`.
+        """
+        from ..quantization import base_quantization
+
+        layers = require_lora_layers(model, adapter_name)
+        quailora = bool(adapter_facts(model, adapter_name).get("quailora", False))
+        return cls(quantization=base_quantization(layers.values()), quailora=quailora, **fields)
 
     def save(self, adapter_dir: str | os.PathLike) -> str:
-        """Write `dynamic_rank.json` into `adapter_dir`; return its path."""
+        """Write `dynamic_rank.json` into `adapter_dir`; return its path.
+
+        Raises:
+            ValueError: `quantization` is not set (every file records the base the adapter was trained on).
+        """
+        if self.quantization is None:
+            raise ValueError(
+                "Set `quantization` (the base the adapter was trained on: 'nf4', 'fp4', 'int8' or 'none') before "
+                "saving; `DynamicRankMetadata.for_model(model, ...)` reads it from the model."
+            )
         path = Path(adapter_dir) / METADATA_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(asdict(self), indent=1))
@@ -239,12 +307,127 @@ class DynamicRankMetadata:
 
     @classmethod
     def load(cls, adapter_dir: str | os.PathLike) -> DynamicRankMetadata | None:
-        """Read `dynamic_rank.json` from `adapter_dir`; `None` when there is none. Unknown keys are ignored."""
+        """Read and check `dynamic_rank.json` in `adapter_dir`; `None` when there is none. Unknown keys are ignored.
+
+        Raises:
+            ValueError / TypeError: the file is not a JSON object, lacks `max_rank`, or holds a bad value; the
+                message names the file and the field.
+        """
         path = Path(adapter_dir) / METADATA_FILE
         if not path.is_file():
             return None
-        payload = json.loads(path.read_text())
+        fix = ("Write it again with save_model()/export_rank(), fix it by hand, or delete it to use the adapter as "
+               "a plain fixed-rank LoRA.")
+        try:
+            payload = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON ({err}). {fix}") from None
+        if not isinstance(payload, dict):
+            raise ValueError(f"{path} must hold a JSON object; it holds a {type(payload).__name__}. {fix}")
         if "rank" in payload:  # written by export_rank of hf_quailora 0.1: {"rank", "rank_scaling", "max_rank"}
             payload["exported_rank"] = payload["max_rank"] = payload.pop("rank")
+        if "max_rank" not in payload:
+            raise ValueError(f"{path} has no `max_rank`. {fix}")
         known = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in payload.items() if key in known})
+        try:
+            return cls(**{key: value for key, value in payload.items() if key in known})
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{path}: {err} {fix}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Saved adapters: read and checked before any model loads
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class SavedAdapter(NamedTuple):
+    """What `read_saved_adapter` finds in an adapter folder."""
+
+    path: str
+    lora_rank: int  # the LoRA r of adapter_config.json (the smallest, with a rank_pattern)
+    metadata: DynamicRankMetadata | None
+
+    @property
+    def max_rank(self) -> int:
+        """The largest rank trained: `max_rank` of `dynamic_rank.json`, else the LoRA r (a plain adapter)."""
+        return self.metadata.max_rank if self.metadata is not None else self.lora_rank
+
+
+def _adapter_subfolders(folder: Path) -> list[str]:
+    return sorted(str(p.parent) for p in folder.glob(f"*/{ADAPTER_CONFIG}"))[:3]
+
+
+def _read_adapter_config(folder: Path) -> dict:
+    if not folder.exists():
+        raise ValueError(f"Adapter folder {folder} does not exist; give the folder that save_model() or "
+                         "export_rank() wrote.")
+    if not folder.is_dir():
+        raise ValueError(f"Adapter {folder} is a file; give the folder that save_model() or export_rank() wrote.")
+    path = folder / ADAPTER_CONFIG
+    if not path.is_file():
+        inside = _adapter_subfolders(folder)
+        hint = f" Adapters inside it: {', '.join(inside)}." if inside else ""
+        raise ValueError(f"{folder} has no {ADAPTER_CONFIG}, so it is not a saved peft adapter.{hint}")
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); save the adapter again.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object; save the adapter again.")
+    return config
+
+
+def read_saved_adapter(adapter_dir: str | os.PathLike) -> SavedAdapter:
+    """Read and check an adapter folder (`adapter_config.json`, `dynamic_rank.json`) without loading any model.
+
+    Every loader calls this first, so that a wrong folder, a broken file or an impossible rank fails in a moment,
+    not after the base model has loaded.
+
+    Raises:
+        TypeError: `adapter_dir` is not a path.
+        ValueError: no such folder, no `adapter_config.json`, not a LoRA adapter (or a DoRA one), a broken
+            `dynamic_rank.json`, or one whose `max_rank` exceeds the LoRA r.
+
+    Example:
+
+    ```python
+    saved = read_saved_adapter("outputs/alpaca/adapter")
+    saved.max_rank, saved.metadata.quantization  # (16, 'nf4')
+    ```
+    """
+    if not isinstance(adapter_dir, (str, os.PathLike)):
+        raise TypeError(f"The adapter must be a folder path; got {type(adapter_dir).__name__}.")
+    folder = Path(adapter_dir).expanduser()
+    config = _read_adapter_config(folder)
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{folder} holds a {config.get('peft_type')!r} adapter; dynamic rank needs a LoRA adapter.")
+    if config.get("use_dora"):
+        raise ValueError(f"{folder} holds a DoRA adapter; dynamic rank supports plain LoRA only.")
+    ranks = [config.get("r"), *(config.get("rank_pattern") or {}).values()]
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
+        raise ValueError(f"{folder / ADAPTER_CONFIG} holds LoRA ranks {ranks}; they must be positive integers.")
+    metadata = DynamicRankMetadata.load(folder)
+    if metadata is not None and metadata.max_rank > min(ranks):
+        raise ValueError(
+            f"{folder / METADATA_FILE} records max_rank {metadata.max_rank}, above the adapter's LoRA r "
+            f"{min(ranks)}: the two files do not belong together. Save the adapter again."
+        )
+    return SavedAdapter(str(folder), min(ranks), metadata)
+
+
+def check_trained_ranks(ranks: Sequence[int], lora_rank: int, max_rank: int | None, name: str) -> None:
+    """Raise unless every rank is an integer in `1..max_rank` (the trained ranks) and `1..lora_rank`.
+
+    `max_rank` is the recorded trained maximum (`None`: the LoRA r). A rank above it gets an error naming it:
+    those components were never trained.
+    """
+    for b in ranks:
+        check_integer(name, b)
+        if max_rank is not None and max_rank < b <= lora_rank:
+            raise ValueError(
+                f"`{name}` holds rank {b}, above this adapter's max_rank {max_rank}: it was trained at ranks up to "
+                f"{max_rank} only (its LoRA r is {lora_rank}), so ranks above were never trained. Choose ranks in "
+                f"1..{max_rank}."
+            )
+    high = lora_rank if max_rank is None else min(lora_rank, max_rank)
+    check_ranks(ranks, 1, high, name, "this adapter's range")

@@ -30,15 +30,17 @@ import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import SFTTrainer
 
+from .._io_utils import staged_folder
 from .._peft_utils import active_adapter_name, adapter_facts, common_lora_rank, record_adapter_facts
-from ..quantization import base_quantization, disable_bnb_cpu_fast_path
+from ..quantization import disable_bnb_cpu_fast_path
 from .config import DynamicRankConfig
 from .sampler import RankSampler
 from .spec import (
     DEFAULT_RANK_SCALING,
+    METADATA_FILE,
     QUAILORA_RANK_SCALING,
     DynamicRankMetadata,
-    check_ranks,
+    check_rank_settings,
     default_eval_ranks,
 )
 from .truncation import find_dynamic_rank_layers, use_rank
@@ -96,7 +98,7 @@ class DynamicRankTrainer(SFTTrainer):
         self.eval_ranks = sorted(args.eval_ranks or default_eval_ranks(args.min_rank, self.max_rank))
         self.rank_scaling = self._resolve_rank_scaling(args)
         record_adapter_facts(self.model, self._adapter_name, rank_scaling=self.rank_scaling, min_rank=args.min_rank,
-                             update_rule=args.update_rule)
+                             max_rank=self.max_rank, update_rule=args.update_rule)
         # The CPU fast path of bnb 4-bit layers repacks weights on the first no-grad eval pass (methods.md §5)
         disable_bnb_cpu_fast_path(self.model)
 
@@ -117,22 +119,7 @@ class DynamicRankTrainer(SFTTrainer):
     def _check_ranks_against_model(self, args: DynamicRankConfig) -> int:
         """The maximum rank (`max_rank`, else the LoRA r), after checking every configured rank against it."""
         lora_r = common_lora_rank(find_dynamic_rank_layers(self.model, self._adapter_name), self._adapter_name)
-        if args.max_rank is not None and args.max_rank > lora_r:
-            raise ValueError(
-                f"`max_rank` ({args.max_rank}) exceeds the LoRA r of the model ({lora_r}); lower `max_rank` or raise "
-                "`r` in the LoraConfig."
-            )
-        max_rank = args.max_rank if args.max_rank is not None else lora_r
-        if args.min_rank > max_rank:
-            raise ValueError(
-                f"`min_rank` ({args.min_rank}) exceeds `max_rank` ({max_rank}, the LoRA r); lower one or raise the "
-                "other."
-            )
-        for field_name in ("rank_choices", "soft_ranks", "eval_ranks"):
-            low = 1 if field_name == "eval_ranks" else args.min_rank
-            check_ranks(getattr(args, field_name) or [], low, max_rank, field_name, "the model's range (max_rank = "
-                        "the LoRA r unless set)")
-        return max_rank
+        return check_rank_settings(args, lora_r)
 
     def _resolve_rank_scaling(self, args: DynamicRankConfig) -> str:
         """`args.rank_scaling`, else `"constant"` when QuAILoRA initialises the adapter, else DyLoRA's `"per_rank"`."""
@@ -253,15 +240,28 @@ class DynamicRankTrainer(SFTTrainer):
     # -----------------------------------------------------------------------------------------------------------------
     # Checkpoints
 
+    def _metadata(self) -> DynamicRankMetadata:
+        """`dynamic_rank.json` of this run: its rank range, scaling, update rule and the base it trains on."""
+        return DynamicRankMetadata.for_model(
+            self.model, self._adapter_name, max_rank=self.max_rank, min_rank=self.args.min_rank,
+            rank_scaling=self.rank_scaling, update_rule=self.args.update_rule,
+        )
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        # The adapter and dynamic_rank.json are written into a temporary folder and then published together, so an
+        # interrupted save never leaves a folder that loads as an adapter without its metadata (or half-written).
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return super()._save(output_dir, state_dict=state_dict)
+        with staged_folder(output_dir) as tmp:
+            super()._save(str(tmp), state_dict=state_dict)
+            self._metadata().save(tmp)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)
-        if self.args.should_save:  # mark the adapter as dynamic-rank, with its scaling and the base it was trained on
-            layers = find_dynamic_rank_layers(self.model, self._adapter_name)
-            DynamicRankMetadata(
-                max_rank=self.max_rank, min_rank=self.args.min_rank, rank_scaling=self.rank_scaling,
-                update_rule=self.args.update_rule, quantization=base_quantization(layers.values()),
-                quailora=bool(adapter_facts(self.model, self._adapter_name).get("quailora", False)),
-            ).save(output_dir or self.args.output_dir)
+        folder = output_dir or self.args.output_dir
+        if self.args.should_save and not os.path.isfile(os.path.join(folder, METADATA_FILE)):
+            self._metadata().save(folder)  # save paths that bypass _save (sharded FSDP, XLA)
 
     def _rank_state(self) -> dict:
         return {"sampler": self.rank_sampler.state_dict(), "rank_history": [list(item) for item in self.rank_history]}

@@ -36,14 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._peft_utils import common_lora_rank, require_lora_layers
+from .._peft_utils import adapter_facts, common_lora_rank, require_lora_layers
 from .spec import (
     UPDATE_RULES,
     RankScaling,
     UpdateRule,
     check_choice,
-    check_integer,
-    check_ranks,
+    check_trained_ranks,
     rank_scaling_for,
     resolve_rank_scaling,
 )
@@ -109,13 +108,18 @@ def lora_rank_of(model: nn.Module, adapter_name: str = "default") -> int:
     return common_lora_rank(find_dynamic_rank_layers(model, adapter_name), adapter_name)
 
 
+def recorded_max_rank(model: nn.Module, adapter_name: str = "default") -> int | None:
+    """The largest rank the adapter was trained at, as recorded by the trainer or the adapter loader (else `None`)."""
+    return adapter_facts(model, adapter_name).get("max_rank")
+
+
 def checked_rank_layers(model: nn.Module, b, adapter_name: str = "default", name: str = "rank"):
-    """The supported LoRA layers and their common rank, after checking that rank `b` is within `1..r`."""
+    """The supported LoRA layers and their common LoRA r, after checking that rank `b` is within `1..r` and not
+    above the recorded trained `max_rank`."""
     layers = find_dynamic_rank_layers(model, adapter_name)
-    max_rank = common_lora_rank(layers, adapter_name)
-    check_integer(name, b)
-    check_ranks([b], 1, max_rank, name, "this adapter's range")
-    return layers, max_rank
+    lora_r = common_lora_rank(layers, adapter_name)
+    check_trained_ranks([b], lora_r, recorded_max_rank(model, adapter_name), name)
+    return layers, lora_r
 
 
 def _resolve_update_rule(model: nn.Module, update_rule: str | None) -> str:
@@ -183,7 +187,8 @@ def use_rank(
 
     Args:
         model (`nn.Module`): a peft model (or any model holding peft LoRA layers).
-        b (`int`): the rank, `1 ≤ b ≤ r` for every LoRA layer.
+        b (`int`): the rank, `1 ≤ b ≤ r` for every LoRA layer, and not above the trained `max_rank` recorded on
+            the model (by `DynamicRankTrainer` or `load_dynamic_rank_adapter`).
         update_rule (`str`, *optional*, defaults to `"frozen"`): which components receive gradients during backward:
             `"frozen"` only component b (DyLoRA; at `b == min_rank` all of `1..min_rank`, which would otherwise
             never learn), `"nested"` all of `1..b` (QDyLoRA).

@@ -112,7 +112,13 @@ def _load_local_file(path: Path) -> datasets.Dataset:
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
         return datasets.Dataset.from_dict({"text": [line for line in lines if line]})
     if path.suffix in (".json", ".jsonl"):
-        return datasets.load_dataset("json", data_files=str(path), split="train")
+        try:
+            return datasets.load_dataset("json", data_files=str(path), split="train")
+        except Exception as err:  # datasets' messages ("Instruction 'train' corresponds to no data!") name no file
+            raise ValueError(
+                f"Could not read {path} as a dataset: it must hold a JSON list of objects (.json) or one object per "
+                f"line (.jsonl), and at least one. datasets said: {err}"
+            ) from err
     raise ValueError(f"Unsupported data file {str(path)!r}: use .json, .jsonl or .txt (one document per line).")
 
 
@@ -136,16 +142,42 @@ def load_dataset_any(name_or_path: str, split: str = "train", **kwargs) -> datas
     print(c4[0]["text"][:80])
     ```
     """
-    if not isinstance(name_or_path, str):
+    if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"`name_or_path` must be a string, got {type(name_or_path).__name__}.")
+    name_or_path = str(name_or_path)
     if name_or_path.lower() in EMBEDDED_DATASETS:
         return _load_local_file(ensure_embedded_data() / EMBEDDED_DATASETS[name_or_path.lower()])
     path = Path(name_or_path).expanduser()
     if path.is_file():
-        return _load_local_file(path)
+        return _check_not_empty(_load_local_file(path), name_or_path)
+    return _check_not_empty(_load_hub_dataset(name_or_path, split, **kwargs), name_or_path)
+
+
+def _load_hub_dataset(name: str, split: str, **kwargs) -> datasets.Dataset:
+    """A Hub dataset; a name that is neither embedded nor a file nor reachable gets an error saying all three."""
+    from .._import_utils import is_hub_offline
+
+    not_local = (f"{name!r} is neither an embedded dataset ({', '.join(EMBEDDED_DATASETS)}) nor an existing file "
+                 "(.json, .jsonl or .txt)")
+    looks_like_a_file = Path(name).suffix in (".json", ".jsonl", ".txt") or name.startswith((".", "/", "~"))
+    if looks_like_a_file or is_hub_offline():
+        reason = "" if looks_like_a_file else (
+            ", and the Hugging Face Hub is offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set), so it cannot be "
+            "loaded as a Hub dataset either"
+        )
+        raise ValueError(f"{not_local}{reason}. Check the name or path.")
     import datasets
 
-    return datasets.load_dataset(name_or_path, split=split, **kwargs)
+    try:
+        return datasets.load_dataset(name, split=split, **kwargs)
+    except (FileNotFoundError, ConnectionError) as err:  # DatasetNotFoundError is a FileNotFoundError
+        raise ValueError(f"{not_local}, and the Hub could not give it: {err}") from err
+
+
+def _check_not_empty(dataset: datasets.Dataset, name: str) -> datasets.Dataset:
+    if len(dataset) == 0:
+        raise ValueError(f"{name!r} holds no examples; give a non-empty dataset.")
+    return dataset
 
 
 def make_token_windows(
@@ -203,6 +235,35 @@ def make_token_windows(
         bos = torch.full((count, 1), tokenizer.bos_token_id, dtype=torch.long)
         windows = torch.cat([bos, windows], dim=1)
     return windows
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int | None = None, name: str = "input_ids") -> None:
+    """Raise unless `ids` are integer token ids in `[0, vocab_size)`: not floats (embeddings, masks, logits), not
+    negative, not beyond the model's vocabulary.
+
+    Raises:
+        TypeError: `ids` is not an integer tensor.
+        ValueError: an id outside the vocabulary (the message gives the offending id and the vocabulary size).
+    """
+    import torch
+
+    integer = isinstance(ids, torch.Tensor) and ids.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8)
+    if not integer:
+        kind = f"a {ids.dtype} tensor" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise TypeError(
+            f"`{name}` must be integer token ids (torch.long), e.g. from the tokenizer or make_token_windows(); got "
+            f"{kind}."
+        )
+    if ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0:
+        raise ValueError(f"`{name}` holds the negative token id {low}; token ids start at 0.")
+    if vocab_size is not None and high >= vocab_size:
+        raise ValueError(
+            f"`{name}` holds token id {high}, beyond the model's vocabulary of {vocab_size} tokens (ids 0.."
+            f"{vocab_size - 1}); tokenize with the model's own tokenizer."
+        )
 
 
 ALPACA_PROMPT = (
@@ -265,6 +326,8 @@ def split_holdout(dataset, holdout: int = ALPACA_HOLDOUT):
     ```
     """
     size = len(dataset)
+    if size < 2:
+        raise ValueError(f"The data have {size} example(s); a hold-out split needs at least 2 (one to train on).")
     if isinstance(holdout, bool) or not isinstance(holdout, int) or not 1 <= holdout < size:
         raise ValueError(
             f"The hold-out ({holdout!r}) must be an integer between 1 and {size - 1}: the data have {size} examples "

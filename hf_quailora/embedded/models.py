@@ -139,3 +139,29 @@ def resolve(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None
     build_once(target, lambda folder: _convert_gguf(spec, gguf_path, folder))
     logger.info("Converted %s into %s", spec.name, target)
     return str(target)
+
+
+def check_model_source(name_or_path: str | os.PathLike) -> None:
+    """Raise a `ValueError` when `name_or_path` (after `resolve`) cannot name a model: a local path that does not
+    exist, or, with the Hub offline, a name that is neither embedded, nor a folder, nor in the Hub cache.
+
+    Called before any loading, so that a typo gets a sentence instead of a Hub client traceback.
+    """
+    path = os.fspath(name_or_path)
+    if os.path.isdir(path):
+        return
+    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or (
+        os.sep != "/" and os.sep in path)
+    if looks_local:
+        raise ValueError(f"Model folder {path} does not exist; give an embedded name ({', '.join(EMBEDDED_MODELS)}), "
+                         "an existing folder or a Hub id.")
+    from .._import_utils import is_hub_offline
+
+    if is_hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(path, "config.json"), str):
+            raise ValueError(
+                f"{path!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) nor an existing folder, and "
+                "the Hugging Face Hub is offline (HF_HUB_OFFLINE is set) with no cached copy of it. Check the name."
+            )

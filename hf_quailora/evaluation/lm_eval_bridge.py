@@ -43,9 +43,18 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 from tqdm.auto import tqdm
 
+from .._import_utils import is_hub_offline
+from .._io_utils import check_not_a_file
 from ..dynamic_rank.export import load_dynamic_rank_adapter
-from ..dynamic_rank.spec import METADATA_FILE, check_ranks, parse_ranks, resolve_rank_scaling
-from ..dynamic_rank.truncation import lora_rank_of, use_rank
+from ..dynamic_rank.spec import (
+    METADATA_FILE,
+    check_integer,
+    check_trained_ranks,
+    parse_ranks,
+    read_saved_adapter,
+    resolve_rank_scaling,
+)
+from ..dynamic_rank.truncation import lora_rank_of, recorded_max_rank, use_rank
 from ..quantization import disable_bnb_cpu_fast_path
 from .reporting import write_rank_report
 from .tasks import OFFLINE_TASKS, write_offline_tasks
@@ -82,8 +91,7 @@ def resolve_tasks(
             "tasks (hellaswag, arc_easy, …) need the Hugging Face Hub for their data; your own task YAMLs need "
             "`include_path`."
         )
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", "")
-    if offline:
+    if is_hub_offline():
         roots = [os.path.abspath(p) for p in [offline_dir, *include]]
         needs_hub = []
         for name in names:
@@ -119,15 +127,45 @@ def results_to_rows(results: dict, model_label: str, rank: int | None) -> list[d
     return rows
 
 
-def _check_output_dir(output_dir: str | None, overwrite: bool) -> None:
+def check_output_dir(output_dir: str | None, overwrite: bool) -> None:
+    """Raise unless results may be written into `output_dir`: not a file, and no earlier results unless
+    `overwrite` (other files in the folder are left alone)."""
     if output_dir is None:
         return
+    check_not_a_file(output_dir)
     existing = [f for f in RESULT_FILES if (Path(output_dir) / f).exists()]
     if existing and not overwrite:
         raise ValueError(
             f"{output_dir} already holds results ({', '.join(existing)}); choose another folder or pass "
             "overwrite=True (`--overwrite`)."
         )
+
+
+def check_lm_eval_options(limit=None, batch_size=8, max_length=None, num_fewshot=None) -> None:
+    """Raise a `ValueError` naming the option unless lm-eval can run with it; called before any model loads.
+
+    `limit`: `None`, a positive number of documents or a fraction in (0, 1); `batch_size`: a positive integer
+    or lm-eval's `"auto"`/`"auto:N"`; `max_length`: `None` or a positive integer; `num_fewshot`: `None` or
+    an integer ≥ 0.
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0
+                              or limit == float("inf")):
+        raise ValueError(
+            f"`limit` must be a positive number of documents per task (or a fraction below 1); got {limit!r}. "
+            "Leave it unset to use every document."
+        )
+    if not (isinstance(batch_size, str) and batch_size.startswith("auto")):
+        check_integer("batch_size", batch_size)
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be at least 1 (or 'auto'); got {batch_size}.")
+    if max_length is not None:
+        check_integer("max_length", max_length)
+        if max_length < 2:
+            raise ValueError(f"`max_length` must be at least 2 tokens (unset: the model's own); got {max_length}.")
+    if num_fewshot is not None:
+        check_integer("num_fewshot", num_fewshot)
+        if num_fewshot < 0:
+            raise ValueError(f"`num_fewshot` must be 0 or more; got {num_fewshot}.")
 
 
 def _run_lm_eval(model, tokenizer, task_names, manager, batch_size, max_length, lm_eval_kwargs) -> dict:
@@ -187,7 +225,8 @@ def evaluate_ranks(
     Args:
         model (`PeftModel`): the model with a dynamic-rank LoRA adapter (loaded once, reused for every rank).
         tokenizer: its tokenizer; must have a pad token.
-        ranks (`str` or `list[int]`): e.g. `"1,2,4,8"`; each within `1..r`.
+        ranks (`str` or `list[int]`): e.g. `"1,2,4,8"`; each within `1..r` and not above the trained `max_rank`
+            recorded on the model.
         tasks (`str` or `list[str]`): lm-eval task names (offline: `quailora_wiki_ppl`, `quailora_alpaca_loss`,
             `quailora_alpaca_mc`; others need the Hub or `include_path`).
         include_path (*optional*): folder(s) of extra task YAMLs.
@@ -207,8 +246,9 @@ def evaluate_ranks(
         `list[dict]`: rows `{model, rank, task, metric, value, stderr}` (baselines have `rank=None`).
 
     Raises:
-        ValueError: a tokenizer without pad token, ranks out of range, unknown tasks (checked before any model
-            runs), results already in `output_dir`.
+        ValueError: a tokenizer without pad token, ranks out of range, a bad lm-eval option (`limit`,
+            `batch_size`, ...), unknown tasks, an `output_dir` that is a file or already holds results; all checked
+            before any model runs.
 
     Example:
 
@@ -221,10 +261,11 @@ def evaluate_ranks(
             "The tokenizer has no pad token; lm-eval batches need one: `tokenizer.pad_token = tokenizer.eos_token`."
         )
     rank_list = parse_ranks(ranks)
-    check_ranks(rank_list, 1, lora_rank_of(model, adapter_name), "ranks", "this adapter's range")
+    check_trained_ranks(rank_list, lora_rank_of(model, adapter_name), recorded_max_rank(model, adapter_name), "ranks")
     rank_scaling = resolve_rank_scaling(model, rank_scaling, adapter_name)
+    check_lm_eval_options(limit, batch_size, max_length, num_fewshot)
     task_names, manager = resolve_tasks(tasks, include_path)
-    _check_output_dir(output_dir, overwrite)
+    check_output_dir(output_dir, overwrite)
     for target in [model, *_check_baselines(baselines)]:  # lm-eval runs no-grad eval passes; training may follow
         disable_bnb_cpu_fast_path(target)
     options = dict(num_fewshot=num_fewshot, limit=limit, apply_chat_template=apply_chat_template,
@@ -248,6 +289,17 @@ def evaluate_ranks(
     return rows
 
 
+def _parse_rank(rank) -> int | None:
+    """`rank=` of `--model_args`: lm-eval passes `4` as an int and anything else as a string."""
+    if rank is None or rank == "":
+        return None
+    if isinstance(rank, str) and rank.strip().isdigit():
+        return int(rank)
+    if isinstance(rank, int) and not isinstance(rank, bool):
+        return rank
+    raise ValueError(f"`rank` must be a whole number such as rank=4; got {rank!r}.")
+
+
 @register_model("hf-dynrank")
 class DynamicRankLM(HFLM):
     """lm-eval model `hf-dynrank`: a base model plus a saved dynamic-rank adapter, evaluated at rank `rank`.
@@ -255,7 +307,8 @@ class DynamicRankLM(HFLM):
     Args (as lm-eval `--model_args`):
         pretrained (`str`): base model: embedded name (`smollm2-135m`), folder or Hub id; or a loaded model.
         peft (`str`): the saved adapter folder (full rank; `dynamic_rank.json` beside it gives the scaling).
-        rank (`int`, *optional*): the rank to evaluate (default: the adapter's full rank).
+        rank (`int`, *optional*): the rank to evaluate (default: the largest trained rank, `max_rank` of
+            `dynamic_rank.json`); ranks above it were never trained and are refused.
         quantization (`str`, *optional*): load the base in `none`, `nf4`, `fp4` or `int8`; defaults to the
             quantization recorded in `dynamic_rank.json` (the base the adapter was trained on), else `none`.
         rank_scaling (`str`, *optional*): override the scaling recorded in `dynamic_rank.json`.
@@ -287,18 +340,22 @@ class DynamicRankLM(HFLM):
     ):
         if peft is None:
             raise ValueError("hf-dynrank needs `peft=<adapter folder>`; for a plain model use lm-eval's `hf` model.")
-        loaded = load_dynamic_rank_adapter(pretrained, peft, quantization, rank_scaling, adapter_name,
-                                           tokenizer=kwargs.pop("tokenizer", None))
-        rank = int(rank) if rank not in (None, "") else loaded.max_rank
-        if loaded.metadata is None:
-            if rank != loaded.max_rank:
+        rank = _parse_rank(rank)
+        batch_size = kwargs.get("batch_size")
+        check_lm_eval_options(batch_size=1 if batch_size is None else batch_size, max_length=kwargs.get("max_length"))
+        saved = read_saved_adapter(peft)  # checked before the base model loads
+        if saved.metadata is None:
+            if rank is not None and rank != saved.lora_rank:
                 warnings.warn(
                     f"{peft} has no {METADATA_FILE}: it is not a dynamic-rank adapter, so it is evaluated at "
-                    f"its own rank {loaded.max_rank}, not {rank}.",
+                    f"its own rank {saved.lora_rank}, not {rank}.",
                     stacklevel=2,
                 )
-            rank = loaded.max_rank
-        check_ranks([rank], 1, loaded.max_rank, "rank", "this adapter's range")
+            rank = saved.lora_rank
+        rank = saved.max_rank if rank is None else rank
+        check_trained_ranks([rank], saved.lora_rank, saved.max_rank, "rank")
+        loaded = load_dynamic_rank_adapter(pretrained, saved, quantization, rank_scaling, adapter_name,
+                                           tokenizer=kwargs.pop("tokenizer", None))
         self.dynamic_rank = rank
         self.rank_scaling = loaded.rank_scaling
         self.adapter_name = adapter_name

@@ -15,6 +15,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from ..embedded.data import check_token_ids
 from ..quantization import disable_bnb_cpu_fast_path
 
 
@@ -36,6 +37,7 @@ def compute_perplexity(
     Returns:
         `float`: `exp(mean negative log-likelihood)`.
     """
+    check_token_ids(windows, getattr(model.get_input_embeddings(), "num_embeddings", None), "windows")
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(f"`windows` must be (n, length ≥ 2) token ids; got shape {tuple(windows.shape)}.")
     disable_bnb_cpu_fast_path(model)  # a no-grad eval pass; the model may train afterwards

@@ -18,6 +18,9 @@ import json
 import math
 import os
 from collections import defaultdict
+from pathlib import Path
+
+from .._io_utils import check_not_a_file, write_file_atomically
 
 
 def _fmt(value) -> str:
@@ -104,16 +107,20 @@ def plot_rank_curves(rows: list[dict], path: str, title: str | None = None) -> s
 
 
 def write_rank_report(rows: list[dict], output_dir: str, title: str | None = None) -> dict[str, str]:
-    """Write `results.json`, `results.md` and `results.png` into `output_dir`; return their paths."""
+    """Write `results.json`, `results.md` and `results.png` into `output_dir`; return their paths.
+
+    Each file is written to a temporary file and renamed into place, so an interrupted write never leaves a
+    truncated result file; other files in `output_dir` are left alone.
+    """
+    check_not_a_file(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     paths = {
         "json": os.path.join(output_dir, "results.json"),
         "markdown": os.path.join(output_dir, "results.md"),
         "plot": os.path.join(output_dir, "results.png"),
     }
-    with open(paths["json"], "w") as handle:
-        json.dump(rows, handle, indent=1)
-    with open(paths["markdown"], "w") as handle:
-        handle.write(rows_to_markdown(rows))
-    plot_rank_curves(rows, paths["plot"], title)
+    markdown = rows_to_markdown(rows)
+    write_file_atomically(paths["json"], lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=1)))
+    write_file_atomically(paths["markdown"], lambda tmp: Path(tmp).write_text(markdown))
+    write_file_atomically(paths["plot"], lambda tmp: plot_rank_curves(rows, tmp, title))
     return paths

@@ -16,7 +16,8 @@ import os
 from transformers import TrainerCallback
 
 from .._peft_utils import unwrap_model
-from ..dynamic_rank.spec import parse_ranks
+from ..dynamic_rank.spec import check_trained_ranks, parse_ranks
+from ..dynamic_rank.truncation import lora_rank_of, recorded_max_rank
 
 
 class RankSweepCallback(TrainerCallback):
@@ -28,7 +29,8 @@ class RankSweepCallback(TrainerCallback):
 
     Args:
         trainer (`transformers.Trainer`): the trainer whose model is evaluated (trl's `LogCompletionsCallback` pattern).
-        ranks (`list[int]` or `str`): ranks to evaluate, e.g. `[1, 2, 4, 8]`.
+        ranks (`list[int]` or `str`): ranks to evaluate, e.g. `[1, 2, 4, 8]`; checked against the trainer's ranks
+            (its `max_rank`, else the LoRA r) when the callback is made.
         tasks (`list[str]` or `str`, defaults to `"quailora_wiki_ppl"`): lm-eval tasks (see `evaluate_ranks`).
         every_n_evals (`int`, *optional*): also sweep after every n-th `evaluate()`; `None`: only at train end.
         rank_scaling (`str`, *optional*): defaults to the scaling the model's adapter was trained with (see
@@ -45,14 +47,18 @@ class RankSweepCallback(TrainerCallback):
 
     def __init__(self, trainer, ranks, tasks="quailora_wiki_ppl", every_n_evals: int | None = None,
                  rank_scaling: str | None = None, **evaluate_kwargs):
-        # Hyperparameters
-        from .lm_eval_bridge import resolve_tasks
+        # Hyperparameters, checked now rather than after training
+        from .lm_eval_bridge import check_lm_eval_options, resolve_tasks
 
         if every_n_evals is not None and (not isinstance(every_n_evals, int) or every_n_evals < 1):
             raise ValueError(f"`every_n_evals` ({every_n_evals}) must be a positive integer or None.")
         self.trainer = trainer
         self.ranks = parse_ranks(ranks)
-        self.tasks, _ = resolve_tasks(tasks, evaluate_kwargs.get("include_path"))  # fail now, not after training
+        model = unwrap_model(trainer.model)
+        check_trained_ranks(self.ranks, lora_rank_of(model), recorded_max_rank(model), "ranks")
+        options = ("limit", "batch_size", "max_length", "num_fewshot")
+        check_lm_eval_options(**{key: evaluate_kwargs[key] for key in options if key in evaluate_kwargs})
+        self.tasks, _ = resolve_tasks(tasks, evaluate_kwargs.get("include_path"))
         self.every_n_evals = every_n_evals
         self.rank_scaling = rank_scaling
         self.evaluate_kwargs = evaluate_kwargs

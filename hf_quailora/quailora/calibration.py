@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from ..embedded.data import check_token_ids
+
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +110,7 @@ def make_calibration_batches(
     num_samples: int | None = 128,
     max_length: int = 512,
     batch_size: int = 8,
+    vocab_size: int | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Normalise calibration input into a list of `{"input_ids", "attention_mask"}` batches.
 
@@ -121,13 +124,14 @@ def make_calibration_batches(
         num_samples (`int`, *optional*, defaults to 128): stop after this many sequences (`None`: all).
         max_length (`int`, defaults to 512): truncation length for text.
         batch_size (`int`, defaults to 8): sequences per batch (ignored for an iterable of batches).
+        vocab_size (`int`, *optional*): the model's vocabulary size; token ids must lie below it.
 
     Returns:
         `list[dict[str, torch.Tensor]]`.
 
     Raises:
-        ValueError: the calibration set is empty.
-        TypeError: an unsupported calibration type.
+        ValueError: the calibration set is empty, or holds token ids that are negative or not below `vocab_size`.
+        TypeError: an unsupported calibration type, or token ids that are not integers (e.g. a float tensor).
 
     Example:
 
@@ -154,6 +158,8 @@ def make_calibration_batches(
             "Unsupported calibration input of type "
             f"{type(calibration).__name__}; give token ids, a list of texts, a datasets.Dataset or batches."
         )
+    for batch in batches:
+        check_token_ids(batch["input_ids"], vocab_size, "calibration input_ids")
     if not batches or sum(int(b["input_ids"].numel()) for b in batches) == 0:
         raise ValueError("The calibration set is empty; give at least one non-empty sequence.")
     if sum(int(b["attention_mask"].sum()) for b in batches) == 0:

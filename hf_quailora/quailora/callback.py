@@ -19,12 +19,15 @@ import dataclasses
 import json
 import logging
 import os
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
+from .._io_utils import write_file_atomically
 from .._peft_utils import require_lora_layers, unwrap_model
 from ..dynamic_rank.spec import QUAILORA_RANK_SCALING
+from ..embedded.data import check_token_ids
 from .config import QuAILoRAConfig
 from .init import quailora_init
 from .report import QuAILoRAReport
@@ -85,6 +88,13 @@ class QuAILoRAInitCallback(TrainerCallback):
         if unknown:
             raise TypeError(f"QuAILoRAInitCallback got unknown settings {unknown}; QuAILoRAConfig has {sorted(fields)}.")
         config = dataclasses.replace(config if config is not None else QuAILoRAConfig(), **config_overrides)
+        if isinstance(calibration_dataset, str):
+            raise TypeError(
+                f"`calibration_dataset` must hold calibration data, not a name; for a named dataset pass "
+                f"load_dataset_any({calibration_dataset!r})."
+            )
+        if isinstance(calibration_dataset, torch.Tensor):
+            check_token_ids(calibration_dataset, name="calibration_dataset")
         if calibration_dataset is not None and hasattr(calibration_dataset, "__len__") and len(calibration_dataset) == 0:
             raise ValueError("`calibration_dataset` is empty; give calibration texts or leave it None.")
         self.config = config
@@ -152,5 +162,6 @@ class QuAILoRAInitCallback(TrainerCallback):
             logger.info(self.report.summary())
             if self.report_file and args.output_dir:
                 os.makedirs(args.output_dir, exist_ok=True)
-                with open(os.path.join(args.output_dir, self.report_file), "w") as handle:
-                    json.dump(self.report.to_dict(), handle, indent=1)
+                text = json.dumps(self.report.to_dict(), indent=1)
+                write_file_atomically(os.path.join(args.output_dir, self.report_file),
+                                      lambda tmp: Path(tmp).write_text(text))

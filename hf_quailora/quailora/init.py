@@ -138,7 +138,7 @@ def _broadcast_lora(plans: list[_Plan], adapter_name: str) -> None:
 
 
 
-def _check_calibration(calibration, plans: list[_Plan], tokenizer, config: QuAILoRAConfig):
+def _check_calibration(model, calibration, plans: list[_Plan], tokenizer, config: QuAILoRAConfig):
     """Normalise the calibration input before any model runs: batches, precomputed statistics, or nothing (SVD)."""
     if isinstance(calibration, GramStatistics):  # precomputed: reuse across adapters / ranks
         missing = [plan.name for plan in plans if plan.name not in calibration.groups]
@@ -146,8 +146,10 @@ def _check_calibration(calibration, plans: list[_Plan], tokenizer, config: QuAIL
             raise ValueError(f"The given GramStatistics lack layers {missing[:3]}; collect them on this model.")
         return calibration
     if calibration is not None:
+        # an id beyond the vocabulary would fail deep inside the embedding lookup: checked here, with the model's size
+        vocab_size = getattr(model.get_input_embeddings(), "num_embeddings", None)
         return make_calibration_batches(
-            calibration, tokenizer, config.num_samples, config.max_length, config.batch_size
+            calibration, tokenizer, config.num_samples, config.max_length, config.batch_size, vocab_size=vocab_size
         )
     if config.solver != "svd":
         raise ValueError(f"The {config.solver!r} solver needs calibration data; pass `calibration` or use 'svd'.")
@@ -173,7 +175,7 @@ def _prepare(model, calibration, config, tokenizer, full_precision_weights, adap
     for plan in plans:
         if not torch.isfinite(dequantize_weight(plan.module.get_base_layer())).all():
             raise ValueError(f"{plan.name}: the dequantized weight Q is not finite.")
-    calibration = _check_calibration(calibration, plans, tokenizer, config)
+    calibration = _check_calibration(model, calibration, plans, tokenizer, config)
     schedule = Schedule("off", [[plan.name for plan in plans]])
     if calibration is not None and not isinstance(calibration, GramStatistics):
         in_features = {plan.name: plan.shape[1] for plan in plans}

@@ -1,6 +1,7 @@
 """The one home of dynamic rank's vocabulary: rank checks, `dynamic_rank.json`, and the default scaling."""
 
 import json
+import os
 import warnings
 
 import pytest
@@ -11,12 +12,13 @@ from hf_quailora._peft_utils import record_adapter_facts
 from hf_quailora.dynamic_rank.spec import (
     METADATA_FILE,
     check_ranks,
+    check_trained_ranks,
     default_eval_ranks,
     parse_ranks,
     resolve_rank_scaling,
 )
 
-from testing_utils import R, make_model, require_bitsandbytes
+from testing_utils import R, make_model, make_trainer, require_bitsandbytes
 
 
 # Rank checks
@@ -50,23 +52,51 @@ def test_metadata_round_trips_and_rejects_bad_values(tmp_path):
         DynamicRankMetadata(max_rank=4, rank_scaling="alpha")
     with pytest.raises(ValueError, match="min_rank"):
         DynamicRankMetadata(max_rank=4, min_rank=5)
+    with pytest.raises(ValueError, match="quantization"):
+        DynamicRankMetadata(max_rank=4, quantization="nf8")
+    with pytest.raises(TypeError, match="quailora"):
+        DynamicRankMetadata(max_rank=4, quailora="yes")
+    with pytest.raises(ValueError, match="exported_rank"):
+        DynamicRankMetadata(max_rank=4, exported_rank=2)
 
 
-def test_metadata_reads_the_layout_of_old_exports(tmp_path):
+def test_metadata_reads_the_layout_of_old_exports_with_the_quantization_unknown(tmp_path):
     (tmp_path / METADATA_FILE).write_text(json.dumps({"rank": 4, "rank_scaling": "per_rank", "max_rank": 16}))
     metadata = DynamicRankMetadata.load(tmp_path)
     assert (metadata.exported_rank, metadata.max_rank, metadata.rank_scaling) == (4, 4, "per_rank")
+    assert metadata.quantization is None  # the loaders refuse to guess it (tests/dynamic_rank/test_export.py)
 
 
 @require_bitsandbytes
-def test_export_and_save_write_the_same_metadata_layout_with_the_base_quantization(tiny_model_path, tmp_path):
-    model, _ = make_model(tiny_model_path, "nf4")
-    record_adapter_facts(model, min_rank=2, update_rule="nested")
-    export_rank(model, 4, str(tmp_path / "r4"), rank_scaling="constant")
-    written = json.loads((tmp_path / "r4" / METADATA_FILE).read_text())
-    assert set(written) == set(DynamicRankMetadata.__dataclass_fields__)
-    assert written["quantization"] == "nf4" and written["exported_rank"] == 4 and written["max_rank"] == 4
-    assert (written["min_rank"], written["update_rule"], written["rank_scaling"]) == (2, "nested", "constant")
+def test_save_model_and_export_write_one_metadata_layout_with_the_base_quantization(tiny_model_path, tiny_texts,
+                                                                                    tmp_path):
+    trainer = make_trainer(tiny_model_path, tiny_texts, tmp_path, quantization="nf4", max_rank=4, min_rank=2,
+                           update_rule="nested", rank_scaling="constant")
+    trainer.save_model(str(tmp_path / "adapter"))
+    export_rank(trainer.model, 3, str(tmp_path / "r3"))
+    saved = json.loads((tmp_path / "adapter" / METADATA_FILE).read_text())
+    exported = json.loads((tmp_path / "r3" / METADATA_FILE).read_text())
+    assert set(saved) == set(exported) == set(DynamicRankMetadata.__dataclass_fields__)
+    assert saved == {**exported, "max_rank": 4, "exported_rank": None}
+    assert (saved["quantization"], saved["min_rank"], saved["update_rule"], saved["rank_scaling"]) == (
+        "nf4", 2, "nested", "constant")
+    assert [name for name in os.listdir(tmp_path) if ".tmp-" in name] == []  # written via a temporary folder
+
+
+def test_metadata_cannot_be_saved_without_the_base_quantization(tmp_path):
+    with pytest.raises(ValueError, match="Set `quantization`"):
+        DynamicRankMetadata(max_rank=4).save(tmp_path)
+    assert not (tmp_path / METADATA_FILE).exists()
+
+
+def test_check_trained_ranks_names_the_trained_max_rank():
+    check_trained_ranks([1, 4], lora_rank=8, max_rank=4, name="ranks")
+    with pytest.raises(ValueError, match="`ranks` holds rank 8, above this adapter's max_rank 4: .* 1..4"):
+        check_trained_ranks([1, 8], lora_rank=8, max_rank=4, name="ranks")
+    with pytest.raises(ValueError, match="outside this adapter's range 1..4"):
+        check_trained_ranks([0], lora_rank=8, max_rank=4, name="ranks")
+    with pytest.raises(ValueError, match="outside this adapter's range 1..8"):
+        check_trained_ranks([9], lora_rank=8, max_rank=None, name="ranks")
 
 
 # The default scaling: the recorded one, else constant after QuAILoRA (with a FutureWarning), else α/b

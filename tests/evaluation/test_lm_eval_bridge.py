@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from hf_quailora.dynamic_rank.spec import DynamicRankMetadata
 from hf_quailora.evaluation.lm_eval_bridge import evaluate_ranks, resolve_tasks
 from hf_quailora.evaluation.tasks import write_offline_tasks
 
-from testing_utils import require_bitsandbytes
+from testing_utils import require_bitsandbytes, save_adapter
 
 
 TASK = "quailora_wiki_ppl"
@@ -30,7 +32,7 @@ def tiny_adapter(tiny_model_path, tmp_path_factory):
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
     folder = tmp_path_factory.mktemp("adapter")
     model.save_pretrained(folder)
-    DynamicRankMetadata(min_rank=1, max_rank=8, rank_scaling="per_rank").save(folder)
+    DynamicRankMetadata(min_rank=1, max_rank=8, rank_scaling="per_rank", quantization="none").save(folder)
     return model, AutoTokenizer.from_pretrained(tiny_model_path), str(folder)
 
 
@@ -83,7 +85,7 @@ def test_cli_eval_and_export_end_to_end(tiny_model_path, tiny_adapter, tmp_path,
                      "--output_dir", str(tmp_path / "r2")]) == 0
     config = json.loads((tmp_path / "r2" / "adapter_config.json").read_text())
     assert config["r"] == 2
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="`--rank` holds rank 9, outside this adapter's range 1..8"):
         cli_main(["export", "--model", tiny_model_path, "--adapter", folder, "--rank", "9", "--output_dir", str(tmp_path)])
 
 
@@ -103,6 +105,114 @@ def test_bad_input_is_rejected_before_running(tiny_adapter, tmp_path):
     no_pad.pad_token = None
     with pytest.raises(ValueError, match="no pad token"):
         evaluate_ranks(model, no_pad, [1], [TASK])
+
+
+MISSING_BASE = "/nonexistent/base-model"  # a base that cannot load: an error about anything else came first
+
+
+@pytest.fixture(scope="module")
+def trained_to_4(tiny_model_path, tmp_path_factory):
+    """A LoRA of r=8 trained (as its dynamic_rank.json says) only up to max_rank=4."""
+    return save_adapter(tiny_model_path, tmp_path_factory.mktemp("max4") / "adapter", max_rank=4)
+
+
+def test_hf_dynrank_defaults_to_the_recorded_max_rank(tiny_model_path, trained_to_4):
+    from hf_quailora.evaluation.lm_eval_bridge import DynamicRankLM
+
+    assert DynamicRankLM(pretrained=tiny_model_path, peft=trained_to_4, max_length=64).dynamic_rank == 4
+
+
+def test_hf_dynrank_refuses_ranks_above_max_rank_before_loading(trained_to_4):
+    from hf_quailora.evaluation.lm_eval_bridge import DynamicRankLM
+
+    with pytest.raises(ValueError, match="`rank` holds rank 8, above this adapter's max_rank 4"):
+        DynamicRankLM.create_from_arg_string(f"pretrained={MISSING_BASE},peft={trained_to_4},rank=8")
+
+
+def test_hf_dynrank_refuses_a_rank_that_is_not_a_number_before_loading(trained_to_4):
+    from hf_quailora.evaluation.lm_eval_bridge import DynamicRankLM
+
+    with pytest.raises(ValueError, match="`rank` must be a whole number such as rank=4; got 'abc'"):
+        DynamicRankLM.create_from_arg_string(f"pretrained={MISSING_BASE},peft={trained_to_4},rank=abc")
+
+
+def cli_eval(adapter, out, *extra):
+    return cli_main(["eval", "--model", MISSING_BASE, "--adapter", adapter, "--ranks", "1", "--tasks", TASK,
+                     "--output_dir", str(out), *extra])
+
+
+@pytest.mark.parametrize("ranks, match", [
+    ("1,8", "`--ranks` holds rank 8, above this adapter's max_rank 4"),
+    ("0", "`--ranks` holds rank 0, outside this adapter's range 1..4"),
+    ("99", "`--ranks` holds rank 99, outside this adapter's range 1..4"),
+])
+def test_cli_eval_refuses_ranks_outside_the_trained_range_before_loading(trained_to_4, tmp_path, ranks, match):
+    with pytest.raises(ValueError, match=match):
+        cli_eval(trained_to_4, tmp_path / "out", "--ranks", ranks)
+
+
+def test_cli_export_refuses_a_rank_above_max_rank_before_loading(trained_to_4, tmp_path):
+    with pytest.raises(ValueError, match="`--rank` holds rank 8, above this adapter's max_rank 4"):
+        cli_main(["export", "--model", MISSING_BASE, "--adapter", trained_to_4, "--rank", "8",
+                  "--output_dir", str(tmp_path / "r8")])
+
+
+@pytest.mark.parametrize("option, match", [
+    (["--limit", "-1"], "`limit` must be a positive number"),
+    (["--limit", "0"], "`limit` must be a positive number"),
+    (["--batch_size", "0"], "`batch_size` must be at least 1"),
+    (["--max_length", "0"], "`max_length` must be at least 2"),
+    (["--num_fewshot", "-1"], "`num_fewshot` must be 0 or more"),
+])
+def test_cli_eval_refuses_bad_lm_eval_options_before_loading(trained_to_4, tmp_path, option, match):
+    with pytest.raises(ValueError, match=match):
+        cli_eval(trained_to_4, tmp_path / "out", *option)
+
+
+@pytest.mark.parametrize("command", ["eval", "export"])
+def test_cli_refuses_an_output_dir_that_is_a_file_before_loading(trained_to_4, tmp_path, command):
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(ValueError, match="is an existing file, not a folder"):
+        if command == "eval":
+            cli_eval(trained_to_4, tmp_path / "taken")
+        else:
+            cli_main(["export", "--model", MISSING_BASE, "--adapter", trained_to_4, "--rank", "2",
+                      "--output_dir", str(tmp_path / "taken")])
+
+
+def test_cli_export_refuses_to_write_into_the_adapter_folder(trained_to_4):
+    before = sorted(os.listdir(trained_to_4))
+    with pytest.raises(ValueError, match="is the folder of the adapter being exported"):
+        cli_main(["export", "--model", MISSING_BASE, "--adapter", trained_to_4, "--rank", "2", "--output_dir",
+                  trained_to_4, "--overwrite"])
+    assert sorted(os.listdir(trained_to_4)) == before
+    assert json.loads((Path(trained_to_4) / "adapter_config.json").read_text())["r"] == 8
+
+
+@pytest.mark.parametrize("command", ["eval", "export"])
+def test_cli_refuses_a_missing_adapter_folder_before_loading(tmp_path, command):
+    args = ["--ranks", "1"] if command == "eval" else ["--rank", "1"]
+    with pytest.raises(ValueError, match="Adapter folder .* does not exist"):
+        cli_main([command, "--model", MISSING_BASE, "--adapter", str(tmp_path / "nope"), *args,
+                  "--output_dir", str(tmp_path / "out")])
+
+
+def test_an_interrupted_report_keeps_the_earlier_results_whole(tmp_path, monkeypatch):
+    from hf_quailora.evaluation import reporting
+
+    rows = [{"model": "m", "rank": 1, "task": "t", "metric": "x", "value": 1.0, "stderr": None}]
+    reporting.write_rank_report(rows, str(tmp_path))
+    before = {name: (tmp_path / name).read_bytes() for name in ("results.json", "results.md", "results.png")}
+
+    def interrupted(rows, path, title=None):
+        Path(path).write_bytes(b"half a png")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reporting, "plot_rank_curves", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        reporting.write_rank_report([{**rows[0], "value": 2.0}], str(tmp_path))
+    assert (tmp_path / "results.png").read_bytes() == before["results.png"]
+    assert sorted(os.listdir(tmp_path)) == ["results.json", "results.md", "results.png"]
 
 
 def test_plain_adapter_is_evaluated_at_its_own_rank_only(tiny_model_path, tiny_adapter, tmp_path):

@@ -49,3 +49,12 @@ def test_rank_sweep_callback_bad_input(tiny_model_path, tiny_texts, tmp_path):
         RankSweepCallback(trainer, ranks=[1], tasks="nope")
     with pytest.raises(ValueError, match="every_n_evals"):
         RankSweepCallback(trainer, ranks=[1], every_n_evals=0)
+
+
+def test_rank_sweep_callback_refuses_untrained_ranks_when_made_not_after_training(tiny_model_path, tiny_texts,
+                                                                                  tmp_path):
+    trainer = make_trainer(tiny_model_path, tiny_texts, tmp_path, max_steps=1, max_rank=4)
+    with pytest.raises(ValueError, match="`ranks` holds rank 8, above this adapter's max_rank 4"):
+        RankSweepCallback(trainer, ranks=[1, 8])
+    with pytest.raises(ValueError, match="`limit` must be a positive number"):
+        RankSweepCallback(trainer, ranks=[1, 4], limit=0)

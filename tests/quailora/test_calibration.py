@@ -5,10 +5,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_quailora import find_lora_layers
+from hf_quailora import find_lora_layers, quailora_init
 from hf_quailora.quailora.calibration import collect_gram_matrices, make_calibration_batches, skip_logits
 
-from testing_utils import TINY_DISTINCT_INPUTS
+from testing_utils import TINY_DISTINCT_INPUTS, make_model, require_bitsandbytes, snapshot
 
 
 @pytest.fixture
@@ -103,3 +103,22 @@ def test_logits_are_skipped_unless_the_output_head_is_calibrated(tiny_model_path
         hidden = model(**batches[0], output_hidden_states=True).hidden_states[-1]
     rows = hidden.reshape(-1, hidden.shape[-1])[batches[0]["attention_mask"].reshape(-1).bool()].double()
     torch.testing.assert_close(stats.for_layer(head), rows.T @ rows, rtol=1e-4, atol=1e-4)  # float32 products
+
+
+def test_a_float_tensor_as_calibration_data_is_refused_with_a_type_error(tiny_lora):
+    with pytest.raises(TypeError, match="must be integer token ids .* got a torch.float32 tensor"):
+        make_calibration_batches(torch.rand(2, 8))
+
+
+@require_bitsandbytes
+def test_token_ids_beyond_the_vocabulary_are_refused_before_any_forward(tiny_model_path):
+    model, tokenizer = make_model(tiny_model_path, "nf4")
+    before = snapshot(model)
+    ids = torch.full((2, 8), len(tokenizer) + 5)
+    with pytest.raises(ValueError, match=f"token id {len(tokenizer) + 5}, beyond the model's vocabulary of"):
+        quailora_init(model, ids)
+    with pytest.raises(ValueError, match="negative token id -1"):
+        quailora_init(model, torch.full((2, 8), -1))
+    for name, value in snapshot(model).items():
+        torch.testing.assert_close(value, before[name], msg=name)
+

@@ -119,6 +119,13 @@ def test_callback_bad_input(tiny_model_path, tiny_texts, tmp_path):
                                 processing_class=tokenizer)
 
 
+def test_callback_refuses_a_dataset_name_or_float_calibration_when_made():
+    with pytest.raises(TypeError, match=r"not a name; .* pass load_dataset_any\('c4'\)"):
+        QuAILoRAInitCallback(calibration_dataset="c4")
+    with pytest.raises(TypeError, match="must be integer token ids"):
+        QuAILoRAInitCallback(calibration_dataset=torch.rand(4, 16))
+
+
 def test_callback_takes_quailora_config_fields_as_overrides_and_no_defaults_of_its_own():
     default = QuAILoRAInitCallback().config
     assert default == QuAILoRAConfig()  # the config's own defaults, not a second copy

@@ -42,6 +42,8 @@ def test_cpu_demo_config_runs_end_to_end_and_writes_every_file(tiny_model_path, 
     rows = json.loads((out / "results.json").read_text())
     assert {row["task"] for row in rows} == {"alpaca held-out", "quailora_wiki_ppl"}
     assert json.loads((out / "adapter-r2" / "adapter_config.json").read_text())["r"] == 2
+    for adapter in ("adapter", "adapter-r2"):  # both record the NF4 base they belong on (make demo's adapter-r4 too)
+        assert json.loads((out / adapter / "dynamic_rank.json").read_text())["quantization"] == "nf4"
     assert any(p.name.startswith("checkpoint-") for p in out.iterdir())  # checkpoints kept for resume
 
 
@@ -66,14 +68,31 @@ def test_no_arguments_means_the_cpu_demo_config(tmp_path):
     (["--lora_r", "0"], "lora_r"),
     (["--sweep_ranks", "1,64"], "sweep_ranks"),
     (["--export_ranks", "32"], "export_ranks"),
+    (["--max_rank", "8", "--eval_ranks", "1", "8", "--sweep_ranks", "1,16"],
+     "`sweep_ranks` holds rank 16, outside the trained"),
+    (["--eval_ranks", "1", "32"], "`eval_ranks` holds rank 32"),
     (["--num_eval_examples", "500"], "num_eval_examples"),
+    (["--num_train_examples", "0"], "num_train_examples"),
+    (["--eval_holdout", "5000"], r"hold-out \(5000\) must be an integer between 1 and 998"),
+    (["--dataset_name", "alpacca"], "'alpacca' is neither an embedded dataset"),
+    (["--dataset_name", "{tmp}/empty.json"], "Could not read .*empty.json as a dataset"),
+    (["--calibration_dataset", "c44"], "'c44' is neither an embedded dataset"),
     (["--quantization", "none"], "quantized base"),
+    (["--quailora_damping", "-1"], "damping"),
+    (["--calibration_samples", "0"], "num_samples"),
+    (["--sweep_tasks", "quailora_wiki_ppl", "--sweep_limit", "0"], "`limit` must be a positive number"),
     (["--sweep_tasks", "hellaswag_offline_nope"], "Unknown lm-eval task"),
     (["--quailora_memory_budget", "0"], "memory_budget"),
+    (["--output_dir", "{tmp}/a_file"], "is an existing file, not a folder"),
 ])
 def test_bad_arguments_fail_before_loading(override, match, tmp_path):
+    (tmp_path / "empty.json").write_text("[]")
+    (tmp_path / "a_file").write_text("not a folder")
     recipe = load_recipe()
-    script_args, training_args = recipe["parse_args_and_config"](args=["--output_dir", str(tmp_path), *override])
+    # A model that cannot load and no lm-eval sweep unless asked: each error must come before the model loads.
+    args = ["--output_dir", str(tmp_path / "run"), "--model_name_or_path", str(tmp_path / "no-model"),
+            "--sweep_tasks", "", *[arg.format(tmp=tmp_path) for arg in override]]
+    script_args, training_args = recipe["parse_args_and_config"](args=args)
     with pytest.raises(ValueError, match=match):
         recipe["main"](script_args, training_args)
 
