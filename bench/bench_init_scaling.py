@@ -5,11 +5,11 @@ growing width and depth, loaded in NF4 with LoRA r on every linear layer, initia
 random token ids. Each case runs in a fresh process: Linux resets the process's high-water mark (VmHWM) on
 `echo 5 > /proc/self/clear_refs` after loading, so the peak *extra* memory of the initialisation is
 `VmHWM after init − VmRSS before init`, not hidden by the loading peak. Each case runs with
-`MALLOC_MMAP_THRESHOLD_=131072`: glibc otherwise raises its mmap threshold after the first large free, serves
-later large tensors from the heap and keeps freed ones resident, so the high-water mark would count memory that no
-tensor holds (a CPU-allocator effect; on a GPU, PyTorch's caching allocator reuses freed blocks). Without it the
-peaks read up to ~1.5× the formula at the smallest shape; it also makes every large allocation a fresh mmap,
-which slows both modes alike (compare times within one run). A warm-up with small tensors (one small solve, one
+`MALLOC_MMAP_THRESHOLD_=4194304` (4 MiB, fixed): glibc otherwise raises its mmap threshold after the first large
+free (up to 32 MiB), serves later large tensors from the heap and keeps freed ones resident, so the high-water mark
+would count memory that no tensor holds (a CPU-allocator effect; on a GPU, PyTorch's caching allocator reuses freed
+blocks). Without it the peaks read up to ~1.5× the formula at the smallest shape. (A threshold of 128 KiB made
+every activation a fresh mmap and the runs several times slower.) A warm-up with small tensors (one small solve, one
 8-token forward) runs first, so the peak does not include lazily loaded code. Printed next to it: the README's formula
 (`hf_quailora.quailora.memory.estimate_init_memory`) and the ratio of the two. Writes a Markdown table, JSON and
 a PNG of memory against parameters.
@@ -183,7 +183,7 @@ def measure(args) -> list[dict]:
         expected = formula(shape, args)
         for streaming in args.modes.split(","):
             command = [sys.executable, os.path.abspath(__file__), "--case", path, streaming, *sys.argv[1:]]
-            env = {**os.environ, "TQDM_DISABLE": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
+            env = {**os.environ, "TQDM_DISABLE": "1", "MALLOC_MMAP_THRESHOLD_": "4194304"}
             output = subprocess.run(command, capture_output=True, text=True, env=env)
             if output.returncode:
                 raise RuntimeError(f"case {shape} {streaming} failed:\n{output.stderr[-3000:]}")

@@ -45,6 +45,11 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default="bench/results")
+    parser.add_argument("--streaming_rank", type=int, default=None,
+                        help="rank of the streamed / all-at-once / float32 comparison (default: the largest rank)")
+    parser.add_argument("--streaming_repeats", type=int, default=2, help="alternating runs of each mode")
+    parser.add_argument("--streaming_only", action="store_true",
+                        help="only the streaming comparison (writes quailora_streaming.md|json), not the start table")
     return parser
 
 
@@ -88,6 +93,64 @@ def solve_every_rank(args, model, stats, rows: Rows, held_out) -> dict:
     return als_check
 
 
+STREAMING_CASES = {  # name: QuAILoRAConfig settings; "off" first, the baseline
+    "all at once (streaming='off')": dict(streaming="off"),
+    "streamed (replay, default)": dict(streaming="replay"),
+    "streamed, float32 Gram matrices": dict(streaming="replay", gram_dtype="float32"),
+}
+
+
+def compare_streaming(args, model, calibration, held_out) -> list[dict]:
+    """End-to-end `quailora_init` (calibration + solve) per streaming mode at one rank, alternating the modes
+    `--streaming_repeats` times in this process: wall time, held-out perplexity, and the factors' largest
+    difference from the all-at-once factors."""
+    rank = args.streaming_rank or max(args.ranks)
+    adapter = f"r{rank}"
+    model.set_adapter(adapter)
+    layers = find_lora_layers(model, adapter)
+    results = {name: {"case": name, "rank": rank, "seconds": []} for name in STREAMING_CASES}
+    reference = None
+    for repeat in range(args.streaming_repeats):
+        for name, settings in STREAMING_CASES.items():
+            if repeat and "float32" in name:
+                continue  # precision is checked once; the repeats are for the timing ratio
+            config = QuAILoRAConfig(solver="closed_form", num_samples=None, batch_size=8, show_progress=False,
+                                    **settings)
+            started = time.perf_counter()
+            quailora_init(model, calibration, config, adapter_name=adapter)
+            results[name]["seconds"].append(time.perf_counter() - started)
+            factors = {key: (layer.lora_B[adapter].weight.detach().clone(), layer.lora_A[adapter].weight.detach().clone())
+                       for key, layer in layers.items()}
+            reference = reference or factors
+            results[name]["max_factor_difference"] = max(
+                float((mine - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+                for key in factors for mine, ref in zip(factors[key], reference[key]))
+            if repeat == 0:
+                results[name]["perplexity"] = compute_perplexity(model, held_out)
+            print(f"{name}: {results[name]['seconds'][-1]:.1f} s {results[name]}", flush=True)
+    return list(results.values())
+
+
+def streaming_markdown(results: list[dict], threads: int) -> list[str]:
+    baseline = sum(results[0]["seconds"]) / len(results[0]["seconds"])
+    lines = [
+        "",
+        f"End-to-end `quailora_init` (calibration + closed-form solves) at r={results[0]['rank']}, modes alternated "
+        f"in one process, {threads} threads:",
+        "",
+        "| init | held-out ppl | factors: max relative difference from all at once | wall time (s), each run | "
+        "mean time / all at once |",
+        "|---|---:|---:|---|---:|",
+    ]
+    for row in results:
+        mean = sum(row["seconds"]) / len(row["seconds"])
+        lines.append(
+            f"| {row['case']} | {row['perplexity']:.3f} | {row['max_factor_difference']:.1e} | "
+            f"{', '.join(f'{s:.1f}' for s in row['seconds'])} | {mean / baseline:.2f} |"
+        )
+    return lines
+
+
 def to_markdown(args, rows: Rows, stats, held_out, calibration_seconds: float, als_check: dict) -> str:
     by_name = {row["start"]: row["perplexity"] for row in rows}
     nf4, int8 = by_name["NF4 (B = 0, QLoRA start)"], by_name["LLM.int8 (B = 0)"]
@@ -112,6 +175,21 @@ def to_markdown(args, rows: Rows, stats, held_out, calibration_seconds: float, a
     return "\n".join(lines)
 
 
+def streaming_only(args, tokenizer, held_out, calibration) -> None:
+    """`--streaming_only`: the NF4 model with one adapter at the comparison's rank, and the comparison alone."""
+    rank = args.streaming_rank or max(args.ranks)
+    args.ranks = [rank]
+    model = load_adapters(args, Rows(), held_out)
+    streaming = compare_streaming(args, model, calibration, held_out)
+    table = "\n".join(streaming_markdown(streaming, args.threads)).strip()
+    print("\n" + table)
+    os.makedirs(args.output, exist_ok=True)
+    with open(os.path.join(args.output, "quailora_streaming.md"), "w") as handle:
+        handle.write(table + "\n")
+    with open(os.path.join(args.output, "quailora_streaming.json"), "w") as handle:
+        json.dump({"args": vars(args), "streaming": streaming}, handle, indent=1)
+
+
 def main() -> None:
     args = make_parser().parse_args()
     torch.set_num_threads(args.threads)
@@ -120,6 +198,8 @@ def main() -> None:
     _, tokenizer = load_quantized_model(args.model, "none")
     held_out = make_token_windows(tokenizer, load_dataset_any("wiki")["text"], args.window, args.eval_windows)
     calibration = make_token_windows(tokenizer, load_dataset_any("c4")["text"], args.window, args.calibration_windows)
+    if args.streaming_only:
+        return streaming_only(args, tokenizer, held_out, calibration)
     for quantization, name in (("none", "fp32"), ("int8", "LLM.int8 (B = 0)")):
         model, _ = load_quantized_model(args.model, quantization)
         rows.add(name, compute_perplexity(model, held_out))
@@ -136,13 +216,19 @@ def main() -> None:
     # 3. Every solver at every rank, then the table.
     als_check = solve_every_rank(args, model, stats, rows, held_out)
     table = to_markdown(args, rows, stats, held_out, calibration_seconds, als_check)
+    del stats
+    # 4. Streamed against all at once, end to end, in this run.
+    streaming = compare_streaming(args, model, calibration, held_out) if args.streaming_repeats else []
+    if streaming:
+        table += "\n" + "\n".join(streaming_markdown(streaming, args.threads))
     print("\n" + table)
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "quailora.md"), "w") as handle:
         handle.write(table + "\n")
     with open(os.path.join(args.output, "quailora.json"), "w") as handle:
         json.dump({"args": vars(args), "rows": rows, "calibration_seconds": calibration_seconds,
-                   "calibration_tokens": stats.num_tokens, "als_check": als_check}, handle, indent=1)
+                   "calibration_tokens": int(calibration.numel()), "als_check": als_check,
+                   "streaming": streaming}, handle, indent=1)
 
 
 if __name__ == "__main__":
