@@ -93,8 +93,8 @@ def _plan_layers(model, adapter_name: str, weights: FullPrecisionWeights | None)
             if shape is None:
                 raise ValueError(
                     f"{name}: no full-precision weight in {weights.description} (looked for "
-                    f"'{name.replace('base_model.model.', '')}.weight'); pass `full_precision_weights` that match "
-                    "the model."
+                    f"'{name.replace('base_model.model.', '')}.weight', its suffixes, and the keys the model's "
+                    "conversion mapping renames or fuses into it); pass `full_precision_weights` that match the model."
                 )
             if tuple(shape) != (out_features, in_features):
                 raise ValueError(
@@ -173,7 +173,7 @@ def _prepare(model, calibration, config, tokenizer, full_precision_weights, adap
     """Step 1: find the LoRA layers, their quantized bases and full-precision weights, the calibration groups
     within the memory budget; check everything."""
     source = full_precision_weights if full_precision_weights is not None else _default_weight_source(model)
-    weights = FullPrecisionWeights.from_any(source)
+    weights = FullPrecisionWeights.from_any(source).use_key_mapping(model)
     plans, skipped = _plan_layers(model, adapter_name, weights)
     for name, reason in skipped.items():
         logger.info("QuAILoRA skips %s: %s", name, reason)
