@@ -53,3 +53,24 @@ def test_split_holdout_is_the_one_alpaca_hold_out():
     for bad in (0, 999, 5000, 2.5):
         with pytest.raises(ValueError, match="hold-out"):
             split_holdout(examples, bad)
+
+
+def test_a_split_gguf_is_joined_in_order_and_checked_against_its_sha256(tmp_path):
+    import hashlib
+
+    from hf_quailora.embedded.models import EmbeddedModel, _find_gguf, _join_parts
+
+    parts = []
+    for index, content in enumerate((b"GGUF-head-", b"middle-", b"tail")):
+        parts.append(tmp_path / f"model.gguf.part{index:02d}")
+        parts[-1].write_bytes(content)
+    whole = b"GGUF-head-middle-tail"
+    spec = EmbeddedModel("split", "nowhere_part1", "model.gguf", "pip install split-model", "a split model",
+                         parts=("nowhere_part1", "nowhere_part2"), sha256=hashlib.sha256(whole).hexdigest())
+    (tmp_path / "out").mkdir()
+    assert _join_parts(spec, parts, tmp_path / "out").read_bytes() == whole
+    wrong = EmbeddedModel(**{**spec.__dict__, "sha256": "0" * 64})
+    with pytest.raises(ValueError, match=r"has sha256 .*reinstall with `pip install split-model`"):
+        _join_parts(wrong, parts, tmp_path / "out")
+    with pytest.raises(ImportError, match=r"needs the package `nowhere_part1`.*pip install split-model"):
+        _find_gguf(spec)  # a missing part package is named with the install command, before anything is converted
