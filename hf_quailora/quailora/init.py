@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._peft_utils import record_adapter_facts, require_lora_layers
-from ..quantization import dequantize_weight, disable_bnb_cpu_fast_path, quantization_kind
+from ..quantization import dequantize_weight, disable_bnb_cpu_fast_path, quantization_kind, why_not_quantized
 from .calibration import GramStatistics, check_dtype, make_calibration_batches
 from .config import QuAILoRAConfig
 from .report import LayerReport, QuAILoRAReport
@@ -74,7 +74,8 @@ def _plan_layers(model, adapter_name: str, weights: FullPrecisionWeights | None)
         base = module.get_base_layer()
         kind = quantization_kind(base)
         if kind is None:
-            skipped[name] = "base layer is not quantized by bitsandbytes (E = 0): left at peft's initialisation"
+            reason = why_not_quantized(base, getattr(module, "parameter_name", None))
+            skipped[name] = f"not quantized ({reason}); E = 0, left at peft's initialisation"
             continue
         if module.use_dora.get(adapter_name, False):
             raise ValueError(f"{name}: QuAILoRA does not support DoRA; set use_dora=False.")
@@ -92,8 +93,8 @@ def _plan_layers(model, adapter_name: str, weights: FullPrecisionWeights | None)
             if shape is None:
                 raise ValueError(
                     f"{name}: no full-precision weight in {weights.description} (looked for "
-                    f"'{name.replace('base_model.model.', '')}.weight'); pass `full_precision_weights` that match "
-                    "the model."
+                    f"'{name.replace('base_model.model.', '')}.weight', its suffixes, and the keys the model's "
+                    "conversion mapping renames or fuses into it); pass `full_precision_weights` that match the model."
                 )
             if tuple(shape) != (out_features, in_features):
                 raise ValueError(
@@ -104,9 +105,16 @@ def _plan_layers(model, adapter_name: str, weights: FullPrecisionWeights | None)
     if not plans:
         raise ValueError(
             "No LoRA layer of this model has a bitsandbytes-quantized base, so there is no quantization error to "
-            "correct (E = 0). Load the model with a BitsAndBytesConfig (4-bit or 8-bit) to use QuAILoRA."
+            f"correct (E = 0). {_first_reason(layers)}. QuAILoRA needs a base loaded with a BitsAndBytesConfig "
+            "(4-bit or 8-bit); a family whose layers transformers does not quantize cannot use it."
         )
     return plans, skipped
+
+
+def _first_reason(layers: dict) -> str:
+    name, module = next(iter(layers.items()))
+    reason = why_not_quantized(module.get_base_layer(), getattr(module, "parameter_name", None))
+    return f"The base of {name.removeprefix('base_model.model.')}: {reason}"
 
 
 @torch.no_grad()
@@ -167,7 +175,7 @@ def _prepare(model, calibration, config, tokenizer, full_precision_weights, adap
     """Step 1: find the LoRA layers, their quantized bases and full-precision weights, the calibration groups
     within the memory budget; check everything."""
     source = full_precision_weights if full_precision_weights is not None else _default_weight_source(model)
-    weights = FullPrecisionWeights.from_any(source)
+    weights = FullPrecisionWeights.from_any(source).use_key_mapping(model)
     plans, skipped = _plan_layers(model, adapter_name, weights)
     for name, reason in skipped.items():
         logger.info("QuAILoRA skips %s: %s", name, reason)

@@ -1,7 +1,9 @@
 """The full-precision weight `W` of each layer, for the quantization error `E = W − Q` (methods.md §1).
 
 Once a model is loaded in 4 bit, W is gone from memory: it comes either from a state dict kept before
-quantization or streamed tensor by tensor from the checkpoint's safetensors. `Q` comes from
+quantization or streamed tensor by tensor from the checkpoint's safetensors. A module's key is found by suffix
+matching; where transformers renamed or fused the checkpoint's keys at load time, through the model's own conversion
+mapping (`use_key_mapping`, `key_mapping.py`). `Q` comes from
 `hf_quailora.quantization.dequantize_weight`.
 
 Example:
@@ -21,6 +23,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+from .key_mapping import MappedCheckpointKeys
 
 
 logger = logging.getLogger(__name__)
@@ -65,6 +69,41 @@ class FullPrecisionWeights:
         self._state_dict = dict(state_dict) if state_dict is not None else None
         self._files = files or {}
         self.description = "a state dict" if state_dict is not None else f"{len(set(self._files.values()))} files"
+        self._model: torch.nn.Module | None = None
+        self._mapped: MappedCheckpointKeys | None = None
+
+    def use_key_mapping(self, model: torch.nn.Module) -> FullPrecisionWeights:
+        """Resolve layers that suffix matching misses through `model`'s own checkpoint conversion mapping.
+
+        transformers 5 renames and fuses checkpoint keys at load time (`key_mapping.MappedCheckpointKeys`); with a
+        model attached, `shape` and `get` replay those rules when no key matches the module path. Returns `self`.
+        """
+        self._model, self._mapped = model, None
+        return self
+
+    def _mapping(self) -> MappedCheckpointKeys | None:
+        if self._model is None:
+            return None
+        if self._mapped is None:
+            keys = self._state_dict if self._state_dict is not None else self._files
+            self._mapped = MappedCheckpointKeys(self._model, list(keys), self._read)
+        return self._mapped
+
+    def _read(self, key: str) -> torch.Tensor:
+        if self._state_dict is not None:
+            return self._state_dict[key].detach()
+        from safetensors import safe_open
+
+        with safe_open(str(self._files[key]), framework="pt") as handle:
+            return handle.get_tensor(key)
+
+    def _mapped_name(self, module_name: str) -> str | None:
+        """The model parameter name of `W` when only the conversion mapping knows it, else `None`."""
+        mapping = self._mapping()
+        if mapping is None:
+            return None
+        name = f"{module_name.removeprefix('base_model.model.').replace('.base_layer', '')}.weight"
+        return name if name in mapping else None
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> FullPrecisionWeights:
@@ -125,10 +164,16 @@ class FullPrecisionWeights:
         return None
 
     def shape(self, module_name: str) -> tuple[int, ...] | None:
-        """The stored shape of `W` for `module_name`, or `None` when it is not there (cheap: reads metadata)."""
+        """The stored shape of `W` for `module_name`, or `None` when it is not there (cheap: reads metadata, unless
+        the model's conversion mapping must cut it from a fused tensor)."""
         key = self._key(module_name)
         if key is None:
-            return None
+            mapped = self._mapped_name(module_name)
+            if mapped is None:
+                return None
+            key = self._mapped.key_of(mapped)
+            if key is None:  # produced by a converter: convert to know
+                return tuple(self._mapped.get(mapped).shape)
         if self._state_dict is not None:
             return tuple(self._state_dict[key].shape)
         from safetensors import safe_open
@@ -139,11 +184,10 @@ class FullPrecisionWeights:
     def get(self, module_name: str) -> torch.Tensor:
         """`W` of `module_name` as stored (call `.double()` before subtracting)."""
         key = self._key(module_name)
-        if key is None:
+        if key is not None:
+            return self._read(key)
+        mapped = self._mapped_name(module_name)
+        if mapped is None:
             raise KeyError(f"No full-precision weight for {module_name} in {self.description}.")
-        if self._state_dict is not None:
-            return self._state_dict[key].detach()
-        from safetensors import safe_open
-
-        with safe_open(str(self._files[key]), framework="pt") as handle:
-            return handle.get_tensor(key)
+        logger.debug("W of %s: %s", module_name, self._mapped.describe(mapped))
+        return self._mapped.get(mapped)
