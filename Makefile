@@ -33,7 +33,7 @@ demo: setup
 
 # pytest exits 5 when it collected no test: that must fail, never pass silently.
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra tests; rc=$$?; \
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra --durations=25 tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests"; exit 1; fi; exit $$rc
 
 test-fast: setup
