@@ -67,7 +67,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 def _read_adapter(args, ranks: list[int], name: str):
     """The adapter folder, read and checked with the requested ranks before any model loads."""
-    from .dynamic_rank.spec import check_trained_ranks, read_saved_adapter
+    from .dynamic_rank.saved_adapter import read_saved_adapter
+    from .dynamic_rank.spec import check_trained_ranks
 
     saved = read_saved_adapter(args.adapter)
     if saved.metadata is not None:

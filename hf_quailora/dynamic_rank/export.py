@@ -32,16 +32,15 @@ from torch import nn
 
 from .._io_utils import ADAPTER_CONFIG, check_not_a_file, staged_folder
 from .._peft_utils import adapter_facts, record_adapter_facts
+from .saved_adapter import SavedAdapter, read_saved_adapter
 from .spec import (
     DEFAULT_UPDATE_RULE,
     METADATA_FILE,
     RANK_SCALINGS,
     DynamicRankMetadata,
     RankScaling,
-    SavedAdapter,
     check_choice,
     rank_scaling_for,
-    read_saved_adapter,
     resolve_rank_scaling,
 )
 from .truncation import _renamed_scaling, checked_rank_layers, lora_rank_of

@@ -30,9 +30,8 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Literal, NamedTuple, get_args
+from typing import Literal, get_args
 
-from .._io_utils import ADAPTER_CONFIG
 from .._peft_utils import adapter_facts, require_lora_layers
 
 
@@ -333,86 +332,6 @@ class DynamicRankMetadata:
             return cls(**{key: value for key, value in payload.items() if key in known})
         except (TypeError, ValueError) as err:
             raise type(err)(f"{path}: {err} {fix}") from None
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Saved adapters: read and checked before any model loads
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class SavedAdapter(NamedTuple):
-    """What `read_saved_adapter` finds in an adapter folder."""
-
-    path: str
-    lora_rank: int  # the LoRA r of adapter_config.json (the smallest, with a rank_pattern)
-    metadata: DynamicRankMetadata | None
-
-    @property
-    def max_rank(self) -> int:
-        """The largest rank trained: `max_rank` of `dynamic_rank.json`, else the LoRA r (a plain adapter)."""
-        return self.metadata.max_rank if self.metadata is not None else self.lora_rank
-
-
-def _adapter_subfolders(folder: Path) -> list[str]:
-    return sorted(str(p.parent) for p in folder.glob(f"*/{ADAPTER_CONFIG}"))[:3]
-
-
-def _read_adapter_config(folder: Path) -> dict:
-    if not folder.exists():
-        raise ValueError(f"Adapter folder {folder} does not exist; give the folder that save_model() or "
-                         "export_rank() wrote.")
-    if not folder.is_dir():
-        raise ValueError(f"Adapter {folder} is a file; give the folder that save_model() or export_rank() wrote.")
-    path = folder / ADAPTER_CONFIG
-    if not path.is_file():
-        inside = _adapter_subfolders(folder)
-        hint = f" Adapters inside it: {', '.join(inside)}." if inside else ""
-        raise ValueError(f"{folder} has no {ADAPTER_CONFIG}, so it is not a saved peft adapter.{hint}")
-    try:
-        config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); save the adapter again.") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object; save the adapter again.")
-    return config
-
-
-def read_saved_adapter(adapter_dir: str | os.PathLike) -> SavedAdapter:
-    """Read and check an adapter folder (`adapter_config.json`, `dynamic_rank.json`) without loading any model.
-
-    Every loader calls this first, so that a wrong folder, a broken file or an impossible rank fails in a moment,
-    not after the base model has loaded.
-
-    Raises:
-        TypeError: `adapter_dir` is not a path.
-        ValueError: no such folder, no `adapter_config.json`, not a LoRA adapter (or a DoRA one), a broken
-            `dynamic_rank.json`, or one whose `max_rank` exceeds the LoRA r.
-
-    Example:
-
-    ```python
-    saved = read_saved_adapter("outputs/alpaca/adapter")
-    saved.max_rank, saved.metadata.quantization  # (16, 'nf4')
-    ```
-    """
-    if not isinstance(adapter_dir, (str, os.PathLike)):
-        raise TypeError(f"The adapter must be a folder path; got {type(adapter_dir).__name__}.")
-    folder = Path(adapter_dir).expanduser()
-    config = _read_adapter_config(folder)
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{folder} holds a {config.get('peft_type')!r} adapter; dynamic rank needs a LoRA adapter.")
-    if config.get("use_dora"):
-        raise ValueError(f"{folder} holds a DoRA adapter; dynamic rank supports plain LoRA only.")
-    ranks = [config.get("r"), *(config.get("rank_pattern") or {}).values()]
-    if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
-        raise ValueError(f"{folder / ADAPTER_CONFIG} holds LoRA ranks {ranks}; they must be positive integers.")
-    metadata = DynamicRankMetadata.load(folder)
-    if metadata is not None and metadata.max_rank > min(ranks):
-        raise ValueError(
-            f"{folder / METADATA_FILE} records max_rank {metadata.max_rank}, above the adapter's LoRA r "
-            f"{min(ranks)}: the two files do not belong together. Save the adapter again."
-        )
-    return SavedAdapter(str(folder), min(ranks), metadata)
 
 
 def check_trained_ranks(ranks: Sequence[int], lora_rank: int, max_rank: int | None, name: str) -> None:

@@ -46,12 +46,12 @@ from tqdm.auto import tqdm
 from .._import_utils import is_hub_offline
 from .._io_utils import check_not_a_file
 from ..dynamic_rank.export import load_dynamic_rank_adapter
+from ..dynamic_rank.saved_adapter import read_saved_adapter
 from ..dynamic_rank.spec import (
     METADATA_FILE,
     check_integer,
     check_trained_ranks,
     parse_ranks,
-    read_saved_adapter,
     resolve_rank_scaling,
 )
 from ..dynamic_rank.truncation import lora_rank_of, recorded_max_rank, use_rank

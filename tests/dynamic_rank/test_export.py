@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 from hf_quailora import DynamicRankMetadata, export_rank
 from hf_quailora._peft_utils import record_adapter_facts
 from hf_quailora.dynamic_rank.export import load_dynamic_rank_adapter
-from hf_quailora.dynamic_rank.spec import METADATA_FILE, read_saved_adapter
+from hf_quailora.dynamic_rank.saved_adapter import read_saved_adapter
+from hf_quailora.dynamic_rank.spec import METADATA_FILE
 
 from testing_utils import R, make_model, require_bitsandbytes, save_adapter
 
