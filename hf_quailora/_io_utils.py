@@ -19,6 +19,7 @@ with staged_folder("outputs/adapter-r4") as tmp:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
@@ -91,3 +92,14 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[str], object
         if os.path.exists(tmp):
             os.unlink(tmp)
     return str(path)
+
+
+def read_json_object(path: Path, fix: str) -> dict:
+    """The JSON object in `path`; a `ValueError` naming the file and ending with `fix` when it is not one."""
+    try:
+        payload = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}). {fix}") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path} must hold a JSON object; it holds a {type(payload).__name__}. {fix}")
+    return payload

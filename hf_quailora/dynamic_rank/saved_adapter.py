@@ -7,12 +7,11 @@ loaded.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import NamedTuple
 
-from .._io_utils import ADAPTER_CONFIG
+from .._io_utils import ADAPTER_CONFIG, read_json_object
 from .spec import METADATA_FILE, DynamicRankMetadata
 
 
@@ -44,13 +43,7 @@ def _read_adapter_config(folder: Path) -> dict:
         inside = _adapter_subfolders(folder)
         hint = f" Adapters inside it: {', '.join(inside)}." if inside else ""
         raise ValueError(f"{folder} has no {ADAPTER_CONFIG}, so it is not a saved peft adapter.{hint}")
-    try:
-        config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); save the adapter again.") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object; save the adapter again.")
-    return config
+    return read_json_object(path, "Save the adapter again.")
 
 
 def read_saved_adapter(adapter_dir: str | os.PathLike) -> SavedAdapter:

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal, get_args
 
+from .._io_utils import read_json_object
 from .._peft_utils import adapter_facts, require_lora_layers
 
 
@@ -317,12 +318,7 @@ class DynamicRankMetadata:
             return None
         fix = ("Write it again with save_model()/export_rank(), fix it by hand, or delete it to use the adapter as "
                "a plain fixed-rank LoRA.")
-        try:
-            payload = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path} is not valid JSON ({err}). {fix}") from None
-        if not isinstance(payload, dict):
-            raise ValueError(f"{path} must hold a JSON object; it holds a {type(payload).__name__}. {fix}")
+        payload = read_json_object(path, fix)
         if "rank" in payload:  # written by export_rank of hf_quailora 0.1: {"rank", "rank_scaling", "max_rank"}
             payload["exported_rank"] = payload["max_rank"] = payload.pop("rank")
         if "max_rank" not in payload:
