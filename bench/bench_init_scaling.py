@@ -4,12 +4,16 @@ Synthetic Llama-shaped checkpoints (random weights, saved once as safetensors un
 growing width and depth, loaded in NF4 with LoRA r on every linear layer, initialised with the closed form on
 random token ids. Each case runs in a fresh process: Linux resets the process's high-water mark (VmHWM) on
 `echo 5 > /proc/self/clear_refs` after loading, so the peak *extra* memory of the initialisation is
-`VmHWM after init − VmRSS before init`, not hidden by the loading peak. Each case runs with
-`MALLOC_MMAP_THRESHOLD_=4194304` (4 MiB, fixed): glibc otherwise raises its mmap threshold after the first large
-free (up to 32 MiB), serves later large tensors from the heap and keeps freed ones resident, so the high-water mark
-would count memory that no tensor holds (a CPU-allocator effect; on a GPU, PyTorch's caching allocator reuses freed
-blocks). Without it the peaks read up to ~1.5× the formula at the smallest shape. (A threshold of 128 KiB made
-every activation a fresh mmap and the runs several times slower.) A warm-up with small tensors (one small solve, one
+`VmHWM after init − VmRSS before init`, not hidden by the loading peak. Two CPU-allocator effects would otherwise
+decide the number instead of the tensors (on a GPU, PyTorch's caching allocator reuses freed blocks):
+- glibc keeps freed heap pages, so tensors freed while loading are reused by the init and its growth is hidden (a
+  run read 5 MiB at the smallest shape); `malloc_trim(0)` gives them back to the OS before `VmRSS before init` is
+  read, so every byte the init needs grows RSS;
+- glibc raises its mmap threshold after the first large free (up to 32 MiB) and serves later tensors from a heap
+  that fragments, so the high-water mark drifts upward with every block (+230 MiB over 30 blocks at the smallest
+  shape, with no tensor left alive: counted by `gc`). Each case runs with `MALLOC_MMAP_THRESHOLD_=131072` (fixed):
+  every tensor of 128 KiB or more is its own mapping, returned when freed.
+A warm-up with small tensors (one small solve, one
 8-token forward) runs first, so the peak does not include lazily loaded code. Printed next to it: the README's formula
 (`hf_quailora.quailora.memory.estimate_init_memory`) and the ratio of the two. Writes a Markdown table, JSON and
 a PNG of memory against parameters.
@@ -24,6 +28,7 @@ Every case uses `torch.set_num_threads(--threads)`; timings are compared within 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -53,6 +58,7 @@ REAL_MODELS = {
                           num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False),
 }
 GPU_SIZES = (24, 48, 80)  # GB
+MMAP_THRESHOLD = 128 * 1024  # bytes: glibc serves every tensor from here up by its own mapping (see the docstring)
 
 
 def memory_contract(num_samples: int = 128, max_length: int = 512, batch_size: int = 8) -> str:
@@ -64,24 +70,27 @@ def memory_contract(num_samples: int = 128, max_length: int = 512, batch_size: i
     gib = 2**30
     lines = [
         f"Formula only (not measured on a GPU): {num_samples} × {max_length} calibration tokens in batches of "
-        f"{batch_size}, float64 Gram matrices and solves, bf16 activations, LoRA on every linear layer. \"fits\": NF4 model + the init's peak ≤ the GPU "
-        "(GB = 10⁹ bytes); fine-tuning itself then needs what QLoRA needs.",
+        f"{batch_size}, float64 solves, bf16 activations, LoRA r=16 on every linear layer (float32 factors). "
+        "\"old\": every Gram matrix at once, in float64 (the original design); \"streamed\": one block at a time, "
+        "float32 Gram matrices (the defaults). \"fits\": NF4 model + the init's peak ≤ the GPU (GB = 10⁹ bytes); "
+        "fine-tuning itself then needs what QLoRA needs.",
         "",
-        "| model | NF4 model | Gram all at once (old) | Gram per block | solve workspace | streamed peak | "
-        + " | ".join(f"fits {size} GB: old / streamed" for size in GPU_SIZES) + " |",
-        "|---|---:|---:|---:|---:|---:|" + "---|" * len(GPU_SIZES),
+        "| model | NF4 model | Gram all at once (old) | Gram per block (streamed) | solve workspace | old peak | "
+        "streamed peak | " + " | ".join(f"fits {size} GB: old / streamed" for size in GPU_SIZES) + " |",
+        "|---|---:|---:|---:|---:|---:|---:|" + "---|" * len(GPU_SIZES),
     ]
     for name, config in REAL_MODELS.items():
         terms = estimate_init_memory(SimpleNamespace(**config), num_samples, max_length, batch_size)
+        old = estimate_init_memory(SimpleNamespace(**config), num_samples, max_length, batch_size, gram_bytes=8)
         fits = [
             " / ".join("yes" if terms.model_4bit + peak <= size * 1e9 else "no"
-                       for peak in (terms.all_at_once_peak, terms.streamed_peak))
+                       for peak in (old.all_at_once_peak, terms.streamed_peak))
             for size in GPU_SIZES
         ]
         lines.append(
-            f"| {name} | {terms.model_4bit / gib:.1f} GiB | {terms.gram_all_blocks / gib:.1f} GiB | "
+            f"| {name} | {terms.model_4bit / gib:.1f} GiB | {old.gram_all_blocks / gib:.1f} GiB | "
             f"{terms.gram_per_block / gib:.2f} GiB | {terms.solve_workspace / gib:.2f} GiB | "
-            f"{terms.streamed_peak / gib:.2f} GiB | " + " | ".join(fits) + " |"
+            f"{old.all_at_once_peak / gib:.1f} GiB | {terms.streamed_peak / gib:.2f} GiB | " + " | ".join(fits) + " |"
         )
     return "\n".join(lines)
 
@@ -130,6 +139,14 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _return_free_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc `malloc_trim`), so that RSS grows with every new byte."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: the measured peak may then be lower than the init's real need
+        pass
+
+
 def run_case(path: str, streaming: str, args) -> dict:
     """One initialisation in this (fresh) process; its peak extra memory, time and the formula's terms."""
     import torch
@@ -156,6 +173,7 @@ def run_case(path: str, streaming: str, args) -> dict:
         model(input_ids=ids[:1, :8])
     del E, X
     gc.collect()
+    _return_free_heap()  # freed loading buffers kept by malloc would be reused and hide the init's growth
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")  # reset VmHWM: the loading peak must not hide the initialisation's
     before = _status_bytes("VmRSS")
@@ -169,9 +187,9 @@ def run_case(path: str, streaming: str, args) -> dict:
 def formula(shape, args) -> dict:
     from hf_quailora.quailora.memory import estimate_init_memory
 
-    # fp32 activations on the CPU; the synthetic models have no tied embeddings
+    # fp32 activations and adapters on the CPU; the synthetic models have no tied embeddings
     terms = estimate_init_memory(llama_config(*shape), num_samples=args.windows, max_length=args.window_length,
-                                 batch_size=args.batch_size, activation_bytes=4)
+                                 batch_size=args.batch_size, activation_bytes=4, rank=args.rank, adapter_bytes=4)
     return {"parameters": terms.parameters, "gram_per_block": terms.gram_per_block,
             "gram_all_blocks": terms.gram_all_blocks, "replay": terms.streamed_peak, "off": terms.all_at_once_peak}
 
@@ -183,7 +201,7 @@ def measure(args) -> list[dict]:
         expected = formula(shape, args)
         for streaming in args.modes.split(","):
             command = [sys.executable, os.path.abspath(__file__), "--case", path, streaming, *sys.argv[1:]]
-            env = {**os.environ, "TQDM_DISABLE": "1", "MALLOC_MMAP_THRESHOLD_": "4194304"}
+            env = {**os.environ, "TQDM_DISABLE": "1", "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
             output = subprocess.run(command, capture_output=True, text=True, env=env)
             if output.returncode:
                 raise RuntimeError(f"case {shape} {streaming} failed:\n{output.stderr[-3000:]}")
@@ -197,8 +215,8 @@ def to_markdown(rows: list[dict], args) -> str:
     mib = 2**20
     lines = [
         f"Llama-shaped NF4 checkpoints (random weights), LoRA r={args.rank} on all linear layers, closed form, "
-        f"{args.windows} × {args.window_length} calibration tokens in batches of {args.batch_size}, float64 Gram "
-        f"matrices and solves, torch threads {args.threads}.",
+        f"{args.windows} × {args.window_length} calibration tokens in batches of {args.batch_size}, float32 Gram "
+        f"matrices (the default), float64 solves, float32 adapters and activations, torch threads {args.threads}.",
         "",
         "| hidden / intermediate / layers | parameters | init | Gram bytes alive (formula) | peak extra memory "
         "(measured) | formula | measured / formula | wall time (s) | time / all at once |",
@@ -234,7 +252,7 @@ def plot(rows: list[dict], path: str) -> None:
         axes.plot(params, [row["formula"] / 2**30 for row in mine], "x--", color=color, label=f"{label}: formula")
     axes.set_xlabel("parameters (millions)")
     axes.set_ylabel("peak extra memory of the init (GiB)")
-    axes.set_title("QuAILoRA initialisation memory (CPU, float64 Gram matrices)")
+    axes.set_title("QuAILoRA initialisation memory (CPU, float32 Gram matrices)")
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()

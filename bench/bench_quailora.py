@@ -56,7 +56,7 @@ def make_parser() -> argparse.ArgumentParser:
                         help="rank of the streamed / all-at-once / float32 comparison (default: the largest rank)")
     parser.add_argument("--streaming_repeats", type=int, default=2, help="alternating runs of each mode")
     parser.add_argument("--streaming_only", action="store_true",
-                        help="only the streaming comparison (writes quailora_streaming.md|json), not the start table")
+                        help="only the streaming comparison (writes quailora_streaming[-model].md|json), not the start table")
     return parser
 
 
@@ -100,10 +100,10 @@ def solve_every_rank(args, model, stats, rows: Rows, held_out) -> dict:
     return als_check
 
 
-STREAMING_CASES = {  # name: QuAILoRAConfig settings; "off" first, the baseline
-    "all at once (streaming='off')": dict(streaming="off"),
-    "streamed (replay, default)": dict(streaming="replay"),
-    "streamed, float32 Gram matrices": dict(streaming="replay", gram_dtype="float32"),
+STREAMING_CASES = {  # name: QuAILoRAConfig settings; the first is the baseline and the reference factors
+    "all at once (streaming='off'), float64 Gram": dict(streaming="off", gram_dtype="float64"),
+    "streamed (replay), float64 Gram": dict(streaming="replay", gram_dtype="float64"),
+    "streamed (replay), float32 Gram (the default)": dict(streaming="replay", gram_dtype="float32"),
 }
 
 
@@ -119,8 +119,6 @@ def compare_streaming(args, model, calibration, held_out) -> list[dict]:
     reference = None
     for repeat in range(args.streaming_repeats):
         for name, settings in STREAMING_CASES.items():
-            if repeat and "float32" in name:
-                continue  # precision is checked once; the repeats are for the timing ratio
             config = QuAILoRAConfig(solver="closed_form", num_samples=None, batch_size=8, show_progress=False,
                                     **settings)
             started = time.perf_counter()
@@ -183,6 +181,11 @@ def to_markdown(args, rows: Rows, stats, held_out, calibration_seconds: float, a
     return "\n".join(lines)
 
 
+def results_stem(args) -> str:
+    """`quailora` for the default model, `quailora-<model>` for the others."""
+    return "quailora" if args.model == "smollm2-135m" else f"quailora-{os.path.basename(args.model.rstrip('/'))}"
+
+
 def streaming_only(args, tokenizer, held_out, calibration) -> None:
     """`--streaming_only`: the NF4 model with one adapter at the comparison's rank, and the comparison alone."""
     rank = args.streaming_rank or max(args.ranks)
@@ -192,9 +195,10 @@ def streaming_only(args, tokenizer, held_out, calibration) -> None:
     table = "\n".join(streaming_markdown(streaming, args.threads)).strip()
     print("\n" + table)
     os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "quailora_streaming.md"), "w") as handle:
+    stem = os.path.join(args.output, results_stem(args).replace("quailora", "quailora_streaming", 1))
+    with open(stem + ".md", "w") as handle:
         handle.write(table + "\n")
-    with open(os.path.join(args.output, "quailora_streaming.json"), "w") as handle:
+    with open(stem + ".json", "w") as handle:
         json.dump({"args": vars(args), "streaming": streaming}, handle, indent=1)
 
 
@@ -235,7 +239,7 @@ def main() -> None:
         table += "\n" + "\n".join(streaming_markdown(streaming, args.threads))
     print("\n" + table)
     os.makedirs(args.output, exist_ok=True)
-    stem = "quailora" if args.model == "smollm2-135m" else f"quailora-{os.path.basename(args.model.rstrip('/'))}"
+    stem = results_stem(args)
     with open(os.path.join(args.output, f"{stem}.md"), "w") as handle:
         handle.write(table + "\n")
     with open(os.path.join(args.output, f"{stem}.json"), "w") as handle:

@@ -103,12 +103,16 @@ def make_trainer(path, texts, output_dir, quantization="none", model=None, callb
     )
 
 
-def float64_bytes() -> int:
-    """Bytes of the float64 tensors alive anywhere in the process (after a garbage collection).
+def tensor_bytes() -> int:
+    """Bytes of every tensor storage alive anywhere in the process (after a garbage collection), each counted once.
 
-    QuAILoRA's Gram matrices, W, Q and E are float64 by default and the tiny test models float32, so this counts
-    what an initialisation leaves behind.
+    The model's parameters are written in place, so any difference across a QuAILoRA initialisation is what it
+    left behind: Gram matrices (float32 or float64), W, Q, E, pending factors, cached hidden states.
     """
     gc.collect()
-    return sum(obj.numel() * obj.element_size() for obj in gc.get_objects()
-               if isinstance(obj, torch.Tensor) and obj.dtype == torch.float64)
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())

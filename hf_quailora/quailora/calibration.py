@@ -1,7 +1,7 @@
 """Calibration: batches from many input kinds, and padding-masked Gram matrices `H = XᵀX` from forward hooks.
 
 Layers that read the same input tensor (q/k/v of attention; gate/up of an MLP) share one Gram matrix: the hook
-recognises the shared tensor object and accumulates it once. Accumulation runs in float64 (or float32) without
+recognises the shared tensor object and accumulates it once. Accumulation runs in float32 (or float64) without
 holding activations; under `torch.distributed` the matrices and token counts are all-reduced, so every process
 ends with the same `H`.
 
@@ -15,6 +15,7 @@ grams = collect_gram_matrices(model, batches, {"q": model.layers[0].q_proj, ...}
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import weakref
@@ -216,13 +217,29 @@ class GramCollector:
             # float64 matmuls cost twice as much and change nothing at this batch size.
             rows = rows.float() if rows.dtype in (torch.float16, torch.bfloat16) else rows
             # `add_` casts element by element: no float64 copy of the product is made.
-            gram = (rows.T @ rows).to(self.device or rows.device)
+            with full_float32_matmul():
+                gram = (rows.T @ rows).to(self.device or rows.device)
             total = self.stats.matrices.get(leader)
             if total is None:
                 total = self.stats.matrices[leader] = torch.zeros(gram.shape, dtype=self.dtype, device=gram.device)
             total.add_(gram)
 
         return hook
+
+
+@contextlib.contextmanager
+def full_float32_matmul():
+    """float32 matmuls at full precision inside, whatever the caller chose: with TF32 (`tf32=True`, or
+    `torch.set_float32_matmul_precision("high")`) a GPU would keep only 10 mantissa bits of every `XᵀX` product."""
+    previous = torch.get_float32_matmul_precision()
+    if previous == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def check_dtype(dtype: torch.dtype) -> None:
@@ -288,7 +305,7 @@ def collect_gram_matrices(
     model: torch.nn.Module,
     batches: list[dict[str, torch.Tensor]],
     modules: Mapping[str, torch.nn.Module],
-    dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype = torch.float32,
     show_progress: bool = True,
     device: torch.device | str | None = None,
 ) -> GramStatistics:
@@ -298,7 +315,7 @@ def collect_gram_matrices(
         model (`torch.nn.Module`): the model to run (its current mode is used; callers put it in eval mode).
         batches (`list[dict]`): from `make_calibration_batches`.
         modules (`Mapping[str, torch.nn.Module]`): named modules whose input `X` to record.
-        dtype (`torch.dtype`, defaults to float64): accumulation dtype.
+        dtype (`torch.dtype`, defaults to float32): accumulation dtype.
         show_progress (`bool`, defaults to `True`): a tqdm bar over batches.
         device (*optional*): where the matrices accumulate (e.g. `"cpu"`); defaults to each module's device.
 

@@ -118,10 +118,18 @@ def _first_reason(layers: dict) -> str:
 
 
 @torch.no_grad()
+def _like_parameters(module, adapter_name: str, lora_B: torch.Tensor, lora_A: torch.Tensor):
+    """The factors cast to their parameters' device and dtype now, not at the final write: the pending factors of
+    every layer then cost one adapter's bytes (e.g. bf16), not the solve dtype's (float64 is 4x bf16)."""
+    B_param, A_param = module.lora_B[adapter_name].weight, module.lora_A[adapter_name].weight
+    return (lora_B.to(device=B_param.device, dtype=B_param.dtype),
+            lora_A.to(device=A_param.device, dtype=A_param.dtype))
+
+
 def _write(module, adapter_name: str, lora_B: torch.Tensor, lora_A: torch.Tensor) -> None:
     # copy_ keeps the Parameter objects the optimizer may already hold.
     for param, value in ((module.lora_B[adapter_name].weight, lora_B), (module.lora_A[adapter_name].weight, lora_A)):
-        param.data.copy_(value.to(device=param.device, dtype=param.dtype))
+        param.data.copy_(value)
 
 
 def _revive_dead_components(B: torch.Tensor, A: torch.Tensor, gains: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,7 +247,11 @@ def _solve_layer(plan: _Plan, weights: FullPrecisionWeights, stats: GramStatisti
     del Q
     # H unnormalised (no copy): the solution does not depend on its scale (damping is relative to its diagonal);
     # the report's errors are divided by the token count.
-    H = stats.for_layer(plan.name).to(device=E.device, dtype=solve_dtype) if stats else None
+    # The closed form takes H in the Gram dtype and casts only its damped copy; the report's H (solve dtype) is made
+    # after the solve, once the Cholesky factor is gone: at most two in×in matrices in the solve dtype at once.
+    H = stats.for_layer(plan.name).to(device=E.device) if stats else None
+    if H is not None and config.solver != "closed_form":
+        H = H.to(solve_dtype)
     svd = solve_svd(E, plan.rank) if config.solver != "closed_form" or config.report_svd_baseline else None
     if config.solver == "closed_form":
         result = solve_closed_form(E, H, plan.rank, config.damping)
@@ -252,6 +264,7 @@ def _solve_layer(plan: _Plan, weights: FullPrecisionWeights, stats: GramStatisti
     if not (torch.isfinite(lora_B).all() and torch.isfinite(lora_A).all()):
         raise ValueError(f"{plan.name}: the solution is not finite; raise `damping`.")
     seconds = time.perf_counter() - started
+    H = H.to(solve_dtype) if H is not None else None
     return lora_B, lora_A, _layer_report(plan, E, H, stats.num_tokens if stats else 1, svd, lora_B, lora_A, seconds)
 
 
@@ -351,7 +364,7 @@ def quailora_init(
         started = time.perf_counter()
         for plan in group:
             lora_B, lora_A, layer_report = _solve_layer(plan, weights, stats, config)
-            results.append((plan, lora_B, lora_A))
+            results.append((plan, *_like_parameters(plan.module, adapter_name, lora_B, lora_A)))
             report.layers.append(layer_report)
             progress.update(1)
         report.solve_seconds += time.perf_counter() - started

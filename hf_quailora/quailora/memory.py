@@ -2,15 +2,18 @@
 
 The peak *extra* memory of `quailora_init` (beyond the quantized model and its adapter) is
 
-    Gram bytes of one group  +  (replay only) the cached hidden states
+    Gram bytes of one group  +  (replay only) the cached hidden states  +  the factors solved so far
                              +  max(one layer's solve workspace, one calibration step)
 
 - Gram bytes of a block: `Σ d_in² × b_gram` over the block's *distinct* layer inputs (q/k/v share one matrix,
   gate/up another); a Llama block has `(3·h² + i²) × b_gram` (hidden h, intermediate i; b_gram = 8 in float64,
-  4 in float32).
+  4 in float32, the default).
 - One layer's solve workspace (closed form, solve dtype b_solve): `E = W − Q` and `E·L` (or the report's `E·H`),
-  the damped Gram matrix and its Cholesky factor, and the SVD's Gram matrix with its eigenvectors:
-  `(2·out·in + 2·in² + 3·min(out, in)²) × b_solve`, at the layer where it is largest (the down projection).
+  the damped Gram matrix (cast from the Gram dtype) and its Cholesky factor, and the SVD's Gram matrix with its
+  eigenvectors: `(2·out·in + 2·in² + 3·min(out, in)²) × b_solve`, at the layer where it is largest (the down
+  projection). The report's H in the solve dtype is made after the solve, when the Cholesky factor is gone.
+- The factors solved so far: every layer's `B` and `A` wait, in the adapter's dtype, until all layers are solved
+  (a failure leaves the model untouched): `r × Σ (in + out) × b_adapter` at the end, one adapter's size.
 - The hidden-state cache of replay: the current block's inputs for every calibration token, replaced batch by batch
   by its outputs, `tokens × h × b_act` (b_act: the compute dtype's bytes, e.g. 2 in bf16).
 - One calibration step (one batch of `T_b = batch_size × max_length` tokens through one block, with the hooks):
@@ -132,20 +135,23 @@ class InitMemory:
     solve_workspace: int
     hidden_state_cache: int
     calibration_step: int
+    pending_factors: int
 
     @property
     def streamed_peak(self) -> int:
         """Peak extra memory of the default (replay, one block at a time) initialisation."""
-        return self.gram_per_block + self.hidden_state_cache + max(self.solve_workspace, self.calibration_step)
+        return (self.gram_per_block + self.hidden_state_cache + self.pending_factors
+                + max(self.solve_workspace, self.calibration_step))
 
     @property
     def all_at_once_peak(self) -> int:
         """Peak extra memory of `streaming="off"` (every Gram matrix alive at once)."""
-        return self.gram_all_blocks + max(self.solve_workspace, self.calibration_step)
+        return self.gram_all_blocks + self.pending_factors + max(self.solve_workspace, self.calibration_step)
 
 
 def estimate_init_memory(config, num_samples: int = 128, max_length: int = 512, batch_size: int = 8,
-                         gram_bytes: int = 8, solve_bytes: int = 8, activation_bytes: int = 2) -> InitMemory:
+                         gram_bytes: int = 4, solve_bytes: int = 8, activation_bytes: int = 2, rank: int = 16,
+                         adapter_bytes: int = 4) -> InitMemory:
     """The memory formula for a Llama-shaped transformers config (Llama, Qwen, Mistral, Gemma: q/k/v, o, gate/up,
     down in every block, LoRA on all of them).
 
@@ -153,8 +159,11 @@ def estimate_init_memory(config, num_samples: int = 128, max_length: int = 512, 
         config: a transformers `PretrainedConfig` (or anything with `hidden_size`, `intermediate_size`,
             `num_hidden_layers`, `num_attention_heads`, `vocab_size`; optional `num_key_value_heads`, `head_dim`).
         num_samples / max_length / batch_size (`int`, default 128 / 512 / 8): as in `QuAILoRAConfig`.
-        gram_bytes / solve_bytes (`int`, default 8): bytes per element of `gram_dtype` / `solve_dtype`.
+        gram_bytes / solve_bytes (`int`, default 4 / 8): bytes per element of `gram_dtype` / `solve_dtype`.
         activation_bytes (`int`, defaults to 2): bytes per element of the compute dtype (bf16).
+        rank (`int`, defaults to 16): the LoRA rank r.
+        adapter_bytes (`int`, defaults to 4): bytes per element of the LoRA factors (peft keeps them in float32
+            unless told otherwise).
     """
     h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     heads = config.num_attention_heads
@@ -181,4 +190,5 @@ def estimate_init_memory(config, num_samples: int = 128, max_length: int = 512, 
         solve_workspace=workspace,
         hidden_state_cache=num_samples * max_length * h * activation_bytes,
         calibration_step=calibration_step,
+        pending_factors=layers * rank * sum(out + inp for out, inp in shapes) * adapter_bytes,
     )

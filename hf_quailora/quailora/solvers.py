@@ -51,16 +51,20 @@ def _check(E: torch.Tensor, H: torch.Tensor | None, r: int) -> None:
         raise ValueError(f"The rank r ({r}) must be an integer between 1 and min(out, in) = {min(E.shape)}.")
 
 
-def damp(H: torch.Tensor, damping: float) -> torch.Tensor:
-    """Return `H + λI` with `λ = damping · mean(diag H)` (a copy)."""
+def damp(H: torch.Tensor, damping: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Return `H + λI` with `λ = damping · mean(diag H)`: one new matrix, in `dtype` (default: H's).
+
+    Casting here (a float32 Gram matrix into a float64 solve) makes the damped copy the only one: no separate cast
+    of H is held beside it.
+    """
     if damping < 0:
         raise ValueError(f"`damping` ({damping}) must be >= 0.")
-    scale = torch.diagonal(H).mean()
+    damped = H.to(dtype or H.dtype, copy=True)  # one copy of H, not the two of `H + λ·eye`
+    scale = torch.diagonal(damped).mean()
     # Even with damping=0 add a rounding-level ridge, so an exactly singular H still factorises.
-    lam = max(damping, torch.finfo(H.dtype).eps) * scale
+    lam = max(damping, torch.finfo(damped.dtype).eps) * scale
     if not torch.isfinite(lam) or lam <= 0:
-        lam = torch.tensor(torch.finfo(H.dtype).eps, dtype=H.dtype, device=H.device)
-    damped = H.clone()  # one copy of H, not the two of `H + λ·eye`
+        lam = torch.tensor(torch.finfo(damped.dtype).eps, dtype=damped.dtype, device=damped.device)
     damped.diagonal().add_(lam)
     return damped
 
@@ -147,7 +151,8 @@ def solve_closed_form(E: torch.Tensor, H: torch.Tensor, r: int, damping: float =
 
     Args:
         E (`torch.Tensor`): quantization error, out×in, float32 or float64.
-        H (`torch.Tensor`): Gram matrix of the layer's inputs, in×in.
+        H (`torch.Tensor`): Gram matrix of the layer's inputs, in×in (any float dtype: its damped copy is made in
+            E's dtype, so a float32 H costs no extra float64 copy).
         r (`int`): rank, `1 ≤ r ≤ min(out, in)`.
         damping (`float`, defaults to 1e-4): `H ← H + damping · mean(diag H) · I`.
 
@@ -162,7 +167,7 @@ def solve_closed_form(E: torch.Tensor, H: torch.Tensor, r: int, damping: float =
     ```
     """
     _check(E, H, r)
-    L = _cholesky(damp(H, damping))
+    L = _cholesky(damp(H, damping, dtype=E.dtype))  # H may be float32: the damped copy is in E's dtype
     U, S, V = _top_singular(E @ L, r)  # methods.md §1: sBA = LR_r(E Rᵀ)(Rᵀ)⁻¹
     W = torch.linalg.solve_triangular(L.T, V, upper=True)  # L⁻ᵀ V: rows of A live in the un-whitened space
     B, A = _balanced_factors(U, S, W)

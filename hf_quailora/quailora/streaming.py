@@ -94,8 +94,11 @@ def plan_schedule(model, in_features: Mapping[str, int], config, gram_device: to
     element_bytes = torch.finfo(getattr(torch, config.gram_dtype)).bits // 8
     sizes = _block_bytes(per_block, in_features, element_bytes)
     block_names = [f"{list_name}.{index}" for index in range(len(blocks))]
-    if budget is None and mode == "passes":
-        budget = max(_smallest_over_processes(free_memory(gram_device) // 2, gram_device), max(sizes))
+    if budget is None:  # "auto": one block's Gram matrices must fit in what the Gram device has free
+        free = _smallest_over_processes(free_memory(gram_device), gram_device)
+        _check_one_block_fits(sizes, block_names, free, gram_device)
+        if mode == "passes":
+            budget = max(free // 2, max(sizes))
     if budget is None:  # replay: one block at a time costs no extra compute
         index_groups = [[index] for index in range(len(blocks)) if per_block[index]]
     else:
@@ -110,6 +113,17 @@ def plan_schedule(model, in_features: Mapping[str, int], config, gram_device: to
         f", plus one pass for {len(outside)} layers outside the blocks" if outside else "",
     )
     return Schedule(mode, groups, blocks, block_of, outside)
+
+
+def _check_one_block_fits(sizes: list[int], block_names: list[str], free: int, gram_device: torch.device) -> None:
+    largest = max(range(len(sizes)), key=sizes.__getitem__)
+    if sizes[largest] > free:
+        advice = "gram_device='cpu', " if gram_device.type != "cpu" else ""
+        raise ValueError(
+            f"QuAILoRA cannot stream even one block: {block_names[largest]} needs {format_bytes(sizes[largest])} of "
+            f"Gram matrices and {gram_device} has {format_bytes(free)} free. Free memory, or use {advice}"
+            f"gram_dtype='float32' (half the bytes) or fewer LoRA target modules."
+        )
 
 
 def _smallest_over_processes(value: int, device: torch.device) -> int:

@@ -6,7 +6,12 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_quailora import find_lora_layers, quailora_init
-from hf_quailora.quailora.calibration import collect_gram_matrices, make_calibration_batches, skip_logits
+from hf_quailora.quailora.calibration import (
+    collect_gram_matrices,
+    full_float32_matmul,
+    make_calibration_batches,
+    skip_logits,
+)
 
 from testing_utils import TINY_DISTINCT_INPUTS, make_model, require_bitsandbytes, snapshot
 
@@ -46,7 +51,7 @@ def test_padding_is_excluded_and_shared_inputs_share(tiny_lora, tiny_texts):
 
     assert stats.num_tokens == tokens
     for name in layers:
-        torch.testing.assert_close(stats.for_layer(name), reference[name], rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(stats.for_layer(name).double(), reference[name], rtol=1e-4, atol=1e-3)
     # q/k/v read one tensor, gate/up another: one matrix each
     prefix = "base_model.model.model.layers.0."
     assert stats.groups[prefix + "self_attn.k_proj"] == stats.groups[prefix + "self_attn.q_proj"]
@@ -102,7 +107,7 @@ def test_logits_are_skipped_unless_the_output_head_is_calibrated(tiny_model_path
     with torch.no_grad(), model.disable_adapter():
         hidden = model(**batches[0], output_hidden_states=True).hidden_states[-1]
     rows = hidden.reshape(-1, hidden.shape[-1])[batches[0]["attention_mask"].reshape(-1).bool()].double()
-    torch.testing.assert_close(stats.for_layer(head), rows.T @ rows, rtol=1e-4, atol=1e-4)  # float32 products
+    torch.testing.assert_close(stats.for_layer(head).double(), rows.T @ rows, rtol=1e-4, atol=1e-4)  # float32
 
 
 def test_a_float_tensor_as_calibration_data_is_refused_with_a_type_error(tiny_lora):
@@ -122,3 +127,22 @@ def test_token_ids_beyond_the_vocabulary_are_refused_before_any_forward(tiny_mod
     for name, value in snapshot(model).items():
         torch.testing.assert_close(value, before[name], msg=name)
 
+
+
+def test_gram_products_are_full_float32_even_under_tf32_settings(tiny_lora, tiny_texts):
+    model, tokenizer = tiny_lora
+    layers = find_lora_layers(model)
+    batches = make_calibration_batches(tiny_texts[:3], tokenizer, num_samples=None, max_length=32, batch_size=3)
+    reference = collect_gram_matrices(model, batches, layers, dtype=torch.float64, show_progress=False)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")  # what `tf32=True` or a user's own setting leaves behind
+    try:
+        with full_float32_matmul():
+            assert torch.get_float32_matmul_precision() == "highest"
+        stats = collect_gram_matrices(model, batches, layers, show_progress=False)
+        assert torch.get_float32_matmul_precision() == "medium"  # the caller's setting is restored
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    for name in layers:
+        assert stats.for_layer(name).dtype == torch.float32  # the default accumulation dtype
+        torch.testing.assert_close(stats.for_layer(name).double(), reference.for_layer(name), rtol=1e-5, atol=1e-4)

@@ -13,7 +13,7 @@ from trl import SFTConfig, SFTTrainer
 from hf_quailora import QuAILoRAConfig, QuAILoRAInitCallback, quailora_init
 from hf_quailora.quantization import load_quantized_model
 
-from testing_utils import TINY_LINEAR_LAYERS, float64_bytes, require_bitsandbytes, snapshot
+from testing_utils import TINY_LINEAR_LAYERS, tensor_bytes, require_bitsandbytes, snapshot
 
 
 pytestmark = require_bitsandbytes
@@ -98,11 +98,11 @@ def test_callback_keeps_checkpoint_weights_on_resume(tiny_model_path, tiny_texts
 
 def test_callback_keeps_the_report_numbers_not_the_gram_matrices(tiny_model_path, tiny_texts, tmp_path):
     model, tokenizer = lora_model(tiny_model_path)
-    before = float64_bytes()
+    before = tensor_bytes()
     callback = QuAILoRAInitCallback(calibration_dataset=tiny_texts, report_file=None)
     callback.on_train_begin(sft_args(tmp_path), TrainerState(), TrainerControl(), model=model, processing_class=tokenizer)
     assert callback.report.gram_statistics is None and len(callback.report.layers) == TINY_LINEAR_LAYERS
-    assert float64_bytes() == before  # no Gram matrix, W, Q or E outlives on_train_begin
+    assert tensor_bytes() == before  # no Gram matrix, W, Q or E outlives on_train_begin
 
 
 def test_callback_bad_input(tiny_model_path, tiny_texts, tmp_path):

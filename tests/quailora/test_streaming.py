@@ -10,12 +10,12 @@ from hf_quailora.quailora.memory import estimate_init_memory, parse_memory_budge
 from hf_quailora.quailora.streaming import find_decoder_blocks, record_block_inputs
 from hf_quailora.quantization import load_quantized_model
 
-from testing_utils import TINY_LINEAR_LAYERS, TINY_NUM_BLOCKS, float64_bytes, require_bitsandbytes, snapshot
+from testing_utils import TINY_LINEAR_LAYERS, TINY_NUM_BLOCKS, tensor_bytes, require_bitsandbytes, snapshot
 
 
 pytestmark = require_bitsandbytes
 
-TINY_BLOCK_GRAM_BYTES = (64**2 * 6 + 128**2) * 8  # q, k, v, o, gate, up (in = 64) and down (in = 128), float64
+TINY_BLOCK_GRAM_BYTES = (64**2 * 6 + 128**2) * 4  # q, k, v, o, gate, up (in = 64) and down (in = 128), float32
 
 
 def quantized_lora(path, r=4, targets="all-linear"):
@@ -78,6 +78,24 @@ def test_the_budget_groups_blocks_and_a_budget_below_one_block_fails_before_any_
     assert len(forwards) == 1  # both blocks in one group: one pass (4 samples, one batch)
 
 
+def test_auto_refuses_when_one_block_does_not_fit_in_free_memory(tiny_model_path, tiny_texts, monkeypatch):
+    import hf_quailora.quailora.streaming as streaming
+
+    model, tokenizer = quantized_lora(tiny_model_path)
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    # The machine's free memory is the input here; pretend the Gram device has less than one block's matrices.
+    monkeypatch.setattr(streaming, "free_memory", lambda device: TINY_BLOCK_GRAM_BYTES - 1)
+    for mode in ("replay", "passes"):
+        config = QuAILoRAConfig(show_progress=False, num_samples=4, streaming=mode)
+        with pytest.raises(ValueError, match=r"cannot stream even one block: .*layers\.\d+ needs .* free"):
+            quailora_init(model, tiny_texts, config, tokenizer=tokenizer)
+    assert not forwards
+    monkeypatch.setattr(streaming, "free_memory", lambda device: TINY_BLOCK_GRAM_BYTES)
+    quailora_init(model, tiny_texts, QuAILoRAConfig(show_progress=False, num_samples=4), tokenizer=tokenizer)
+    assert forwards
+
+
 @pytest.mark.parametrize(
     "settings, error, message",
     [
@@ -107,24 +125,25 @@ def test_memory_budget_units():
 @pytest.mark.parametrize("streaming", ["replay", "off"])
 def test_nothing_is_left_behind_unless_asked(tiny_model_path, tiny_texts, streaming):
     model, tokenizer = quantized_lora(tiny_model_path)
-    before = float64_bytes()
-    kept = torch.zeros(3, dtype=torch.float64)  # the accounting sees float64 tensors that are alive
-    assert float64_bytes() == before + kept.numel() * 8
+    before = tensor_bytes()
+    kept = torch.zeros(3, dtype=torch.float64)  # the accounting sees the tensors that are alive
+    assert tensor_bytes() == before + kept.numel() * 8
     del kept
     report = quailora_init(model, tiny_texts, QuAILoRAConfig(show_progress=False, streaming=streaming),
                            tokenizer=tokenizer)
     assert report.gram_statistics is None
-    assert float64_bytes() == before
+    assert tensor_bytes() == before
     report = quailora_init(model, tiny_texts, QuAILoRAConfig(show_progress=False, streaming=streaming,
                                                              keep_gram_statistics=True), tokenizer=tokenizer)
     stats = report.gram_statistics
     assert len(stats.groups) == TINY_LINEAR_LAYERS and stats.num_tokens == report.num_tokens
-    assert float64_bytes() - before == sum(matrix.numel() * 8 for matrix in stats.matrices.values())
+    kept_bytes = sum(matrix.numel() * matrix.element_size() for matrix in stats.matrices.values())
+    assert all(matrix.dtype == torch.float32 for matrix in stats.matrices.values())  # the default gram_dtype
+    assert tensor_bytes() - before == kept_bytes
     again = quailora_init(model, stats, QuAILoRAConfig(show_progress=False, solver="closed_form"))
     assert again.num_tokens == report.num_tokens  # the kept statistics initialise again without calibration
     # The README's formula counts exactly these Gram bytes (all linear layers adapted, Llama-shaped).
     terms = estimate_init_memory(model.config)
-    kept_bytes = sum(matrix.numel() * 8 for matrix in stats.matrices.values())
     assert terms.gram_all_blocks == kept_bytes == model.config.num_hidden_layers * terms.gram_per_block
 
 
