@@ -7,7 +7,6 @@
 | `perplexity` | `compute_perplexity` on token windows |
 | `reporting` | result rows → JSON, Markdown, a PNG of each metric against rank |
 | `sweep_callback` | `RankSweepCallback`: the lm-eval sweep during and after training |
-| `metrics/` | Trainer-side metrics through `evaluate`, shipped as local metric modules |
 
 This package's `__init__` imports nothing heavy: lm-eval loads only with `lm_eval_bridge`.
 """
