@@ -26,13 +26,20 @@ import os
 import sys
 
 
+def _from_config_file(args, key: str):
+    """`key` of the YAML file given to `--config` (lm-eval's own reader), where the command line leaves it unset."""
+    if not getattr(args, "config", None):
+        return None
+    from lm_eval.config.evaluate_config import EvaluatorConfig
+
+    return EvaluatorConfig.load_yaml_config(args.config).get(key)
+
+
 def _include_paths(args, offline_dir: str) -> list[str]:
     """The offline tasks' folder, then the user's `--include_path` (or the `include_path` of `--config`'s YAML)."""
     user = getattr(args, "include_path", None)
-    if user is None and getattr(args, "config", None):
-        from lm_eval.config.evaluate_config import EvaluatorConfig
-
-        user = EvaluatorConfig.load_yaml_config(args.config).get("include_path")
+    if user is None:
+        user = _from_config_file(args, "include_path")
     user = [] if user is None else list(user) if isinstance(user, (list, tuple)) else [user]
     for path in user:
         if not os.path.isdir(path):
@@ -41,10 +48,11 @@ def _include_paths(args, offline_dir: str) -> list[str]:
 
 
 def _check_model_name(args) -> None:
-    """Raise, listing the names lm-eval knows, unless `--model` names a registered model; nothing is loaded."""
+    """Raise, listing the names lm-eval knows, unless `--model` (or `--config`'s `model`) names a registered model;
+    nothing is loaded."""
     from lm_eval.api.registry import model_registry
 
-    name = getattr(args, "model", None) or "hf"  # lm-eval's own default
+    name = getattr(args, "model", None) or _from_config_file(args, "model") or "hf"  # lm-eval's own default
     if name not in model_registry:
         known = ", ".join(sorted(model_registry.keys()))
         raise ValueError(
@@ -64,8 +72,8 @@ def run_lm_eval_cli(argv: list[str]) -> int:
         `int`: 0 once lm-eval has finished.
 
     Raises:
-        ValueError: `--model` names no registered model (checked before any task index or model loads), or an
-            `--include_path` that is not a folder.
+        ValueError: `--model` (or `model` in the `--config` YAML) names no registered model, checked before any task
+            index or model loads; an `--include_path` that is not a folder.
     """
     from lm_eval._cli.harness import HarnessCLI  # what lm-eval's `cli_evaluate` runs, minus its own sys.argv read
     from lm_eval.utils import setup_logging

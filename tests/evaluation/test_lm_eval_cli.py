@@ -89,6 +89,13 @@ def test_lm_eval_command_refuses_an_unknown_model_listing_the_known_names(tmp_pa
     assert ", hf," in str(error.value)
 
 
+def test_lm_eval_command_refuses_an_unknown_model_named_in_a_config_file(tmp_path):
+    config = tmp_path / "eval.yaml"
+    config.write_text("model: hf-dynrnak\ntasks: [quailora_wiki_ppl]\n")
+    with pytest.raises(ValueError, match=r"`--model` 'hf-dynrnak' is not a model lm-eval knows"):
+        cli_main(["lm-eval", "run", "--config", str(config)])
+
+
 def test_lm_eval_command_refuses_an_include_path_that_is_not_a_folder(tmp_path):
     with pytest.raises(ValueError, match=r"`--include_path` '.*nope' is not a folder"):
         cli_main(["lm-eval", "--model", "hf-dynrank", "--tasks", TASK, "--include_path", str(tmp_path / "nope")])
