@@ -1,8 +1,11 @@
-"""`hf-quailora` command line: benchmark every rank of a dynamic-rank adapter, or export one rank.
+"""`hf-quailora` command line: benchmark every rank of a dynamic-rank adapter, export one rank, or run lm-eval's own
+command line with the `hf-dynrank` model and the offline tasks.
 
     hf-quailora eval --model smollm2-135m --adapter outputs/alpaca/adapter --ranks 1,2,4,8,16 \\
         --tasks quailora_wiki_ppl,quailora_alpaca_loss --limit 50 --output_dir outputs/rank_sweep
     hf-quailora export --model smollm2-135m --adapter outputs/alpaca/adapter --rank 4 --output_dir adapter-r4
+    hf-quailora lm-eval --model hf-dynrank --model_args pretrained=smollm2-135m,peft=outputs/alpaca/adapter,rank=4 \\
+        --tasks quailora_wiki_ppl --limit 20
 
 `hf-quailora <command> --help` explains every option.
 """
@@ -62,6 +65,10 @@ def make_parser() -> argparse.ArgumentParser:
                         help="folder for adapter_config.json and the weights (never the --adapter folder)")
     export.add_argument("--overwrite", action="store_true",
                         help="replace another adapter in --output_dir (an earlier export is replaced without it)")
+
+    # Listed for --help only: main() hands everything after `lm-eval` to lm-eval's own parser, untouched.
+    commands.add_parser("lm-eval", add_help=False, help="lm-eval's own command line, with hf-dynrank and the "
+                        "offline tasks (`hf-quailora lm-eval --help` shows lm-eval's options)")
     return parser
 
 
@@ -123,11 +130,16 @@ def _export(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = make_parser().parse_args(argv)
     from .quantization import quiet_bnb_warnings
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     quiet_bnb_warnings()
+    if argv[:1] == ["lm-eval"]:
+        from .evaluation.lm_eval_cli import run_lm_eval_cli
+
+        return run_lm_eval_cli(argv[1:])
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = make_parser().parse_args(argv)
     _evaluate(args) if args.command == "eval" else _export(args)
     return 0
 

@@ -74,8 +74,9 @@ class DynamicRankConfig(SFTConfig):
 
         > Evaluation
 
-        eval_ranks (`list[int]`, *optional*): ranks that `evaluate()` reports as `eval_loss@r{b}`; defaults to
-            `min_rank`, the powers of two between, and `max_rank`.
+        eval_ranks (`list[int]`, *optional*): ranks that `evaluate()` reports as `eval_loss@r{b}` (with trl's
+            `eval_mean_token_accuracy@r{b}` and `eval_entropy@r{b}`); defaults to `min_rank`, the powers of two
+            between, and `max_rank`.
 
         > Defaults that differ from `SFTConfig`
 

@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 RANK_STATE_NAME = "dynamic_rank_state.pt"
 _TIMING_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second", "_preparation_time")
+_NOT_PER_RANK = ("num_tokens",)  # trl's count of training tokens seen, logged with evaluations too
 
 
 class DynamicRankTrainer(SFTTrainer):
@@ -61,7 +62,8 @@ class DynamicRankTrainer(SFTTrainer):
       over the logging window when `logging_steps > 1`; `trainer.rank_history` keeps every `[step, rank]`).
     - SoFT mode (`soft_ranks`): each rank's weighted loss is back-propagated in turn within the step; the gradients sum
       to those of the weighted sum of losses, and each recomputation under gradient checkpointing sees its own rank.
-    - `evaluate()` reports `eval_loss` at `max_rank` and `eval_loss@r{b}` for every `eval_ranks` b, in one call.
+    - `evaluate()` reports `eval_loss` at `max_rank` and `eval_loss@r{b}` for every `eval_ranks` b, in one call; so
+      too trl's own metrics (`eval_mean_token_accuracy@r{b}`, `eval_entropy@r{b}`) and `eval_perplexity@r{b}`.
     - The sampler state is written to every checkpoint (`dynamic_rank_state.pt`) and restored by
       `train(resume_from_checkpoint=...)`; a checkpoint written with another rank range is refused.
 
@@ -215,20 +217,18 @@ class DynamicRankTrainer(SFTTrainer):
             with self.use_rank(self.max_rank):
                 return super().evaluation_loop(*loop_args)
         per_rank = {}
-        for b in self.eval_ranks:
-            if b == self.max_rank:
-                continue
+        for b in [*(b for b in self.eval_ranks if b != self.max_rank), self.max_rank]:  # max rank last, see below
+            self._metrics["eval"].clear()
             with self.use_rank(b):
                 output = super().evaluation_loop(*loop_args)
-            per_rank[b] = dict(output.metrics)
-            self._metrics["eval"].clear()  # trl's entropy/accuracy: keep those of max rank only
-        with self.use_rank(self.max_rank):
-            output = super().evaluation_loop(*loop_args)
-        per_rank[self.max_rank] = dict(output.metrics)
+            per_rank[b] = {**output.metrics, **self._trl_eval_metrics(metric_key_prefix)}
+        # trl's own metrics of the max rank stay in `_metrics["eval"]`: trl's `log()` reports them without a suffix,
+        # beside `eval_loss` (also the max rank's).
         for b in sorted(per_rank):
             if b not in self.eval_ranks:
                 continue
-            # Every metric of the loop (the loss, and compute_metrics' results) at each rank, plus perplexity.
+            # Every metric of the loop (the loss, compute_metrics' results, trl's token accuracy and entropy) at each
+            # rank, plus perplexity.
             for key, value in per_rank[b].items():
                 if key.startswith(f"{metric_key_prefix}_") and not key.endswith(_TIMING_SUFFIXES):
                     output.metrics[f"{key}@r{b}"] = value
@@ -236,6 +236,12 @@ class DynamicRankTrainer(SFTTrainer):
             if loss is not None:
                 output.metrics[f"{metric_key_prefix}_perplexity@r{b}"] = math.exp(min(loss, 700.0))
         return output
+
+    def _trl_eval_metrics(self, prefix: str) -> dict[str, float]:
+        """trl's evaluation metrics of the loop just run (`mean_token_accuracy`, `entropy`, ...), averaged over batches
+        as trl's `log()` averages them; `num_tokens` (tokens trained so far, the same at every rank) left out."""
+        return {f"{prefix}_{key}": sum(values) / len(values) for key, values in self._metrics["eval"].items()
+                if values and key not in _NOT_PER_RANK}
 
     # -----------------------------------------------------------------------------------------------------------------
     # Checkpoints

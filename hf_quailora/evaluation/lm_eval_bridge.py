@@ -7,12 +7,11 @@
 - `DynamicRankLM`, registered in lm-eval as `"hf-dynrank"`, loads `pretrained=…,peft=…,rank=b` so lm-eval's own
   command line and Python API evaluate any rank of a saved adapter without exporting it first:
 
-      lm_eval --model hf-dynrank --model_args pretrained=smollm2-135m,peft=outputs/adapter,rank=4 \\
-          --tasks quailora_wiki_ppl --include_path "$(python -c 'from hf_quailora.evaluation.tasks import write_offline_tasks as w; print(w())')"
+      hf-quailora lm-eval --model hf-dynrank --model_args pretrained=smollm2-135m,peft=outputs/adapter,rank=4 \\
+          --tasks quailora_wiki_ppl
 
-  (`import hf_quailora.evaluation.lm_eval_bridge` registers it; lm-eval's CLI needs `--include_path` for the
-  offline tasks and a `python -c "import hf_quailora.evaluation.lm_eval_bridge"`-style plugin import, or use
-  `hf-quailora eval`.)
+  (`import hf_quailora.evaluation.lm_eval_bridge` registers it; `hf-quailora lm-eval` is lm-eval's own command
+  line with that import done and the offline tasks' folder included: see `lm_eval_cli.py`.)
 
 Pattern after lm-eval's `hf_steered.py`: a context manager that restores state in `finally`, and an `HFLM` subclass
 that overrides only `_model_call` / `_model_generate`.

@@ -35,13 +35,78 @@ from .report import QuAILoRAReport
 
 logger = logging.getLogger(__name__)
 
+_SUPPORTED = (
+    "Supported: one process, or data parallel (DDP: `accelerate launch` or `torchrun` without FSDP or DeepSpeed), "
+    "where every process holds whole parameters. For a sharded run, initialise on one process first "
+    "(`quailora_init(model, ...)`, then `model.save_pretrained(folder)`) and start the sharded run from that adapter "
+    "(`PeftModel.from_pretrained(base, folder, is_trainable=True)`) without this callback."
+)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
+
+
+def _sharded_setup(args, model: torch.nn.Module) -> str | None:
+    """What in this run shards the trainable parameters or keeps its own copy of them; `None` when nothing does.
+
+    Read from the training arguments and `accelerate launch`'s environment (the set-up asked for, even where accelerate
+    falls back to plain data parallel, as FSDP does on a CPU) and from the model itself (FSDP-wrapped modules,
+    `DTensor` parameters of FSDP2 or tensor parallelism, ZeRO-3's partitioned parameters).
+    """
+    parameters = list(model.parameters())
+    if (getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None) is not None
+            or _env_flag("ACCELERATE_USE_DEEPSPEED") or any(hasattr(p, "ds_id") for p in parameters)):
+        return (
+            "DeepSpeed: it partitions the parameters (ZeRO-3) or keeps its own fp32 master copy of them (ZeRO-1/2 "
+            "and its fp16/bf16 optimizers), made before this callback runs, which overwrites the written factors at "
+            "the first optimizer step"
+        )
+    if getattr(args, "fsdp", None) or _env_flag("ACCELERATE_USE_FSDP"):
+        return "FSDP (`fsdp` is set in the training arguments or by `accelerate launch`): it shards the parameters"
+    if torch.distributed.is_available():
+        import torch.distributed.fsdp as fsdp
+        from torch.distributed.tensor import DTensor
+
+        # FSDP1's wrapper, and FSDP2's module class (public in torch.distributed.fsdp since torch 2.6)
+        names = ("FullyShardedDataParallel", "FSDPModule")
+        wrappers = tuple(getattr(fsdp, name) for name in names if hasattr(fsdp, name))
+        if any(isinstance(module, wrappers) for module in model.modules()):
+            return "FSDP (the model is FSDP-wrapped): it shards the parameters"
+        sharded = next((name for name, p in model.named_parameters() if isinstance(p, DTensor)), None)
+        if sharded is not None:
+            return f"sharded DTensor parameters (tensor parallelism or FSDP2; e.g. {sharded})"
+    return None
+
+
+def check_unsharded_training(args, model: torch.nn.Module) -> None:
+    """Raise a `ValueError` naming the set-up when this run shards parameters or re-copies them (FSDP, DeepSpeed).
+
+    `QuAILoRAInitCallback` writes whole factors into each process's parameters in place and broadcasts rank 0's, which
+    is right only when every process holds the whole, only copy of each trainable parameter.
+
+    Example:
+
+    ```python
+    check_unsharded_training(trainer.args, trainer.model)  # passes for one process and for DDP
+    ```
+    """
+    setup = _sharded_setup(args, model)
+    if setup is not None:
+        raise ValueError(
+            f"QuAILoRAInitCallback cannot initialise under {setup}. It writes whole LoRA factors into every "
+            f"process's parameters (`param.data.copy_()`, rank 0's factors broadcast). {_SUPPORTED}"
+        )
+
 
 class QuAILoRAInitCallback(TrainerCallback):
     """Run `quailora_init` on the trainer's model at `on_train_begin`, before the first optimizer step.
 
     Factors are written in place (`param.data.copy_()`), so the optimizer keeps its Parameters. Under several
     processes each process calibrates on its shard, the Gram matrices are all-reduced, and rank 0's factors are
-    broadcast, so every process ends with identical weights. When training resumes from a checkpoint
+    broadcast, so every process ends with identical weights. Runs that shard the parameters (FSDP, DeepSpeed ZeRO-3,
+    tensor parallelism) or keep their own copy of them (DeepSpeed ZeRO-1/2) are refused at train begin, before any
+    calibration: see `check_unsharded_training`. When training resumes from a checkpoint
     (`global_step > 0`) the callback does nothing: the checkpoint's weights are kept.
 
     Args:
@@ -61,7 +126,9 @@ class QuAILoRAInitCallback(TrainerCallback):
         report (`QuAILoRAReport` or `None`): the report of the last initialisation.
 
     Raises:
-        ValueError / TypeError: bad settings, at construction; the checks of `quailora_init` at train begin.
+        ValueError / TypeError: bad settings, at construction; at train begin, before any calibration, a run that
+            shards the parameters or keeps its own copy of them (FSDP, DeepSpeed, tensor parallelism), and the checks
+            of `quailora_init`.
 
     Example:
 
@@ -137,6 +204,7 @@ class QuAILoRAInitCallback(TrainerCallback):
         if state.global_step > 0:
             logger.info("Resuming at step %d: QuAILoRA initialisation skipped (checkpoint weights kept).", state.global_step)
             return
+        check_unsharded_training(args, model)  # before unwrapping: FSDP wraps the model itself
         model = unwrap_model(model)
         require_lora_layers(model, self.adapter_name)
         scaling = getattr(args, "rank_scaling", None)

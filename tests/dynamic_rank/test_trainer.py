@@ -266,6 +266,34 @@ def test_evaluate_reports_every_rank_and_training_continues(tiny_model_path, tin
     assert changed, "no LoRA parameter changed after evaluate() + train()"
 
 
+def test_evaluate_reports_trls_own_metrics_at_every_rank(tiny_model_path, tiny_texts, tmp_path):
+    # trl's SFTTrainer computes mean_token_accuracy and entropy in compute_loss; each rank gets its own.
+    trainer = make_trainer(tiny_model_path, tiny_texts, tmp_path, eval_ranks=[1, 2, 8])
+    metrics = trainer.evaluate()
+    batch = next(iter(trainer.get_eval_dataloader()))
+    assert len(trainer.get_eval_dataloader()) == 1  # one batch: trl's mean over batches is the token mean below
+    trainer.model.eval()
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    accuracy = {}
+    for b in (1, 2, 8):
+        with torch.no_grad(), use_rank(trainer.model, b):
+            logits = trainer.model(**batch).logits[:, :-1].float()
+        # independent reference: next-token argmax against the label, and the entropy of the predicted distribution
+        accuracy[b] = (logits.argmax(-1) == labels)[mask].float().mean().item()
+        log_p = logits.log_softmax(-1)
+        entropy = -(log_p.exp() * log_p).sum(-1)[mask].mean().item()
+        assert metrics[f"eval_mean_token_accuracy@r{b}"] == pytest.approx(accuracy[b], abs=1e-6), f"rank {b}"
+        assert metrics[f"eval_entropy@r{b}"] == pytest.approx(entropy, rel=1e-4), f"rank {b}"
+    assert len({metrics[f"eval_entropy@r{b}"] for b in (1, 2, 8)}) == 3  # each rank's own, not one copied
+    # the unsuffixed keys are the max rank's, as eval_loss is; trl's count of trained tokens is not per rank
+    assert metrics["eval_mean_token_accuracy"] == metrics["eval_mean_token_accuracy@r8"]
+    assert metrics["eval_entropy"] == metrics["eval_entropy@r8"]
+    assert not any(key.startswith("eval_num_tokens@") for key in metrics)
+    logged = trainer.state.log_history[-1]
+    assert logged["eval_mean_token_accuracy@r1"] == metrics["eval_mean_token_accuracy@r1"]
+
+
 def test_evaluate_defaults_to_powers_of_two(tiny_model_path, tiny_texts, tmp_path):
     trainer = make_trainer(tiny_model_path, tiny_texts, tmp_path, min_rank=1)
     metrics = trainer.evaluate()

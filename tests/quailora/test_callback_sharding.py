@@ -1,0 +1,93 @@
+"""QuAILoRAInitCallback refuses runs whose parameters are sharded (FSDP, tensor parallelism) before any calibration.
+
+The callback writes whole factors into every process's parameters, which is right only when each process holds the
+whole, only copy of each trainable parameter (one process, DDP). Checked here with a real SFTTrainer asked for FSDP
+(as `accelerate launch --use_fsdp` asks) and with a model really sharded by torch's FSDP2 and tensor parallelism in a
+one-process gloo group on the CPU. DeepSpeed is not installed here: its branch (any ZeRO stage: ZeRO-3 partitions the
+parameters, ZeRO-1/2 keep an fp32 master copy made before the callback runs) is untested.
+"""
+
+import datasets
+import pytest
+import torch
+import torch.distributed as dist
+from peft import LoraConfig, get_peft_model
+from transformers import TrainerControl, TrainerState
+from trl import SFTConfig, SFTTrainer
+
+from hf_quailora import QuAILoRAInitCallback
+from hf_quailora.quantization import load_quantized_model
+
+from testing_utils import snapshot
+
+
+REFUSAL = r"QuAILoRAInitCallback cannot initialise under {}.*Supported: one process, or data parallel \(DDP"
+
+
+def lora_model(path):
+    model, tokenizer = load_quantized_model(path, "none")
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")), tokenizer
+
+
+def sft_args(tmp_path, **kwargs):
+    return SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, max_length=32, bf16=False,
+                     use_cpu=True, report_to="none", save_strategy="no", **kwargs)
+
+
+def test_a_trainer_launched_for_fsdp_is_refused_before_calibration(tiny_model_path, tiny_texts, tmp_path, monkeypatch):
+    # `accelerate launch --use_fsdp` sets this; on a CPU accelerate falls back to one process, the callback still
+    # refuses what was asked for. (`fsdp=True` in the training arguments is refused by transformers itself here:
+    # "Using fsdp only works in distributed training".)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    model, tokenizer = lora_model(tiny_model_path)
+    before = snapshot(model)
+    callback = QuAILoRAInitCallback(calibration_dataset=tiny_texts, num_samples=4, max_length=16)
+    trainer = SFTTrainer(model=model, args=sft_args(tmp_path), processing_class=tokenizer, callbacks=[callback],
+                         train_dataset=datasets.Dataset.from_dict({"text": tiny_texts}))
+    with pytest.raises(ValueError, match=REFUSAL.format("FSDP")):
+        trainer.train()
+    assert callback.report is None  # no calibration ran
+    for name, value in snapshot(model).items():
+        assert torch.equal(value, before[name]), name
+
+
+@pytest.fixture
+def one_process_group(monkeypatch):
+    """A real one-process gloo process group (torch's FSDP2 and tensor parallelism need one), torn down after."""
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)  # only the model tells here
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_model_sharded_by_fsdp2_is_refused_before_calibration(tiny_model_path, tiny_texts, tmp_path,
+                                                                one_process_group):
+    from torch.distributed.fsdp import fully_shard
+
+    model, tokenizer = lora_model(tiny_model_path)
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    callback = QuAILoRAInitCallback(calibration_dataset=tiny_texts)
+    with pytest.raises(ValueError, match=REFUSAL.format(r"FSDP \(the model is FSDP-wrapped\)")):
+        callback.on_train_begin(sft_args(tmp_path), TrainerState(), TrainerControl(), model=model,
+                                processing_class=tokenizer)
+    assert callback.report is None
+
+
+def test_tensor_parallel_parameters_are_refused_naming_one(tiny_model_path, tiny_texts, tmp_path, one_process_group):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    model, tokenizer = lora_model(tiny_model_path)
+    mlp = model.base_model.model.model.layers[0].mlp
+    parallelize_module(mlp.gate_proj.base_layer, init_device_mesh("cpu", (1,)), ColwiseParallel())
+    callback = QuAILoRAInitCallback(calibration_dataset=tiny_texts)
+    with pytest.raises(ValueError, match=REFUSAL.format(r"sharded DTensor parameters .*layers\.0\.mlp\.gate_proj")):
+        callback.on_train_begin(sft_args(tmp_path), TrainerState(), TrainerControl(), model=model,
+                                processing_class=tokenizer)
+    assert callback.report is None
