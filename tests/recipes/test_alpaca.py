@@ -51,17 +51,22 @@ def test_cpu_demo_config_runs_end_to_end_and_writes_every_file(tiny_model_path, 
 def test_configs_parse(name, tmp_path):
     recipe = load_recipe()
     extra = [] if name == "alpaca.yaml" else ["--bf16", "false"]  # CI has no GPU; bf16 needs one
-    script_args, training_args = recipe["parse_args_and_config"](
+    data_args, training_args, model_args, recipe_args = recipe["parse_args_and_config"](
         args=["--config", os.path.join(CONFIGS, name), "--output_dir", str(tmp_path), *extra]
     )
-    assert script_args.lora_r >= max(training_args.eval_ranks)
+    assert model_args.lora_r >= max(training_args.eval_ranks)
     assert training_args.update_rule in ("nested", "frozen")
+    assert model_args.quantization == "nf4" and model_args.quantization_config().bnb_4bit_use_double_quant
 
 
-def test_no_arguments_means_the_cpu_demo_config(tmp_path):
-    script_args, training_args = load_recipe()["parse_args_and_config"](args=[])
-    assert script_args.model_name_or_path == "smollm2-135m" and training_args.max_steps == 20
-    assert training_args.bf16 is False
+def test_no_arguments_means_the_dataclass_defaults_not_the_demo_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # TrainingArguments' default output_dir is relative
+    data_args, training_args, model_args, recipe_args = load_recipe()["parse_args_and_config"](args=[])
+    assert model_args.model_name_or_path == "smollm2-135m" and data_args.dataset_name == "alpaca"  # offline-safe
+    assert model_args.quantization == "nf4" and model_args.use_peft and model_args.lora_target_modules == "all-linear"
+    assert training_args.max_steps == -1 and training_args.output_dir != "outputs/alpaca"  # not alpaca.yaml's 20
+    demo = load_recipe()["parse_args_and_config"](args=["--config", os.path.join(CONFIGS, "alpaca.yaml")])
+    assert demo[1].max_steps == 20 and demo[1].output_dir == "outputs/alpaca"
 
 
 @pytest.mark.parametrize("override, match", [
@@ -79,22 +84,43 @@ def test_no_arguments_means_the_cpu_demo_config(tmp_path):
     (["--calibration_dataset", "c44"], "'c44' is neither an embedded dataset"),
     (["--quantization", "none"], "quantized base"),
     (["--quailora_damping", "-1"], "damping"),
-    (["--calibration_samples", "0"], "num_samples"),
+    (["--calibration_samples", "0"], r"`--calibration_samples` \(0\) must be a positive integer"),
     (["--sweep_tasks", "quailora_wiki_ppl", "--sweep_limit", "0"], "`limit` must be a positive number"),
     (["--sweep_tasks", "hellaswag_offline_nope"], "Unknown lm-eval task"),
     (["--quailora_memory_budget", "0"], "memory_budget"),
     (["--output_dir", "{tmp}/a_file"], "is an existing file, not a folder"),
+    # trl's ModelConfig flags
+    (["--load_in_4bit", "--load_in_8bit"], "`--load_in_4bit` and `--load_in_8bit` were both given"),
+    (["--quantization", "int8", "--load_in_4bit"], "`--quantization int8` contradicts `--load_in_4bit`"),
+    (["--quantization", "fp4", "--bnb_4bit_quant_type", "nf4"], "`--quantization fp4` contradicts `--bnb_4bit_quant"),
+    (["--load_in_8bit", "--bnb_4bit_quant_type", "fp4"], "`--bnb_4bit_quant_type fp4` applies to 4-bit loading"),
+    (["--use_peft", "false"], "`--use_peft false`: the recipes .* need it"),
+    (["--use_dora"], "`--use_dora` is not supported"),
+    (["--lora_target_parameters", "mlp.experts.gate_up_proj"], "`--lora_target_parameters`"),
+    (["--lora_modules_to_save", "lm_head"], "`--lora_modules_to_save`"),
+    (["--lora_task_type", "SEQ_CLS"], "`--lora_task_type` must be CAUSAL_LM"),
+    (["--lora_target_modules", ","], "`--lora_target_modules` is empty"),
+    (["--quailora_solver", "als", "--quailora_als_iterations", "-1"], "`--quailora_als_iterations` \\(-1\\)"),
+    # trl's ScriptArguments flags and the data's shape
+    (["--dataset_name", "{tmp}/qa.json"], r"has the columns \['answer', 'question'\].*Expected one of: 'messages'"),
+    (["--dataset_name", "{tmp}/flat_messages.json"], "`messages` column does not hold a list of messages"),
+    (["--dataset_name", "{tmp}/qa.json", "--dataset_config", "en"], "`--dataset_config`"),
+    (["--dataset_streaming"], "`--dataset_streaming` is not supported"),
+    (["--dataset_name", "{tmp}/text.json", "--eval_holdout", "4", "--num_eval_examples", "4"],
+     "`--eval_holdout`: The hold-out \\(4\\) must be an integer between 1 and 2"),
 ])
 def test_bad_arguments_fail_before_loading(override, match, tmp_path):
     (tmp_path / "empty.json").write_text("[]")
     (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "qa.json").write_text(json.dumps([{"question": "Why?", "answer": "Because."}] * 3))
+    (tmp_path / "flat_messages.json").write_text(json.dumps([{"messages": "user: hi"}] * 3))
+    (tmp_path / "text.json").write_text(json.dumps([{"text": "One sentence."}] * 3))
     recipe = load_recipe()
     # A model that cannot load and no lm-eval sweep unless asked: each error must come before the model loads.
     args = ["--output_dir", str(tmp_path / "run"), "--model_name_or_path", str(tmp_path / "no-model"),
             "--sweep_tasks", "", *[arg.format(tmp=tmp_path) for arg in override]]
-    script_args, training_args = recipe["parse_args_and_config"](args=args)
-    with pytest.raises(ValueError, match=match):
-        recipe["main"](script_args, training_args)
+    with pytest.raises(ValueError, match=match):  # from parsing (the dataclasses' checks) or from main's checks
+        recipe["main"](*recipe["parse_args_and_config"](args=args))
 
 
 @require_bitsandbytes
