@@ -66,6 +66,8 @@ class RecipeModelConfig(ModelConfig):
         lora_alpha (`int`, *optional*): defaults to `lora_r` (scaling 1; trl: 32).
         lora_dropout (`float`, defaults to `0.0`).
         lora_target_modules (`list[str]`, defaults to `["all-linear"]`): space- or comma-separated module names.
+        load_in_4bit (`bool`, defaults to `False`): the base loads in 4 bit anyway unless `load_in_8bit` or
+            `quantization` says otherwise (trl: full precision without a flag).
         bnb_4bit_quant_type (`str`, *optional*): `"nf4"` unless `--quantization fp4` says otherwise.
         use_bnb_nested_quant (`bool`, defaults to `True`): QLoRA's double quantization (trl: `False`).
 
@@ -89,7 +91,11 @@ class RecipeModelConfig(ModelConfig):
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
     lora_target_modules: list[str] | None = field(
         default_factory=lambda: ["all-linear"],
-        metadata={"help": "LoRA target modules, space- or comma-separated (default: all-linear)."},
+        metadata={"help": "LoRA target modules, space- or comma-separated."},
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "Load the base in 4 bit (the recipes' default anyway, unless --load_in_8bit "
+                                         "or --quantization says otherwise)."}
     )
     bnb_4bit_quant_type: str | None = field(
         default=None, metadata={"help": "4-bit quantization type (default: nf4).", "choices": ["fp4", "nf4"]}
@@ -210,14 +216,18 @@ class RecipeModelConfig(ModelConfig):
 
 
 def _split_modules(modules):
-    """`["q_proj", "v_proj"]`, `["q_proj,v_proj"]` and `"q_proj,v_proj"` alike; one name stays a string (trl)."""
+    """`["q_proj", "v_proj"]`, `["q_proj,v_proj"]` and `"q_proj,v_proj"` alike.
+
+    trl turns a single name into a string, which peft then reads as a regular expression matched against the whole
+    module path, so `--lora_target_modules q_proj` would match nothing: one name stays a list, except `all-linear`.
+    """
     if modules is None:
         return None
     items = [modules] if isinstance(modules, str) else list(modules)
     names = [name.strip() for item in items for name in str(item).split(",") if name.strip()]
     if not names:
         raise ValueError("`--lora_target_modules` is empty; name the modules, e.g. `q_proj v_proj`, or all-linear.")
-    return names[0] if len(names) == 1 else names
+    return "all-linear" if names == ["all-linear"] else names
 
 
 @dataclass

@@ -21,8 +21,9 @@ def load_recipe():
 @require_bitsandbytes
 def test_cpu_demo_config_runs_end_to_end_and_writes_every_file(tiny_model_path, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    argv = ["alpaca.py", "--model_name_or_path", tiny_model_path, "--output_dir", str(out), "--lora_r", "8",
-            "--lora_alpha", "8", "--eval_ranks", "1", "8", "--max_steps", "2", "--eval_steps", "1", "--save_steps", "1",
+    argv = ["alpaca.py", "--config", os.path.join(CONFIGS, "alpaca.yaml"), "--model_name_or_path", tiny_model_path,
+            "--output_dir", str(out), "--lora_r", "8", "--lora_alpha", "8", "--eval_ranks", "1", "8",
+            "--max_steps", "2", "--eval_steps", "1", "--save_steps", "1",
             "--num_eval_examples", "4", "--num_train_examples", "16", "--max_length", "512",
             "--calibration_samples", "4", "--calibration_length", "32", "--sweep_ranks", "2,8", "--sweep_limit", "1",
             "--export_ranks", "2", "--per_device_train_batch_size", "2"]
@@ -45,6 +46,62 @@ def test_cpu_demo_config_runs_end_to_end_and_writes_every_file(tiny_model_path, 
     for adapter in ("adapter", "adapter-r2"):  # both record the NF4 base they belong on (make demo's adapter-r4 too)
         assert json.loads((out / adapter / "dynamic_rank.json").read_text())["quantization"] == "nf4"
     assert any(p.name.startswith("checkpoint-") for p in out.iterdir())  # checkpoints kept for resume
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+
+
+def write_dataset(folder, kind: str) -> str:
+    """A small local JSON dataset in one of trl's formats (10 rows)."""
+    rows = []
+    for i in range(10):
+        question, answer = f"What is {i} plus one?", f"It is {i + 1}."
+        if kind == "conversational":
+            rows.append({"messages": [{"role": "user", "content": question},
+                                      {"role": "assistant", "content": answer}]})
+        else:
+            rows.append({"text": f"{question} {answer}", "source": "made up"})  # an extra column trl ignores
+    path = folder / f"{kind}.json"
+    path.write_text(json.dumps(rows))
+    return str(path)
+
+
+@require_bitsandbytes
+@pytest.mark.parametrize("kind", ["conversational", "text"])
+def test_trl_flags_and_trl_dataset_formats_run_end_to_end(kind, tiny_model_path, tmp_path, monkeypatch, capsys):
+    """No --config: trl's flags (4-bit, LoRA r = 4 on q_proj and v_proj) on a messages or a text dataset."""
+    out = tmp_path / "run"
+    (tmp_path / "chat.jinja").write_text(CHAT_TEMPLATE)
+    argv = ["alpaca.py", "--model_name_or_path", tiny_model_path, "--load_in_4bit", "--use_peft", "--lora_r", "4",
+            "--lora_target_modules", "q_proj", "v_proj", "--dataset_name", write_dataset(tmp_path, kind),
+            "--eval_holdout", "2", "--num_eval_examples", "2", "--output_dir", str(out), "--max_steps", "1",
+            "--per_device_train_batch_size", "2", "--max_length", "64", "--eval_ranks", "1", "4",
+            "--calibration_samples", "2", "--calibration_length", "32", "--sweep_tasks", "", "--save_strategy", "no",
+            "--report_to", "none", "--use_cpu", "true",
+            *(["--chat_template_path", str(tmp_path / "chat.jinja")] if kind == "conversational" else [])]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(RECIPE, run_name="__main__")
+    assert "Written to" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_train_examples"] == 8 and summary["final_metrics"]["eval_loss@r4"] > 0
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    assert json.loads((out / "adapter" / "dynamic_rank.json").read_text())["quantization"] == "nf4"
+    assert (out / "quailora_report.json").is_file()  # QuAILoRA ran on the two target modules
+
+
+def test_conversational_data_without_a_chat_template_fail_before_the_model_loads(tiny_model_path, tmp_path):
+    import shutil
+
+    tokenizer_only = tmp_path / "tokenizer-only"  # the tiny tokenizer (no chat template) and no weights at all
+    shutil.copytree(tiny_model_path, tokenizer_only, ignore=shutil.ignore_patterns("*.safetensors"))
+    recipe = load_recipe()
+    args = ["--model_name_or_path", str(tokenizer_only), "--dataset_name", write_dataset(tmp_path, "conversational"),
+            "--eval_holdout", "2", "--num_eval_examples", "2", "--output_dir", str(tmp_path / "run"),
+            "--sweep_tasks", "", "--use_cpu", "true"]
+    with pytest.raises(ValueError, match="conversational, but the tokenizer .* has no chat template"):
+        recipe["main"](*recipe["parse_args_and_config"](args=args))
 
 
 @pytest.mark.parametrize("name", ["alpaca.yaml", "alpaca_gpu.yaml", "alpaca_multi_gpu.yaml"])
@@ -130,7 +187,8 @@ def test_recipe_runs_data_parallel_on_two_processes(tiny_model_path, tmp_path):
 
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(29700 + os.getpid() % 200), RECIPE, "--model_name_or_path", tiny_model_path,
+               "--master_port", str(29700 + os.getpid() % 200), RECIPE,
+               "--config", os.path.join(CONFIGS, "alpaca.yaml"), "--model_name_or_path", tiny_model_path,
                "--output_dir", str(out), "--lora_r", "8", "--lora_alpha", "8", "--eval_ranks", "1", "8",
                "--max_steps", "2", "--save_steps", "1", "--num_eval_examples", "4", "--num_train_examples", "16",
                "--max_length", "512", "--calibration_samples", "4", "--calibration_length", "32",
