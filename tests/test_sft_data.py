@@ -38,7 +38,8 @@ def write(path, rows):
 
 
 def test_a_local_file_is_held_out_from_its_end_and_alpaca_becomes_prompt_completion(tmp_path):
-    rows = [{"instruction": f"Count to {i}.", "input": "", "output": " ".join(map(str, range(i)))} for i in range(1, 9)]
+    rows = [{"instruction": f"Count to {i}.", "input": "", "output": " ".join(map(str, range(i)))}
+            for i in range(1, 9)]
     args = RecipeDataArguments(dataset_name=write(tmp_path / "a.json", rows), eval_holdout=3, num_eval_examples=2,
                                num_train_examples=4)
     train, held_out, kind = load_sft_splits(args)

@@ -85,6 +85,8 @@ def test_trl_flags_and_trl_dataset_formats_run_end_to_end(kind, tiny_model_path,
     assert "Written to" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_train_examples"] == 8 and summary["final_metrics"]["eval_loss@r4"] > 0
+    before, after = summary["initial_metrics"]["eval_loss@r4"], summary["final_metrics"]["eval_loss@r4"]
+    assert before != after  # evaluated before QuAILoRA and after its start and one training step
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
     assert json.loads((out / "adapter" / "dynamic_rank.json").read_text())["quantization"] == "nf4"
