@@ -192,9 +192,7 @@ def load_quantized_model(
     model, tokenizer = load_quantized_model("smollm2-135m", quantization="int8")
     ```
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from transformers import BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     if not isinstance(quantization, BitsAndBytesConfig) and quantization not in QUANTIZATIONS:
         raise ValueError(

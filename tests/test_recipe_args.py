@@ -8,6 +8,7 @@ import torch
 from trl import TrlParser
 
 from hf_quailora.recipe_args import RecipeArguments, RecipeModelConfig, check_recipe_arguments
+
 from testing_utils import require_bitsandbytes
 
 
