@@ -5,8 +5,8 @@ a flag has one name everywhere, and the names are trl's wherever trl has one:
 
 | class | holds | trl's |
 |---|---|---|
-| `RecipeModelConfig` | model, quantization, LoRA (`--load_in_4bit`, `--lora_r`, `--lora_target_modules`) | `ModelConfig` |
-| `RecipeDataArguments` | training data (`--dataset_name`, `--dataset_config`, splits), held-out examples | `ScriptArguments` |
+| `RecipeModelConfig` | model, quantization, LoRA (`--load_in_4bit`, `--lora_r`, ...) | `ModelConfig` |
+| `RecipeDataArguments` | training data (`--dataset_name`, splits), held-out examples | `ScriptArguments` |
 | `RecipeArguments` | QuAILoRA on/off, calibration, solver, the final rank sweep and exports | none |
 
 The quantization and LoRA configs are built by trl's own `get_quantization_config` and `get_peft_config`. Every
@@ -283,9 +283,9 @@ class RecipeArguments:
         calibration_samples (`int`, defaults to 32), calibration_length (`int`, defaults to 256),
         calibration_batch_size (`int`, defaults to 8): calibration sequences, their tokens, sequences per pass.
         quailora_solver, quailora_als_iterations, quailora_damping, quailora_streaming, quailora_memory_budget,
-        quailora_gram_device, quailora_gram_dtype, quailora_solve_dtype, quailora_show_progress: `QuAILoRAConfig`'s
-            `solver`, `als_iterations`, `damping`, `streaming`, `memory_budget`, `gram_device`, `gram_dtype`,
-            `solve_dtype`, `show_progress`.
+        quailora_gram_device, quailora_gram_dtype, quailora_solve_dtype, quailora_show_progress,
+        quailora_report_svd_baseline: `QuAILoRAConfig`'s `solver`, `als_iterations`, `damping`, `streaming`,
+            `memory_budget`, `gram_device`, `gram_dtype`, `solve_dtype`, `show_progress`, `report_svd_baseline`.
 
         > Final rank sweep and exports (recipes that train)
 
@@ -316,6 +316,9 @@ class RecipeArguments:
     quailora_gram_dtype: str = field(default="float64", metadata={"help": "Gram dtype.", "choices": list(DTYPES)})
     quailora_solve_dtype: str = field(default="float64", metadata={"help": "Solve dtype.", "choices": list(DTYPES)})
     quailora_show_progress: bool = field(default=True, metadata={"help": "Progress bars during QuAILoRA."})
+    quailora_report_svd_baseline: bool = field(
+        default=False, metadata={"help": "Also report the uncalibrated SVD start's errors (doubles closed-form work)."}
+    )
     # Final rank sweep and export
     sweep_tasks: str = field(
         default="quailora_wiki_ppl", metadata={"help": "lm-eval tasks of the final sweep ('' = skip)."}
@@ -341,8 +344,28 @@ QUAILORA_FLAGS = {
     "quailora_solver": "solver", "quailora_als_iterations": "als_iterations", "quailora_damping": "damping",
     "quailora_streaming": "streaming", "quailora_memory_budget": "memory_budget",
     "quailora_gram_device": "gram_device", "quailora_gram_dtype": "gram_dtype", "quailora_solve_dtype": "solve_dtype",
-    "quailora_show_progress": "show_progress",
+    "quailora_show_progress": "show_progress", "quailora_report_svd_baseline": "report_svd_baseline",
 }
+
+
+def rename_legacy_flags(argv: list[str], renamed: dict[str, str]) -> list[str]:
+    """`argv` with each old flag name (`--rank`) replaced by its new one (`--lora_r`), with a `FutureWarning`.
+
+    Example:
+
+    ```python
+    rename_legacy_flags(["--rank", "8"], {"rank": "lora_r"})  # ["--lora_r", "8"], and a FutureWarning
+    ```
+    """
+    out = []
+    for arg in argv:
+        flag, sep, value = arg.partition("=")
+        old = flag[2:].replace("-", "_") if flag.startswith("--") else None
+        if old in renamed:
+            warnings.warn(f"`--{old}` is deprecated; use `--{renamed[old]}`.", FutureWarning, stacklevel=2)
+            arg = f"--{renamed[old]}{sep}{value}"
+        out.append(arg)
+    return out
 
 TRAINING_ONLY_OPTIONS = ("sweep_tasks", "sweep_ranks", "sweep_limit", "export_ranks")
 

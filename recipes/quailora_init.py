@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,18 @@ from trl import TrlParser
 
 from hf_quailora import compute_perplexity, load_dataset_any, make_token_windows, quailora_init, quiet_bnb_warnings
 from hf_quailora._io_utils import write_file_atomically
-from hf_quailora.recipe_args import RecipeArguments, RecipeModelConfig, check_recipe_arguments
+from hf_quailora.recipe_args import (
+    QUAILORA_FLAGS,
+    RecipeArguments,
+    RecipeModelConfig,
+    check_recipe_arguments,
+    rename_legacy_flags,
+)
+
+
+# This recipe's flags before it took trl's and the shared names: still accepted, with a FutureWarning
+RENAMED_FLAGS = {"rank": "lora_r", "target_modules": "lora_target_modules", "calibration_data": "calibration_dataset",
+                 **{old: new for new, old in QUAILORA_FLAGS.items()}}
 
 
 @dataclass
@@ -97,4 +109,4 @@ def make_parser() -> TrlParser:
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    main(*make_parser().parse_args_and_config(rename_legacy_flags(sys.argv[1:], RENAMED_FLAGS)))

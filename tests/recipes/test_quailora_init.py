@@ -42,6 +42,19 @@ def test_quailora_init_recipe_takes_trl_flags(tiny_model_path, tmp_path, monkeyp
     assert len(saved["report"]["layers"]) == 2 * TINY_NUM_BLOCKS  # q_proj and v_proj of each block
 
 
+@require_bitsandbytes
+def test_quailora_init_recipe_still_takes_its_old_flag_names(tiny_model_path, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    argv = ["quailora_init.py", "--model_name_or_path", tiny_model_path, "--rank", "2", "--target_modules", "k_proj",
+            "--num_samples=2", "--max_length", "32", "--eval_windows", "0", "--output_dir", str(out),
+            "--show_progress", "false"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.warns(FutureWarning, match="`--rank` is deprecated; use `--lora_r`"):
+        runpy.run_path(os.path.join(RECIPES, "quailora_init.py"), run_name="__main__")
+    saved = json.loads((out / "quailora_report.json").read_text())
+    assert saved["rank"] == 2 and len(saved["report"]["layers"]) == TINY_NUM_BLOCKS  # k_proj only
+
+
 @pytest.mark.parametrize("argv, error, match", [
     (["--quailora_solver", "magic"], SystemExit, None),  # argparse rejects a value outside `choices`
     (["--lora_r", "0"], ValueError, r"`--lora_r` \(0\) must be at least 1"),
