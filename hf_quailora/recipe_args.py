@@ -109,9 +109,7 @@ class RecipeModelConfig(ModelConfig):
         metadata={"help": "Shorthand: nf4/fp4 = --load_in_4bit with that type, int8 = --load_in_8bit, none = full "
                           "precision (default: nf4 unless --load_in_8bit).", "choices": list(QUANTIZATIONS)},
     )
-    double_quant: bool | None = field(
-        default=None, metadata={"help": "Deprecated: use --use_bnb_nested_quant."}
-    )
+    double_quant: bool | None = field(default=None, metadata={"help": "Deprecated: use --use_bnb_nested_quant."})
 
     def __post_init__(self):
         # trl's own check says "You can't use 8 bit and 4 bit precision at the same time", naming no flag
@@ -188,11 +186,9 @@ class RecipeModelConfig(ModelConfig):
 
     def quantization_config(self):
         """The `BitsAndBytesConfig` from trl's `get_quantization_config` (`None` for a full-precision base)."""
-        resolved = copy.copy(self)
-        dtype = self.torch_dtype()
-        resolved.dtype = None if dtype == "auto" else dtype  # trl passes `dtype` as the 4-bit compute dtype
-        if resolved.dtype is None:
-            resolved.dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        resolved, dtype = copy.copy(self), self.torch_dtype()
+        default = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        resolved.dtype = default if dtype == "auto" else dtype  # trl passes `dtype` as the 4-bit compute dtype
         return get_quantization_config(resolved)
 
     def lora_config(self):

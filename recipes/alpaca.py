@@ -77,10 +77,11 @@ def _check_chat_template(model_args: RecipeModelConfig, training_args: DynamicRa
         return
     from transformers import AutoTokenizer
 
-    from hf_quailora import resolve
+    from hf_quailora.embedded.models import check_model_source, resolve
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve(model_args.model_name_or_path),
-                                              revision=model_args.model_revision,
+    path = resolve(model_args.model_name_or_path)
+    check_model_source(path)  # a clear error for a missing folder, or a Hub id while offline
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision,
                                               trust_remote_code=training_args.trust_remote_code)
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(
