@@ -26,10 +26,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "from hf_quailora.embedded import ensure_embedded_data, resolve; print('models:', resolve('smollm2-135m'), resolve('gemma3-270m')); print('data:', ensure_embedded_data())"
 	touch $(STAMP)
 
-# The Alpaca recipe with its CPU demo config (recipes/configs/alpaca.yaml), writing to outputs/alpaca.
+# The Alpaca recipe with its CPU demo config, given explicitly (without --config the recipe uses its dataclass
+# defaults, as trl's scripts do), writing to outputs/alpaca.
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no \
-		--dynamo_backend no recipes/alpaca.py
+		--dynamo_backend no recipes/alpaca.py --config recipes/configs/alpaca.yaml
 
 # pytest exits 5 when it collected no test: that must fail, never pass silently.
 test: setup

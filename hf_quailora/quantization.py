@@ -22,13 +22,16 @@ model, tokenizer = load_quantized_model("smollm2-135m", quantization="nf4")
 from __future__ import annotations
 
 import logging
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 
 from ._import_utils import is_bitsandbytes_available
 from .embedded.models import check_model_source, resolve
 
+
+if TYPE_CHECKING:
+    from transformers import BitsAndBytesConfig
 
 logger = logging.getLogger(__name__)
 
@@ -154,9 +157,9 @@ def make_bnb_config(
 
 def load_quantized_model(
     name_or_path: str,
-    quantization: Quantization = "nf4",
+    quantization: Quantization | BitsAndBytesConfig = "nf4",
     double_quant: bool = True,
-    compute_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype | str | None = None,
     device_map: str | dict | None = None,
     **kwargs,
 ):
@@ -164,11 +167,15 @@ def load_quantized_model(
 
     Args:
         name_or_path (`str`): `"smollm2-135m"`, a local folder or a Hub id.
-        quantization (`str`, defaults to `"nf4"`): `"nf4"`, `"fp4"`, `"int8"`, or `"none"` (full precision).
+        quantization (`str` or `transformers.BitsAndBytesConfig`, defaults to `"nf4"`): `"nf4"`, `"fp4"`, `"int8"`,
+            `"none"` (full precision), or a ready `BitsAndBytesConfig` (e.g. from trl's `get_quantization_config`),
+            used as is (`double_quant` and `compute_dtype` then do not shape it).
         double_quant (`bool`, defaults to `True`): double quantization of 4-bit statistics.
-        compute_dtype (`torch.dtype`, *optional*): see `make_bnb_config`; also the dtype of unquantized weights.
+        compute_dtype (`torch.dtype` or `"auto"`, *optional*): see `make_bnb_config`; also the dtype of unquantized
+            weights (`"auto"`: the checkpoint's dtype; the 4-bit compute dtype then takes the device default).
         device_map (`str` or `dict`, *optional*): defaults to the current CUDA device, else `"cpu"`.
-        **kwargs: passed to `AutoModelForCausalLM.from_pretrained`.
+        **kwargs: passed to `AutoModelForCausalLM.from_pretrained`; `revision` and `trust_remote_code` also go to the
+            tokenizer.
 
     Returns:
         `(model, tokenizer)`; the tokenizer gets a pad token (EOS) when it has none.
@@ -185,26 +192,48 @@ def load_quantized_model(
     model, tokenizer = load_quantized_model("smollm2-135m", quantization="int8")
     ```
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"`quantization` must be one of {QUANTIZATIONS}; got {quantization!r}.")
+    if not isinstance(quantization, BitsAndBytesConfig) and quantization not in QUANTIZATIONS:
+        raise ValueError(
+            f"`quantization` must be one of {QUANTIZATIONS} or a BitsAndBytesConfig; got {quantization!r}."
+        )
     path = resolve(name_or_path)
     check_model_source(path)
     if device_map is None:
         device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
     if compute_dtype is None:
         compute_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    if quantization != "none":
-        kwargs["quantization_config"] = make_bnb_config(quantization, double_quant, compute_dtype)
+    if isinstance(quantization, BitsAndBytesConfig):
+        kwargs["quantization_config"] = quantization
+    elif quantization != "none":
+        bnb_dtype = None if compute_dtype == "auto" else compute_dtype
+        kwargs["quantization_config"] = make_bnb_config(quantization, double_quant, bnb_dtype)
     model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, dtype=compute_dtype, **kwargs)
-    if quantization != "none":
-        _require_quantized_layers(model, quantization)
+    if "quantization_config" in kwargs:
+        _require_quantized_layers(model, describe_bnb_config(kwargs["quantization_config"]))
     disable_bnb_cpu_fast_path(model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer_kwargs = {key: kwargs[key] for key in ("revision", "trust_remote_code") if key in kwargs}
+    tokenizer = AutoTokenizer.from_pretrained(path, **tokenizer_kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def describe_bnb_config(config) -> str:
+    """`"nf4"`, `"fp4"` or `"int8"` for a `transformers.BitsAndBytesConfig` (`"none"` when it quantizes nothing).
+
+    Example:
+
+    ```python
+    describe_bnb_config(make_bnb_config("fp4"))  # "fp4"
+    ```
+    """
+    if getattr(config, "load_in_8bit", False):
+        return "int8"
+    if getattr(config, "load_in_4bit", False):
+        return str(config.bnb_4bit_quant_type)
+    return "none"
 
 
 def why_not_quantized(layer: torch.nn.Module, parameter_name: str | None = None) -> str:

@@ -153,13 +153,15 @@ def load_dataset_any(name_or_path: str, split: str = "train", **kwargs) -> datas
     return _check_not_empty(_load_hub_dataset(name_or_path, split, **kwargs), name_or_path)
 
 
-def _load_hub_dataset(name: str, split: str, **kwargs) -> datasets.Dataset:
-    """A Hub dataset; a name that is neither embedded nor a file nor reachable gets an error saying all three."""
+def _load_hub_dataset(dataset_id: str, split: str | None, **kwargs) -> datasets.Dataset:
+    """A Hub dataset (all its splits when `split` is None; `name=` is its config); a name that is neither embedded
+    nor a file nor reachable gets an error saying all three."""
     from .._import_utils import is_hub_offline
 
-    not_local = (f"{name!r} is neither an embedded dataset ({', '.join(EMBEDDED_DATASETS)}) nor an existing file "
-                 "(.json, .jsonl or .txt)")
-    looks_like_a_file = Path(name).suffix in (".json", ".jsonl", ".txt") or name.startswith((".", "/", "~"))
+    not_local = (f"{dataset_id!r} is neither an embedded dataset ({', '.join(EMBEDDED_DATASETS)}) nor an existing "
+                 "file (.json, .jsonl or .txt)")
+    looks_like_a_file = (Path(dataset_id).suffix in (".json", ".jsonl", ".txt")
+                         or dataset_id.startswith((".", "/", "~")))
     if looks_like_a_file or is_hub_offline():
         reason = "" if looks_like_a_file else (
             ", and the Hugging Face Hub is offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set), so it cannot be "
@@ -169,7 +171,7 @@ def _load_hub_dataset(name: str, split: str, **kwargs) -> datasets.Dataset:
     import datasets
 
     try:
-        return datasets.load_dataset(name, split=split, **kwargs)
+        return datasets.load_dataset(dataset_id, split=split, **kwargs)
     except (FileNotFoundError, ConnectionError) as err:  # DatasetNotFoundError is a FileNotFoundError
         raise ValueError(f"{not_local}, and the Hub could not give it: {err}") from err
 

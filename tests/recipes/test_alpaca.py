@@ -21,8 +21,9 @@ def load_recipe():
 @require_bitsandbytes
 def test_cpu_demo_config_runs_end_to_end_and_writes_every_file(tiny_model_path, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    argv = ["alpaca.py", "--model_name_or_path", tiny_model_path, "--output_dir", str(out), "--lora_r", "8",
-            "--lora_alpha", "8", "--eval_ranks", "1", "8", "--max_steps", "2", "--eval_steps", "1", "--save_steps", "1",
+    argv = ["alpaca.py", "--config", os.path.join(CONFIGS, "alpaca.yaml"), "--model_name_or_path", tiny_model_path,
+            "--output_dir", str(out), "--lora_r", "8", "--lora_alpha", "8", "--eval_ranks", "1", "8",
+            "--max_steps", "2", "--eval_steps", "1", "--save_steps", "1",
             "--num_eval_examples", "4", "--num_train_examples", "16", "--max_length", "512",
             "--calibration_samples", "4", "--calibration_length", "32", "--sweep_ranks", "2,8", "--sweep_limit", "1",
             "--export_ranks", "2", "--per_device_train_batch_size", "2"]
@@ -47,21 +48,84 @@ def test_cpu_demo_config_runs_end_to_end_and_writes_every_file(tiny_model_path, 
     assert any(p.name.startswith("checkpoint-") for p in out.iterdir())  # checkpoints kept for resume
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+
+
+def write_dataset(folder, kind: str) -> str:
+    """A small local JSON dataset in one of trl's formats (10 rows)."""
+    rows = []
+    for i in range(10):
+        question, answer = f"What is {i} plus one?", f"It is {i + 1}."
+        if kind == "conversational":
+            rows.append({"messages": [{"role": "user", "content": question},
+                                      {"role": "assistant", "content": answer}]})
+        else:
+            rows.append({"text": f"{question} {answer}", "source": "made up"})  # an extra column trl ignores
+    path = folder / f"{kind}.json"
+    path.write_text(json.dumps(rows))
+    return str(path)
+
+
+@require_bitsandbytes
+@pytest.mark.parametrize("kind", ["conversational", "text"])
+def test_trl_flags_and_trl_dataset_formats_run_end_to_end(kind, tiny_model_path, tmp_path, monkeypatch, capsys):
+    """No --config: trl's flags (4-bit, LoRA r = 4 on q_proj and v_proj) on a messages or a text dataset."""
+    out = tmp_path / "run"
+    (tmp_path / "chat.jinja").write_text(CHAT_TEMPLATE)
+    argv = ["alpaca.py", "--model_name_or_path", tiny_model_path, "--load_in_4bit", "--use_peft", "--lora_r", "4",
+            "--lora_target_modules", "q_proj", "v_proj", "--dataset_name", write_dataset(tmp_path, kind),
+            "--eval_holdout", "2", "--num_eval_examples", "2", "--output_dir", str(out), "--max_steps", "1",
+            "--per_device_train_batch_size", "2", "--max_length", "64", "--eval_ranks", "1", "4",
+            "--calibration_samples", "2", "--calibration_length", "32", "--sweep_tasks", "", "--save_strategy", "no",
+            "--report_to", "none", "--use_cpu", "true",
+            *(["--chat_template_path", str(tmp_path / "chat.jinja")] if kind == "conversational" else [])]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(RECIPE, run_name="__main__")
+    assert "Written to" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_train_examples"] == 8 and summary["final_metrics"]["eval_loss@r4"] > 0
+    before, after = summary["initial_metrics"]["eval_loss@r4"], summary["final_metrics"]["eval_loss@r4"]
+    assert before != after  # evaluated before QuAILoRA and after its start and one training step
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    assert json.loads((out / "adapter" / "dynamic_rank.json").read_text())["quantization"] == "nf4"
+    assert (out / "quailora_report.json").is_file()  # QuAILoRA ran on the two target modules
+
+
+def test_conversational_data_without_a_chat_template_fail_before_the_model_loads(tiny_model_path, tmp_path):
+    import shutil
+
+    tokenizer_only = tmp_path / "tokenizer-only"  # the tiny tokenizer (no chat template) and no weights at all
+    shutil.copytree(tiny_model_path, tokenizer_only, ignore=shutil.ignore_patterns("*.safetensors"))
+    recipe = load_recipe()
+    args = ["--model_name_or_path", str(tokenizer_only), "--dataset_name", write_dataset(tmp_path, "conversational"),
+            "--eval_holdout", "2", "--num_eval_examples", "2", "--output_dir", str(tmp_path / "run"),
+            "--sweep_tasks", "", "--use_cpu", "true"]
+    with pytest.raises(ValueError, match="conversational, but the tokenizer .* has no chat template"):
+        recipe["main"](*recipe["parse_args_and_config"](args=args))
+
+
 @pytest.mark.parametrize("name", ["alpaca.yaml", "alpaca_gpu.yaml", "alpaca_multi_gpu.yaml"])
 def test_configs_parse(name, tmp_path):
     recipe = load_recipe()
     extra = [] if name == "alpaca.yaml" else ["--bf16", "false"]  # CI has no GPU; bf16 needs one
-    script_args, training_args = recipe["parse_args_and_config"](
+    data_args, training_args, model_args, recipe_args = recipe["parse_args_and_config"](
         args=["--config", os.path.join(CONFIGS, name), "--output_dir", str(tmp_path), *extra]
     )
-    assert script_args.lora_r >= max(training_args.eval_ranks)
+    assert model_args.lora_r >= max(training_args.eval_ranks)
     assert training_args.update_rule in ("nested", "frozen")
+    assert model_args.quantization == "nf4" and model_args.quantization_config().bnb_4bit_use_double_quant
 
 
-def test_no_arguments_means_the_cpu_demo_config(tmp_path):
-    script_args, training_args = load_recipe()["parse_args_and_config"](args=[])
-    assert script_args.model_name_or_path == "smollm2-135m" and training_args.max_steps == 20
-    assert training_args.bf16 is False
+def test_no_arguments_means_the_dataclass_defaults_not_the_demo_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # TrainingArguments' default output_dir is relative
+    data_args, training_args, model_args, recipe_args = load_recipe()["parse_args_and_config"](args=[])
+    assert model_args.model_name_or_path == "smollm2-135m" and data_args.dataset_name == "alpaca"  # offline-safe
+    assert model_args.quantization == "nf4" and model_args.use_peft and model_args.lora_target_modules == "all-linear"
+    assert training_args.max_steps == -1 and training_args.output_dir != "outputs/alpaca"  # not alpaca.yaml's 20
+    demo = load_recipe()["parse_args_and_config"](args=["--config", os.path.join(CONFIGS, "alpaca.yaml")])
+    assert demo[1].max_steps == 20 and demo[1].output_dir == "outputs/alpaca"
 
 
 @pytest.mark.parametrize("override, match", [
@@ -79,22 +143,43 @@ def test_no_arguments_means_the_cpu_demo_config(tmp_path):
     (["--calibration_dataset", "c44"], "'c44' is neither an embedded dataset"),
     (["--quantization", "none"], "quantized base"),
     (["--quailora_damping", "-1"], "damping"),
-    (["--calibration_samples", "0"], "num_samples"),
+    (["--calibration_samples", "0"], r"`--calibration_samples` \(0\) must be a positive integer"),
     (["--sweep_tasks", "quailora_wiki_ppl", "--sweep_limit", "0"], "`limit` must be a positive number"),
     (["--sweep_tasks", "hellaswag_offline_nope"], "Unknown lm-eval task"),
     (["--quailora_memory_budget", "0"], "memory_budget"),
     (["--output_dir", "{tmp}/a_file"], "is an existing file, not a folder"),
+    # trl's ModelConfig flags
+    (["--load_in_4bit", "--load_in_8bit"], "`--load_in_4bit` and `--load_in_8bit` were both given"),
+    (["--quantization", "int8", "--load_in_4bit"], "`--quantization int8` contradicts `--load_in_4bit`"),
+    (["--quantization", "fp4", "--bnb_4bit_quant_type", "nf4"], "`--quantization fp4` contradicts `--bnb_4bit_quant"),
+    (["--load_in_8bit", "--bnb_4bit_quant_type", "fp4"], "`--bnb_4bit_quant_type fp4` applies to 4-bit loading"),
+    (["--use_peft", "false"], "`--use_peft false`: the recipes .* need it"),
+    (["--use_dora"], "`--use_dora` is not supported"),
+    (["--lora_target_parameters", "mlp.experts.gate_up_proj"], "`--lora_target_parameters`"),
+    (["--lora_modules_to_save", "lm_head"], "`--lora_modules_to_save`"),
+    (["--lora_task_type", "SEQ_CLS"], "`--lora_task_type` must be CAUSAL_LM"),
+    (["--lora_target_modules", ","], "`--lora_target_modules` is empty"),
+    (["--quailora_solver", "als", "--quailora_als_iterations", "-1"], "`--quailora_als_iterations` \\(-1\\)"),
+    # trl's ScriptArguments flags and the data's shape
+    (["--dataset_name", "{tmp}/qa.json"], r"has the columns \['answer', 'question'\].*Expected one of: 'messages'"),
+    (["--dataset_name", "{tmp}/flat_messages.json"], "`messages` column does not hold a list of messages"),
+    (["--dataset_name", "{tmp}/qa.json", "--dataset_config", "en"], "`--dataset_config`"),
+    (["--dataset_streaming"], "`--dataset_streaming` is not supported"),
+    (["--dataset_name", "{tmp}/text.json", "--eval_holdout", "4", "--num_eval_examples", "4"],
+     "`--eval_holdout`: The hold-out \\(4\\) must be an integer between 1 and 2"),
 ])
 def test_bad_arguments_fail_before_loading(override, match, tmp_path):
     (tmp_path / "empty.json").write_text("[]")
     (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "qa.json").write_text(json.dumps([{"question": "Why?", "answer": "Because."}] * 3))
+    (tmp_path / "flat_messages.json").write_text(json.dumps([{"messages": "user: hi"}] * 3))
+    (tmp_path / "text.json").write_text(json.dumps([{"text": "One sentence."}] * 3))
     recipe = load_recipe()
     # A model that cannot load and no lm-eval sweep unless asked: each error must come before the model loads.
     args = ["--output_dir", str(tmp_path / "run"), "--model_name_or_path", str(tmp_path / "no-model"),
             "--sweep_tasks", "", *[arg.format(tmp=tmp_path) for arg in override]]
-    script_args, training_args = recipe["parse_args_and_config"](args=args)
-    with pytest.raises(ValueError, match=match):
-        recipe["main"](script_args, training_args)
+    with pytest.raises(ValueError, match=match):  # from parsing (the dataclasses' checks) or from main's checks
+        recipe["main"](*recipe["parse_args_and_config"](args=args))
 
 
 @require_bitsandbytes
@@ -104,7 +189,8 @@ def test_recipe_runs_data_parallel_on_two_processes(tiny_model_path, tmp_path):
 
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(29700 + os.getpid() % 200), RECIPE, "--model_name_or_path", tiny_model_path,
+               "--master_port", str(29700 + os.getpid() % 200), RECIPE,
+               "--config", os.path.join(CONFIGS, "alpaca.yaml"), "--model_name_or_path", tiny_model_path,
                "--output_dir", str(out), "--lora_r", "8", "--lora_alpha", "8", "--eval_ranks", "1", "8",
                "--max_steps", "2", "--save_steps", "1", "--num_eval_examples", "4", "--num_train_examples", "16",
                "--max_length", "512", "--calibration_samples", "4", "--calibration_length", "32",

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from testing_utils import REPO_ROOT, TINY_LINEAR_LAYERS, require_bitsandbytes
+from testing_utils import REPO_ROOT, TINY_LINEAR_LAYERS, TINY_NUM_BLOCKS, require_bitsandbytes
 
 
 RECIPES = os.path.join(REPO_ROOT, "recipes")
@@ -16,9 +16,9 @@ RECIPES = os.path.join(REPO_ROOT, "recipes")
 @require_bitsandbytes
 def test_quailora_init_recipe_runs_and_writes_its_report(tiny_model_path, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    argv = ["quailora_init.py", "--model_name_or_path", tiny_model_path, "--rank", "4", "--num_samples", "4",
-            "--window_length", "32", "--max_length", "32", "--eval_windows", "2", "--output_dir", str(out),
-            "--show_progress", "false"]
+    argv = ["quailora_init.py", "--model_name_or_path", tiny_model_path, "--lora_r", "4", "--calibration_samples", "4",
+            "--window_length", "32", "--calibration_length", "32", "--eval_windows", "2", "--output_dir", str(out),
+            "--quailora_show_progress", "false"]
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(os.path.join(RECIPES, "quailora_init.py"), run_name="__main__")
     printed = capsys.readouterr().out
@@ -28,10 +28,47 @@ def test_quailora_init_recipe_runs_and_writes_its_report(tiny_model_path, tmp_pa
     assert (out / "quailora_report.md").read_text().startswith("| layer |")
 
 
-def test_quailora_init_recipe_rejects_bad_arguments(monkeypatch, tmp_path):
-    monkeypatch.setattr(sys, "argv", ["quailora_init.py", "--solver", "magic", "--output_dir", str(tmp_path)])
-    with pytest.raises(SystemExit):  # argparse rejects a value outside `choices`
+@require_bitsandbytes
+def test_quailora_init_recipe_takes_trl_flags(tiny_model_path, tmp_path, monkeypatch):
+    """trl's names: LLM.int8 via --load_in_8bit, LoRA on two modules given space-separated, alpha defaults to r."""
+    out = tmp_path / "out"
+    argv = ["quailora_init.py", "--model_name_or_path", tiny_model_path, "--load_in_8bit", "--lora_r", "2",
+            "--lora_target_modules", "q_proj", "v_proj", "--calibration_samples", "2", "--calibration_length", "32",
+            "--eval_windows", "0", "--output_dir", str(out), "--quailora_show_progress", "false"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(os.path.join(RECIPES, "quailora_init.py"), run_name="__main__")
+    saved = json.loads((out / "quailora_report.json").read_text())
+    assert saved["quantization"] == "int8" and saved["rank"] == 2
+    assert len(saved["report"]["layers"]) == 2 * TINY_NUM_BLOCKS  # q_proj and v_proj of each block
+
+
+@require_bitsandbytes
+def test_quailora_init_recipe_still_takes_its_old_flag_names(tiny_model_path, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    argv = ["quailora_init.py", "--model_name_or_path", tiny_model_path, "--rank", "2", "--target_modules", "k_proj",
+            "--num_samples=2", "--max_length", "32", "--eval_windows", "0", "--output_dir", str(out),
+            "--show_progress", "false"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.warns(FutureWarning, match="`--rank` is deprecated; use `--lora_r`"):
         runpy.run_path(os.path.join(RECIPES, "quailora_init.py"), run_name="__main__")
-    monkeypatch.setattr(sys, "argv", ["quailora_init.py", "--rank", "0", "--output_dir", str(tmp_path)])
-    with pytest.raises(ValueError, match="rank"):
+    saved = json.loads((out / "quailora_report.json").read_text())
+    assert saved["rank"] == 2 and len(saved["report"]["layers"]) == TINY_NUM_BLOCKS  # k_proj only
+
+
+@pytest.mark.parametrize("argv, error, match", [
+    (["--quailora_solver", "magic"], SystemExit, None),  # argparse rejects a value outside `choices`
+    (["--lora_r", "0"], ValueError, r"`--lora_r` \(0\) must be at least 1"),
+    (["--load_in_4bit", "--load_in_8bit"], ValueError, "`--load_in_4bit` and `--load_in_8bit` were both given"),
+    (["--use_dora"], ValueError, "`--use_dora` is not supported"),
+    (["--use_peft", "false"], ValueError, "`--use_peft false`"),
+    (["--quantization", "none"], ValueError, "QuAILoRA corrects a quantization error"),
+    (["--export_ranks", "4"], ValueError, "`--export_ranks` applies to recipes that train"),
+    (["--quailora", "false"], ValueError, "`--quailora` applies to recipes that train"),
+    (["--calibration_dataset", "c44"], ValueError, "'c44' is neither an embedded dataset"),
+])
+def test_quailora_init_recipe_rejects_bad_arguments_before_loading(argv, error, match, monkeypatch, tmp_path):
+    argv = ["quailora_init.py", "--model_name_or_path", str(tmp_path / "no-model"), "--output_dir", str(tmp_path),
+            *argv]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(error, match=match):  # a model that cannot load: each error comes first
         runpy.run_path(os.path.join(RECIPES, "quailora_init.py"), run_name="__main__")
