@@ -34,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from trl import TrlParser
 
 from hf_quailora import (
@@ -60,6 +61,10 @@ def _ranks(text: str | None, default: list[int]) -> list[int]:
 def _check(recipe_args: RecipeArguments, training_args: DynamicRankConfig, model_args: RecipeModelConfig) -> None:
     """Fail on bad settings before anything is loaded (the dataclasses checked their own fields when parsed)."""
     check_recipe_arguments(model_args, recipe_args)
+    if recipe_args.quailora:  # FSDP / DeepSpeed asked for by the arguments or `accelerate launch`: refused now
+        from hf_quailora.quailora.callback import check_unsharded_training
+
+        check_unsharded_training(training_args, torch.nn.Module())
     max_rank = check_rank_settings(training_args, model_args.lora_r)  # eval/SoFT/choice ranks too
     check_not_a_file(training_args.output_dir)
     for name in ("sweep_ranks", "export_ranks"):  # only trained ranks can be evaluated or exported

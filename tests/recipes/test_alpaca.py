@@ -182,6 +182,15 @@ def test_bad_arguments_fail_before_loading(override, match, tmp_path):
         recipe["main"](*recipe["parse_args_and_config"](args=args))
 
 
+def test_sharded_launch_is_refused_before_loading(tmp_path, monkeypatch):
+    # What `accelerate launch --use_fsdp` sets: the QuAILoRA start writes whole factors, so it is refused at once.
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    recipe = load_recipe()
+    args = ["--output_dir", str(tmp_path / "run"), "--model_name_or_path", str(tmp_path / "no-model"), "--sweep_tasks", ""]
+    with pytest.raises(ValueError, match="cannot initialise under FSDP"):
+        recipe["main"](*recipe["parse_args_and_config"](args=args))
+
+
 @require_bitsandbytes
 def test_recipe_runs_data_parallel_on_two_processes(tiny_model_path, tmp_path):
     """`torchrun --nproc_per_node 2` (gloo, CPU): the whole recipe completes; the trainer raises if ranks ever differ."""
