@@ -40,6 +40,13 @@ from .quantization import QUANTIZATIONS, load_quantized_model
 
 
 DTYPE_CHOICES = ["auto", "bfloat16", "float16", "float32"]
+_QUAILORA_DEFAULTS = {f.name: f.default for f in fields(QuAILoRAConfig)}  # one source for the solver's defaults
+
+
+def _solver_option(name: str, help: str, choices=None):
+    """A recipe flag for the `QuAILoRAConfig` field `name`, with that field's default."""
+    metadata = {"help": help, **({"choices": list(choices)} if choices else {})}
+    return field(default=_QUAILORA_DEFAULTS[name], metadata=metadata)
 _SHORTHAND = "`--quantization nf4|fp4|int8|none` is short for `--load_in_4bit --bnb_4bit_quant_type nf4|fp4`, " \
              "`--load_in_8bit`, or a full-precision base"
 
@@ -297,23 +304,19 @@ class RecipeArguments:
     calibration_samples: int = field(default=32, metadata={"help": "Calibration sequences."})
     calibration_length: int = field(default=256, metadata={"help": "Tokens per calibration sequence."})
     calibration_batch_size: int = field(default=8, metadata={"help": "Calibration sequences per forward pass."})
-    quailora_solver: str = field(default="closed_form", metadata={"help": "Solver.", "choices": list(SOLVERS)})
-    quailora_als_iterations: int = field(default=20, metadata={"help": "Iterations of the 'als' solver."})
-    quailora_damping: float = field(default=1e-4, metadata={"help": "Relative damping of the Gram matrices."})
-    quailora_streaming: str = field(
-        default="auto", metadata={"help": "Blocks calibrated at a time.", "choices": list(STREAMING_MODES)}
+    quailora_solver: str = _solver_option("solver", "Solver.", SOLVERS)
+    quailora_als_iterations: int = _solver_option("als_iterations", "Iterations of the 'als' solver.")
+    quailora_damping: float = _solver_option("damping", "Relative damping of the Gram matrices.")
+    quailora_streaming: str = _solver_option("streaming", "Blocks calibrated at a time.", STREAMING_MODES)
+    quailora_memory_budget: str = _solver_option(
+        "memory_budget", "Bytes of Gram matrices alive at once ('auto': one block at a time)."
     )
-    quailora_memory_budget: str = field(
-        default="auto", metadata={"help": "Bytes of Gram matrices alive at once ('auto': one block at a time)."}
-    )
-    quailora_gram_device: str = field(
-        default="model", metadata={"help": "Where Gram matrices accumulate.", "choices": list(GRAM_DEVICES)}
-    )
-    quailora_gram_dtype: str = field(default="float64", metadata={"help": "Gram dtype.", "choices": list(DTYPES)})
-    quailora_solve_dtype: str = field(default="float64", metadata={"help": "Solve dtype.", "choices": list(DTYPES)})
+    quailora_gram_device: str = _solver_option("gram_device", "Where Gram matrices accumulate.", GRAM_DEVICES)
+    quailora_gram_dtype: str = _solver_option("gram_dtype", "Gram dtype.", DTYPES)
+    quailora_solve_dtype: str = _solver_option("solve_dtype", "Solve dtype.", DTYPES)
     quailora_show_progress: bool = field(default=True, metadata={"help": "Progress bars during QuAILoRA."})
-    quailora_report_svd_baseline: bool = field(
-        default=False, metadata={"help": "Also report the uncalibrated SVD start's errors (doubles closed-form work)."}
+    quailora_report_svd_baseline: bool = _solver_option(
+        "report_svd_baseline", "Also report the uncalibrated SVD start's errors (doubles closed-form work)."
     )
     # Final rank sweep and export
     sweep_tasks: str = field(
@@ -343,25 +346,6 @@ QUAILORA_FLAGS = {
     "quailora_show_progress": "show_progress", "quailora_report_svd_baseline": "report_svd_baseline",
 }
 
-
-def rename_legacy_flags(argv: list[str], renamed: dict[str, str]) -> list[str]:
-    """`argv` with each old flag name (`--rank`) replaced by its new one (`--lora_r`), with a `FutureWarning`.
-
-    Example:
-
-    ```python
-    rename_legacy_flags(["--rank", "8"], {"rank": "lora_r"})  # ["--lora_r", "8"], and a FutureWarning
-    ```
-    """
-    out = []
-    for arg in argv:
-        flag, sep, value = arg.partition("=")
-        old = flag[2:].replace("-", "_") if flag.startswith("--") else None
-        if old in renamed:
-            warnings.warn(f"`--{old}` is deprecated; use `--{renamed[old]}`.", FutureWarning, stacklevel=2)
-            arg = f"--{renamed[old]}{sep}{value}"
-        out.append(arg)
-    return out
 
 TRAINING_ONLY_OPTIONS = ("sweep_tasks", "sweep_ranks", "sweep_limit", "export_ranks")
 

@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,13 +29,7 @@ from trl import TrlParser
 
 from hf_quailora import compute_perplexity, load_dataset_any, make_token_windows, quailora_init, quiet_bnb_warnings
 from hf_quailora._io_utils import write_file_atomically
-from hf_quailora.recipe_args import (
-    QUAILORA_FLAGS,
-    RecipeArguments,
-    RecipeModelConfig,
-    check_recipe_arguments,
-    rename_legacy_flags,
-)
+from hf_quailora.recipe_args import QUAILORA_FLAGS, RecipeArguments, RecipeModelConfig, check_recipe_arguments
 
 
 # This recipe's flags before it took trl's and the shared names: still accepted, with a FutureWarning
@@ -106,6 +101,26 @@ def main(script_args: InitScriptArguments, model_args: RecipeModelConfig, recipe
 def make_parser() -> TrlParser:
     """This recipe's settings, trl's model arguments and the shared recipe options (`--config FILE.yaml` works)."""
     return TrlParser((InitScriptArguments, RecipeModelConfig, RecipeArguments))
+
+
+def rename_legacy_flags(argv: list[str], renamed: dict[str, str]) -> list[str]:
+    """`argv` with each old flag name (`--rank`) replaced by its new one (`--lora_r`), with a `FutureWarning`.
+
+    Example:
+
+    ```python
+    rename_legacy_flags(["--rank", "8"], {"rank": "lora_r"})  # ["--lora_r", "8"], and a FutureWarning
+    ```
+    """
+    out = []
+    for arg in argv:
+        flag, sep, value = arg.partition("=")
+        old = flag[2:].replace("-", "_") if flag.startswith("--") else None
+        if old in renamed:
+            warnings.warn(f"`--{old}` is deprecated; use `--{renamed[old]}`.", FutureWarning, stacklevel=2)
+            arg = f"--{renamed[old]}{sep}{value}"
+        out.append(arg)
+    return out
 
 
 if __name__ == "__main__":

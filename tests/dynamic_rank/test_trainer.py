@@ -275,15 +275,14 @@ def test_evaluate_reports_trls_own_metrics_at_every_rank(tiny_model_path, tiny_t
     trainer.model.eval()
     labels = batch["labels"][:, 1:]
     mask = labels != -100
-    accuracy = {}
     for b in (1, 2, 8):
         with torch.no_grad(), use_rank(trainer.model, b):
             logits = trainer.model(**batch).logits[:, :-1].float()
         # independent reference: next-token argmax against the label, and the entropy of the predicted distribution
-        accuracy[b] = (logits.argmax(-1) == labels)[mask].float().mean().item()
+        accuracy = (logits.argmax(-1) == labels)[mask].float().mean().item()
         log_p = logits.log_softmax(-1)
         entropy = -(log_p.exp() * log_p).sum(-1)[mask].mean().item()
-        assert metrics[f"eval_mean_token_accuracy@r{b}"] == pytest.approx(accuracy[b], abs=1e-6), f"rank {b}"
+        assert metrics[f"eval_mean_token_accuracy@r{b}"] == pytest.approx(accuracy, abs=1e-6), f"rank {b}"
         assert metrics[f"eval_entropy@r{b}"] == pytest.approx(entropy, rel=1e-4), f"rank {b}"
     assert len({metrics[f"eval_entropy@r{b}"] for b in (1, 2, 8)}) == 3  # each rank's own, not one copied
     # the unsuffixed keys are the max rank's, as eval_loss is; trl's count of trained tokens is not per rank
@@ -300,10 +299,7 @@ def test_evaluate_defaults_to_powers_of_two(tiny_model_path, tiny_texts, tmp_pat
     assert sorted(k for k in metrics if k.startswith("eval_loss@r")) == sorted(f"eval_loss@r{b}" for b in (1, 2, 4, 8))
 
 
-# Two processes
-
-
-def _free_port():
+def _free_port():  # for the two-process tests below
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

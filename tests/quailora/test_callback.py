@@ -13,7 +13,7 @@ from trl import SFTConfig, SFTTrainer
 from hf_quailora import QuAILoRAConfig, QuAILoRAInitCallback, quailora_init
 from hf_quailora.quantization import load_quantized_model
 
-from testing_utils import TINY_LINEAR_LAYERS, tensor_bytes, require_bitsandbytes, snapshot
+from testing_utils import TINY_LINEAR_LAYERS, require_bitsandbytes, snapshot, tensor_bytes
 
 
 pytestmark = require_bitsandbytes

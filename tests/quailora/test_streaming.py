@@ -10,7 +10,7 @@ from hf_quailora.quailora.memory import estimate_init_memory, parse_memory_budge
 from hf_quailora.quailora.streaming import find_decoder_blocks, record_block_inputs
 from hf_quailora.quantization import load_quantized_model
 
-from testing_utils import TINY_LINEAR_LAYERS, TINY_NUM_BLOCKS, tensor_bytes, require_bitsandbytes, snapshot
+from testing_utils import TINY_LINEAR_LAYERS, TINY_NUM_BLOCKS, require_bitsandbytes, snapshot, tensor_bytes
 
 
 pytestmark = require_bitsandbytes
