@@ -211,6 +211,19 @@ def measure(args) -> list[dict]:
     return rows
 
 
+def rerender(args) -> list[dict]:
+    """`--rerender`: the measured rows of `<output>.json` with the formula recomputed by the current code."""
+    with open(args.output + ".json") as handle:
+        data = json.load(handle)
+    for name in ("rank", "windows", "window_length", "batch_size", "threads"):
+        setattr(args, name, data["settings"][name])
+    rows = []
+    for row in data["rows"]:
+        expected = formula(tuple(row["shape"]), args)
+        rows.append({**row, **expected, "shape": tuple(row["shape"]), "formula": expected[row["streaming"]]})
+    return rows
+
+
 def to_markdown(rows: list[dict], args) -> str:
     mib = 2**20
     lines = [
@@ -270,6 +283,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default="bench/results/init_scaling", help="writes .md, .json and .png")
     parser.add_argument("--contract", action="store_true", help="print the formula's table for real models and stop")
+    parser.add_argument("--rerender", action="store_true",
+                        help="no new measurement: recompute the formula for the rows in <output>.json and rewrite")
     parser.add_argument("--case", nargs=2, metavar=("PATH", "STREAMING"), help=argparse.SUPPRESS)
     return parser
 
@@ -282,7 +297,7 @@ def main() -> None:
     if args.case:
         print(json.dumps(run_case(args.case[0], args.case[1], args)))
         return
-    rows = measure(args)
+    rows = rerender(args) if args.rerender else measure(args)
     table = to_markdown(rows, args)
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output + ".md", "w") as handle:

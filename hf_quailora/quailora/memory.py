@@ -8,17 +8,19 @@ The peak *extra* memory of `quailora_init` (beyond the quantized model and its a
 - Gram bytes of a block: `Σ d_in² × b_gram` over the block's *distinct* layer inputs (q/k/v share one matrix,
   gate/up another); a Llama block has `(3·h² + i²) × b_gram` (hidden h, intermediate i; b_gram = 8 in float64,
   4 in float32, the default).
-- One layer's solve workspace (closed form, solve dtype b_solve): `E = W − Q` and `E·L` (or the report's `E·H`),
-  the damped Gram matrix (cast from the Gram dtype) and its Cholesky factor, and the SVD's Gram matrix with its
-  eigenvectors: `(2·out·in + 2·in² + 3·min(out, in)²) × b_solve`, at the layer where it is largest (the down
-  projection). The report's H in the solve dtype is made after the solve, when the Cholesky factor is gone.
+- One layer's solve workspace (closed form, solve dtype b_solve), the largest of its three phases at the layer
+  where that is largest (the down projection): forming `E = W − Q` (E, Q and W's float32 read: `2.5·out·in`);
+  the Cholesky factorisation (E, the damped H cast from the Gram dtype, and L: `out·in + 2·in²`); the top-r
+  SVD of `E·L` (E, L, E·L and the eigen-solver's `min(out, in)²` Gram matrix, eigenvectors and work:
+  `2·out·in + in² + 3·min²`); the report's `E·H` comes after, when L is gone (`2·out·in + in²`). Times b_solve.
 - The factors solved so far: every layer's `B` and `A` wait, in the adapter's dtype, until all layers are solved
   (a failure leaves the model untouched): `r × Σ (in + out) × b_adapter` at the end, one adapter's size.
 - The hidden-state cache of replay: the current block's inputs for every calibration token, replaced batch by batch
   by its outputs, `tokens × h × b_act` (b_act: the compute dtype's bytes, e.g. 2 in bf16).
 - One calibration step (one batch of `T_b = batch_size × max_length` tokens through one block, with the hooks):
-  the block's activations, about `T_b × (4·i + 6·h) × b_act`, eager attention's scores and probabilities
-  `2 × batch_size × heads × max_length² × b_act`, and the hook's rows and product in at least float32,
+  the block's activations, about `T_b × (4·i + 6·h) × b_act`, with `attn_implementation="eager"` its scores and
+  probabilities `2 × batch_size × heads × max_length² × b_act` (SDPA, transformers' default, does not hold them),
+  and the hook's rows and product in at least float32,
   `(T_b·in + in²) × max(b_act, 4)` at the widest input. Solves and calibration steps never overlap, hence the max.
   The full logits (`T_b × vocab`) are not computed when the output head is not calibrated.
 
@@ -149,9 +151,15 @@ class InitMemory:
         return self.gram_all_blocks + self.pending_factors + max(self.solve_workspace, self.calibration_step)
 
 
+def _solve_workspace(out: int, inp: int) -> int:
+    """Elements alive at the largest phase of one closed-form solve (see the module docstring)."""
+    small = min(out, inp)
+    return max(5 * out * inp // 2, out * inp + 2 * inp * inp, 2 * out * inp + inp * inp + 3 * small * small)
+
+
 def estimate_init_memory(config, num_samples: int = 128, max_length: int = 512, batch_size: int = 8,
                          gram_bytes: int = 4, solve_bytes: int = 8, activation_bytes: int = 2, rank: int = 16,
-                         adapter_bytes: int = 4) -> InitMemory:
+                         adapter_bytes: int = 4, eager_attention: bool = False) -> InitMemory:
     """The memory formula for a Llama-shaped transformers config (Llama, Qwen, Mistral, Gemma: q/k/v, o, gate/up,
     down in every block, LoRA on all of them).
 
@@ -164,6 +172,8 @@ def estimate_init_memory(config, num_samples: int = 128, max_length: int = 512, 
         rank (`int`, defaults to 16): the LoRA rank r.
         adapter_bytes (`int`, defaults to 4): bytes per element of the LoRA factors (peft keeps them in float32
             unless told otherwise).
+        eager_attention (`bool`, defaults to `False`): the model runs `attn_implementation="eager"`, which holds
+            every attention score and probability (SDPA, the default, does not).
     """
     h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     heads = config.num_attention_heads
@@ -174,11 +184,11 @@ def estimate_init_memory(config, num_samples: int = 128, max_length: int = 512, 
     block_params = sum(out * inp for out, inp in shapes)
     embeddings = config.vocab_size * h * (1 if getattr(config, "tie_word_embeddings", False) else 2)
     per_block = (2 * h * h + q * q + i * i) * gram_bytes  # distinct inputs: h (q/k/v), q (o), h (gate/up), i (down)
-    workspace = max((2 * out * inp + 2 * inp * inp + 3 * min(out, inp) ** 2) * solve_bytes for out, inp in shapes)
+    workspace = max(_solve_workspace(out, inp) for out, inp in shapes) * solve_bytes
     step_tokens, widest = min(batch_size, num_samples) * max_length, max(h, q, i)
+    scores = 2 * min(batch_size, num_samples) * heads * max_length**2 if eager_attention else 0
     calibration_step = (
-        step_tokens * (4 * i + 6 * h) * activation_bytes
-        + 2 * min(batch_size, num_samples) * heads * max_length**2 * activation_bytes
+        (step_tokens * (4 * i + 6 * h) + scores) * activation_bytes
         + (step_tokens * widest + widest**2) * max(activation_bytes, 4)
     )
     return InitMemory(

@@ -40,6 +40,12 @@ def test_init_scaling_measures_both_modes_and_writes_table_json_and_plot(tmp_pat
     table = (output.with_suffix(".md")).read_text()
     assert "streamed (replay)" in table and "all at once" in table
     assert (output.with_suffix(".png")).stat().st_size > 0
+    # --rerender: the same measurements, the formula recomputed by the current code (here: the same code)
+    result = subprocess.run([sys.executable, SCRIPT, "--rerender", "--output", str(output)], capture_output=True,
+                            text=True, cwd=REPO_ROOT, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = json.loads((output.with_suffix(".json")).read_text())["rows"]
+    assert [(row["peak_extra"], row["formula"]) for row in again] == [(row["peak_extra"], row["formula"]) for row in rows]
 
 
 def test_memory_contract_covers_the_readme_models_and_streaming_fits_where_all_at_once_does_not():
