@@ -117,7 +117,6 @@ def _first_reason(layers: dict) -> str:
     return f"The base of {name.removeprefix('base_model.model.')}: {reason}"
 
 
-@torch.no_grad()
 def _like_parameters(module, adapter_name: str, lora_B: torch.Tensor, lora_A: torch.Tensor):
     """The factors cast to their parameters' device and dtype now, not at the final write: the pending factors of
     every layer then cost one adapter's bytes (e.g. bf16), not the solve dtype's (float64 is 4x bf16)."""
@@ -126,6 +125,7 @@ def _like_parameters(module, adapter_name: str, lora_B: torch.Tensor, lora_A: to
             lora_A.to(device=A_param.device, dtype=A_param.dtype))
 
 
+@torch.no_grad()
 def _write(module, adapter_name: str, lora_B: torch.Tensor, lora_A: torch.Tensor) -> None:
     # copy_ keeps the Parameter objects the optimizer may already hold.
     for param, value in ((module.lora_B[adapter_name].weight, lora_B), (module.lora_A[adapter_name].weight, lora_A)):

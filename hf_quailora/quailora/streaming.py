@@ -96,7 +96,7 @@ def plan_schedule(model, in_features: Mapping[str, int], config, gram_device: to
     block_names = [f"{list_name}.{index}" for index in range(len(blocks))]
     if budget is None:  # "auto": one block's Gram matrices must fit in what the Gram device has free
         free = _smallest_over_processes(free_memory(gram_device), gram_device)
-        _check_one_block_fits(sizes, block_names, free, gram_device)
+        _check_one_block_fits(sizes, block_names, free, gram_device, element_bytes)
         if mode == "passes":
             budget = max(free // 2, max(sizes))
     if budget is None:  # replay: one block at a time costs no extra compute
@@ -115,14 +115,16 @@ def plan_schedule(model, in_features: Mapping[str, int], config, gram_device: to
     return Schedule(mode, groups, blocks, block_of, outside)
 
 
-def _check_one_block_fits(sizes: list[int], block_names: list[str], free: int, gram_device: torch.device) -> None:
+def _check_one_block_fits(sizes: list[int], block_names: list[str], free: int, gram_device: torch.device,
+                          element_bytes: int) -> None:
     largest = max(range(len(sizes)), key=sizes.__getitem__)
     if sizes[largest] > free:
-        advice = "gram_device='cpu', " if gram_device.type != "cpu" else ""
+        advice = ["free memory"] + (["gram_device='cpu'"] if gram_device.type != "cpu" else [])
+        advice += ["gram_dtype='float32' (half the bytes)"] if element_bytes > 4 else []
         raise ValueError(
             f"QuAILoRA cannot stream even one block: {block_names[largest]} needs {format_bytes(sizes[largest])} of "
-            f"Gram matrices and {gram_device} has {format_bytes(free)} free. Free memory, or use {advice}"
-            f"gram_dtype='float32' (half the bytes) or fewer LoRA target modules."
+            f"Gram matrices and {gram_device} has {format_bytes(free)} free. Use {', '.join(advice)}, or fewer "
+            "LoRA target modules."
         )
 
 
