@@ -31,8 +31,9 @@ logger = logging.getLogger(__name__)
 class HeldOutPerplexityCallback(TrainerCallback):
     """Adds held-out perplexity to every evaluation and records the convergence curve of one arm."""
 
-    def __init__(self, windows: torch.Tensor):
+    def __init__(self, windows: torch.Tensor, batch_size: int = 8):
         self.windows = windows
+        self.batch_size = batch_size
         self.history: list[dict] = []
 
     def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
@@ -40,7 +41,7 @@ class HeldOutPerplexityCallback(TrainerCallback):
             return
         entry = {"step": state.global_step, "eval_loss": metrics.get("eval_loss")}
         entry.update({key[len("eval_"):]: value for key, value in metrics.items() if key.startswith("eval_loss@r")})
-        entry["perplexity"] = compute_perplexity(model, self.windows)
+        entry["perplexity"] = compute_perplexity(model, self.windows, self.batch_size)
         self.history.append(entry)
         logger.info("step %d: %s", state.global_step, entry)
 
@@ -95,7 +96,7 @@ def training_settings(args: CompareScriptArguments, arm: str) -> dict:
         output_dir=os.path.join(args.output_dir, arm),
         max_steps=args.steps,
         per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=8,
+        per_device_eval_batch_size=args.eval_batch_size,
         learning_rate=args.learning_rate,
         lr_scheduler_type=args.lr_scheduler_type,
         logging_steps=args.eval_steps,
@@ -120,7 +121,7 @@ def build_trainer(arm, args, model, tokenizer, train, held_out, windows, dynamic
         `(trainer, perplexity)`: the trainer and its `HeldOutPerplexityCallback`.
     """
     settings = training_settings(args, arm)
-    perplexity = HeldOutPerplexityCallback(windows)
+    perplexity = HeldOutPerplexityCallback(windows, args.eval_batch_size)
     trainer_kwargs = dict(
         train_dataset=train, eval_dataset=held_out, processing_class=tokenizer, callbacks=[perplexity]
     )
@@ -157,14 +158,14 @@ def initialize_adapter(trainer, solver: str | None, calibration, window_length: 
     return time.perf_counter() - init_started
 
 
-def measure_dynamic_ranks(trainer, windows, ranks) -> dict[str, dict[str, float]]:
+def measure_dynamic_ranks(trainer, windows, ranks, batch_size: int = 8) -> dict[str, dict[str, float]]:
     """Alpaca response loss (one evaluate() call covers every rank) and held-out perplexity at each rank."""
     trainer.eval_ranks = ranks
     metrics = trainer.evaluate(metric_key_prefix="rank_sweep")
     out = {}
     for b in ranks:
         with use_rank(trainer.model, b, rank_scaling="constant"):
-            perplexity = compute_perplexity(trainer.model, windows)
+            perplexity = compute_perplexity(trainer.model, windows, batch_size)
         out[str(b)] = {"eval_loss": metrics[f"rank_sweep_loss@r{b}"], "perplexity": perplexity}
     return out
 
@@ -178,8 +179,9 @@ def train_and_evaluate(trainer, perplexity, windows, dynamic_ranks, result: dict
         started: `time.perf_counter()` when the arm started (for its total seconds).
     """
     dynamic = dynamic_ranks is not None
+    batch = trainer.args.per_device_eval_batch_size
     if dynamic:
-        result["per_rank"] = {"start": measure_dynamic_ranks(trainer, windows, dynamic_ranks)}
+        result["per_rank"] = {"start": measure_dynamic_ranks(trainer, windows, dynamic_ranks, batch)}
         trainer.eval_ranks = [trainer.max_rank]  # intermediate evaluations at r_max only (cost)
     trainer.evaluate()
     train_started = time.perf_counter()
@@ -189,7 +191,7 @@ def train_and_evaluate(trainer, perplexity, windows, dynamic_ranks, result: dict
         trainer.evaluate()
     if dynamic:
         trainer.eval_ranks = dynamic_ranks
-        result["per_rank"]["end"] = measure_dynamic_ranks(trainer, windows, dynamic_ranks)
+        result["per_rank"]["end"] = measure_dynamic_ranks(trainer, windows, dynamic_ranks, batch)
     start, end = perplexity.history[0], perplexity.history[-1]
     result.update(
         perplexity_start=start["perplexity"], perplexity_end=end["perplexity"],
