@@ -36,8 +36,8 @@ closed at the start and the end), `results.json` (every arm, curves included, an
 `python -m bench.compare_init --help`. A past run: `bench/results/compare_init/`.
 
 Modules: `arms` (the arms, `CompareScriptArguments` and their checks), `run` (data and one arm's run), `store`
-(finished arms on disk), `summary` (mean ± std over seeds, bands plot), `report` (gap closed, single-run table and
-plot) and this entry point (`main`, `make_parser`).
+(finished arms on disk), `summary` (gap closed per seed, mean ± std over seeds, bands plot) and this entry point
+(`main`, `make_parser`).
 """
 
 from __future__ import annotations

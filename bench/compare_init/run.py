@@ -41,7 +41,10 @@ class HeldOutPerplexityCallback(TrainerCallback):
             return
         entry = {"step": state.global_step, "eval_loss": metrics.get("eval_loss")}
         entry.update({key[len("eval_"):]: value for key, value in metrics.items() if key.startswith("eval_loss@r")})
+        started = time.perf_counter()
         entry["perplexity"] = compute_perplexity(model, self.windows, self.batch_size)
+        # evaluation costs, for planning longer runs: the Alpaca loss (Trainer's eval_runtime) and the perplexity
+        entry.update(eval_runtime=metrics.get("eval_runtime"), perplexity_seconds=time.perf_counter() - started)
         self.history.append(entry)
         logger.info("step %d: %s", state.global_step, entry)
 

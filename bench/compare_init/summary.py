@@ -7,11 +7,17 @@ import statistics
 from collections import defaultdict
 
 from .arms import ARM_LABELS, ARMS
-from .report import gap_closed
 
 
 METRICS = ("perplexity_start", "perplexity_end", "eval_loss_start", "eval_loss_end")
 GAPS = ("gap_start", "gap_end", "loss_gap_start", "loss_gap_end")
+
+
+def gap_closed(qlora: float | None, value: float | None, int8: float | None) -> float | None:
+    """The fraction of the NF4 → int8 gap closed, `(qlora − value) / (qlora − int8)`; None if undefined."""
+    if None in (qlora, value, int8) or qlora == int8:
+        return None
+    return (qlora - value) / (qlora - int8)
 
 
 def mean_std(values: list[float]) -> dict:
