@@ -9,7 +9,8 @@ In one process: the LLM.int8 (B = 0) and NF4 (B = 0, QLoRA's start) perplexities
 held-out Wikipedia perplexity and its gap closed, `(ppl_NF4 − ppl) / (ppl_NF4 − ppl_int8)`; the perplexity on the
 first `--fit_windows` calibration windows (part of every calibration set: how well the start fits what it saw);
 and the calibrated error relative to B = 0 summed over layers, as `quailora_init` reports it on its own calibration
-tokens. Results are written after every size (`calibration_size[-model].md|json` in `--output`).
+tokens. Results are written after every size (`calibration_size[-model].md|json` in `--output`); a later run with
+the same model, rank and windows keeps the sizes already measured there and runs only the others.
 """
 
 from __future__ import annotations
@@ -92,6 +93,20 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+SAME_RUN = ("model", "rank", "window", "eval_windows", "fit_windows", "add_bos")
+
+
+def load_finished_rows(stem: str, settings: dict) -> list[dict]:
+    """The rows of an earlier run at `stem.json` with the same `SAME_RUN` settings (none otherwise)."""
+    if not os.path.exists(stem + ".json"):
+        return []
+    with open(stem + ".json") as handle:
+        earlier = json.load(handle)
+    if any(earlier["settings"].get(key) != settings[key] for key in SAME_RUN):
+        return []
+    return earlier["rows"]
+
+
 def measure_baselines(args, held_out, fit) -> dict:
     out = {}
     for quantization in ("none", "int8"):
@@ -128,7 +143,11 @@ def main() -> None:
                 "c4_tokens": sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1 for text in c4),
                 "eval_windows": int(held_out.shape[0]), "fit_windows": int(fit.shape[0]), "torch": torch.__version__,
                 "platform": platform.processor() or platform.machine()}
-    result = {"settings": settings, "baselines": measure_baselines(args, held_out, fit), "rows": []}
+    os.makedirs(args.output, exist_ok=True)
+    stem = os.path.join(args.output, "calibration_size" + ("" if args.model == "smollm2-135m" else f"-{args.model}"))
+    done = {row["tokens"]: row for row in load_finished_rows(stem, settings)}
+    counts = [count for count in counts if count * args.window not in done]
+    result = {"settings": settings, "baselines": measure_baselines(args, held_out, fit), "rows": list(done.values())}
     # 2. NF4 + LoRA once; B = 0 first, then one closed-form init per size (each overwrites A and B completely)
     model, _ = load_quantized_model(args.model, "nf4")
     model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules="all-linear",
@@ -138,8 +157,6 @@ def main() -> None:
         base["nf4"] = compute_perplexity(model, held_out, args.batch_size)
         base["nf4_fit"] = compute_perplexity(model, fit, args.batch_size)
     gap = lambda ppl, nf4, int8: (nf4 - ppl) / (nf4 - int8)  # noqa: E731
-    os.makedirs(args.output, exist_ok=True)
-    stem = os.path.join(args.output, "calibration_size" + ("" if args.model == "smollm2-135m" else f"-{args.model}"))
     for count in counts:
         started = time.perf_counter()
         config = QuAILoRAConfig(solver="closed_form", num_samples=None, max_length=args.window,
@@ -154,7 +171,7 @@ def main() -> None:
                "fit_gap_closed": gap(fit_ppl, base["nf4_fit"], base["int8_fit"]),
                "relative_calibrated_error": totals["calibrated_error_result"] / totals["calibrated_error_qlora"],
                "init_seconds": seconds}
-        result["rows"].append(row)
+        result["rows"] = sorted(result["rows"] + [row], key=lambda entry: entry["tokens"])
         print(row, flush=True)
         write(result, stem)  # after every size: an interrupted run keeps what it finished
     print("\n" + to_markdown(result))

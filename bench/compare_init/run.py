@@ -34,15 +34,19 @@ class HeldOutPerplexityCallback(TrainerCallback):
     def __init__(self, windows: torch.Tensor, batch_size: int = 8):
         self.windows = windows
         self.batch_size = batch_size
+        self.examples: int | None = None  # held-out Alpaca examples of the evaluation under way (set by the caller)
         self.history: list[dict] = []
 
     def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
         if "eval_loss" not in (metrics or {}):  # the dynamic arm's rank sweeps use another prefix
             return
-        entry = {"step": state.global_step, "eval_loss": metrics.get("eval_loss")}
+        entry = {"step": state.global_step, "eval_loss": metrics.get("eval_loss"), "alpaca_examples": self.examples}
         entry.update({key[len("eval_"):]: value for key, value in metrics.items() if key.startswith("eval_loss@r")})
         started = time.perf_counter()
-        entry["perplexity"] = compute_perplexity(model, self.windows, self.batch_size)
+        if self.history and self.history[-1]["step"] == state.global_step:  # same weights: no second pass
+            entry["perplexity"] = self.history[-1]["perplexity"]
+        else:
+            entry["perplexity"] = compute_perplexity(model, self.windows, self.batch_size)
         # evaluation costs, for planning longer runs: the Alpaca loss (Trainer's eval_runtime) and the perplexity
         entry.update(eval_runtime=metrics.get("eval_runtime"), perplexity_seconds=time.perf_counter() - started)
         self.history.append(entry)
@@ -121,7 +125,9 @@ def build_trainer(arm, args, model, tokenizer, train, held_out, windows, dynamic
     """The arm's trainer (`DynamicRankTrainer` for the dynamic arm, else `SFTTrainer`) with fp32/bf16 adapters.
 
     Returns:
-        `(trainer, perplexity)`: the trainer and its `HeldOutPerplexityCallback`.
+        `(trainer, perplexity, full)`: the trainer, its `HeldOutPerplexityCallback`, and the tokenized held-out set
+        when `--curve_eval_examples` gives the periodic evaluations a subset of it (else `None`; the trainer's own
+        evaluation set is then the full held-out set).
     """
     settings = training_settings(args, arm)
     perplexity = HeldOutPerplexityCallback(windows, args.eval_batch_size)
@@ -139,13 +145,18 @@ def build_trainer(arm, args, model, tokenizer, train, held_out, windows, dynamic
             raise ValueError(
                 f"No {name} example keeps any response token within --max_length {args.max_length}; raise it."
             )
+    full = None
+    if args.curve_eval_examples is not None and args.curve_eval_examples < len(trainer.eval_dataset):
+        full = trainer.eval_dataset  # tokenized: the start and the end are scored on all of it
+        trainer.eval_dataset = full.select(range(len(full) - args.curve_eval_examples, len(full)))
+    perplexity.examples = len(trainer.eval_dataset)
     # trl casts the adapters of quantized models to bf16 (QLoRA's recipe); the optimizer does not exist yet, so
     # recasting here gives every arm the same adapter dtype, and QuAILoRA writes its factors into that dtype.
     dtype = getattr(torch, args.adapter_dtype)
     for name, param in trainer.model.named_parameters():
         if param.requires_grad:
             param.data = param.data.to(dtype)
-    return trainer, perplexity
+    return trainer, perplexity, full
 
 
 def initialize_adapter(trainer, solver: str | None, calibration, window_length: int) -> float | None:
@@ -173,29 +184,44 @@ def measure_dynamic_ranks(trainer, windows, ranks, batch_size: int = 8) -> dict[
     return out
 
 
-def train_and_evaluate(trainer, perplexity, windows, dynamic_ranks, result: dict, started: float) -> None:
+def evaluate_full(trainer, perplexity, full, curve: bool = True) -> None:
+    """Evaluate the start or the end: on the full held-out set `full` (when the periodic evaluations use a subset),
+    and on the periodic subset too when `curve` (so the curve has the point)."""
+    if full is not None:
+        periodic, perplexity.examples = perplexity.examples, len(full)
+        trainer.evaluate(eval_dataset=full)
+        perplexity.examples = periodic
+    if full is None or curve:
+        trainer.evaluate()
+
+
+def train_and_evaluate(trainer, perplexity, windows, dynamic_ranks, result: dict, started: float,
+                       full=None) -> None:
     """Evaluate at the start, train (evaluating every `--eval_steps`), evaluate at the end; fills `result`.
 
     Args:
         dynamic_ranks: the ranks of the per-rank evaluation of the dynamic arm (`None` for the other arms).
         result: the arm's results so far; the metrics, curves and times are added to it.
         started: `time.perf_counter()` when the arm started (for its total seconds).
+        full: the tokenized full held-out set when the periodic evaluations use a subset (`build_trainer`).
     """
     dynamic = dynamic_ranks is not None
     batch = trainer.args.per_device_eval_batch_size
     if dynamic:
         result["per_rank"] = {"start": measure_dynamic_ranks(trainer, windows, dynamic_ranks, batch)}
         trainer.eval_ranks = [trainer.max_rank]  # intermediate evaluations at r_max only (cost)
-    trainer.evaluate()
+    evaluate_full(trainer, perplexity, full)
     train_started = time.perf_counter()
     trainer.train()
     result["train_seconds"] = time.perf_counter() - train_started
-    if perplexity.history[-1]["step"] != trainer.state.global_step:
-        trainer.evaluate()
+    last_done = perplexity.history[-1]["step"] == trainer.state.global_step
+    if full is not None or not last_done:
+        evaluate_full(trainer, perplexity, full, curve=not last_done)
     if dynamic:
         trainer.eval_ranks = dynamic_ranks
         result["per_rank"]["end"] = measure_dynamic_ranks(trainer, windows, dynamic_ranks, batch)
-    start, end = perplexity.history[0], perplexity.history[-1]
+    scored = [entry for entry in perplexity.history if full is None or entry["alpaca_examples"] == len(full)]
+    start, end = scored[0], scored[-1]
     result.update(
         perplexity_start=start["perplexity"], perplexity_end=end["perplexity"],
         eval_loss_start=start["eval_loss"], eval_loss_end=end["eval_loss"],
@@ -209,12 +235,12 @@ def run_arm(arm, args, tokenizer, train, held_out, windows, calibration, dynamic
     quantization, solver, dynamic = ARMS[arm]
     started = time.perf_counter()
     model = build_peft_model(args, quantization)
-    trainer, perplexity = build_trainer(arm, args, model, tokenizer, train, held_out, windows, dynamic_ranks)
+    trainer, perplexity, full = build_trainer(arm, args, model, tokenizer, train, held_out, windows, dynamic_ranks)
     init_seconds = initialize_adapter(trainer, solver, calibration, args.window_length)
 
     result: dict = {"arm": arm, "label": ARM_LABELS[arm], "quantization": quantization, "init": solver or "B = 0",
                     "init_seconds": init_seconds}
-    train_and_evaluate(trainer, perplexity, windows, dynamic_ranks if dynamic else None, result, started)
+    train_and_evaluate(trainer, perplexity, windows, dynamic_ranks if dynamic else None, result, started, full)
     logger.info("%s: ppl %.3f -> %.3f, Alpaca loss %.4f -> %.4f", arm, result["perplexity_start"],
                 result["perplexity_end"], result["eval_loss_start"], result["eval_loss_end"])
     del trainer, model

@@ -84,7 +84,9 @@ def summary_markdown(summary: list[dict], records: list[dict], meta: dict) -> st
         f"{meta['target_modules']}, adapters in {meta['adapter_dtype']}. Perplexity: "
         f"{meta['eval_windows']}×{meta['window_length']} held-out "
         f"{meta['perplexity_data']} tokens; Alpaca loss: responses of the last {meta['eval_examples']} examples "
-        f"(the last {meta['holdout_examples']} are held out). Mean ± sample standard deviation over seeds; the gap "
+        f"(the last {meta['holdout_examples']} are held out"
+        + (f"; the curve's periodic evaluations score the last {meta['curve_eval_examples']}"
+           if meta.get("curve_eval_examples") else "") + "). Mean ± sample standard deviation over seeds; the gap "
         "closed is computed per seed against that seed's `qlora` and `int8` arms: (qlora − arm) / (qlora − int8).",
     ]
     for entry in summary:
@@ -141,8 +143,14 @@ def _dynamic_ranks(records: list[dict]) -> list[str]:
 
 def curve_bands(records: list[dict], model: str, rank: int, arm: str, key: str) -> tuple[list, list, list]:
     """`(steps, mean, std)` of `key` over the seeds of one arm, at the steps every seed evaluated."""
-    histories = [{entry["step"]: entry[key] for entry in record["result"]["history"]} for record in records
-                 if (record["model"], record["rank"], record["arm"]) == (model, rank, arm)]
+    histories = []
+    for record in records:
+        if (record["model"], record["rank"], record["arm"]) == (model, rank, arm):
+            history = record["result"]["history"]
+            # the curve's Alpaca loss: the periodic subset only (the start and end are also scored on all examples)
+            curve = min((entry.get("alpaca_examples") or 0 for entry in history), default=0)
+            histories.append({entry["step"]: entry[key] for entry in history
+                              if key != "eval_loss" or (entry.get("alpaca_examples") or 0) == curve})
     steps = sorted(set.intersection(*(set(history) for history in histories))) if histories else []
     stats = [mean_std([history[step] for history in histories]) for step in steps]
     return steps, [stat["mean"] for stat in stats], [stat["std"] or 0.0 for stat in stats]

@@ -85,7 +85,7 @@ def tiny_argv(model, alpaca, text, out, *extra):
         "--model_name_or_path", model, "--steps", "2", "--eval_steps", "2", "--batch_size", "2", "--max_length", "256",
         "--train_data", alpaca, "--holdout_examples", "4", "--eval_examples", "2", "--perplexity_data", text,
         "--calibration_data", text, "--eval_windows", "2", "--window_length", "32", "--calibration_windows", "2",
-        "--learning_rate", "1e-2", "--output_dir", str(out), *extra,
+        "--learning_rate", "1e-2", "--curve_eval_examples", "1", "--output_dir", str(out), *extra,
     ]
 
 
@@ -104,6 +104,12 @@ def test_compare_init_resumes_per_arm_over_seeds_and_ranks(tiny_model_path, tiny
     # different seeds give different LoRA A, hence different training
     seeds = [json.loads((runs / "r4" / f"seed{s}" / "qlora.json").read_text())["result"] for s in (1, 2)]
     assert seeds[0]["perplexity_end"] != seeds[1]["perplexity_end"]
+    # --curve_eval_examples 1: the start and the end are scored on both examples, the curve on the last one
+    history = seeds[0]["history"]
+    assert [(entry["step"], entry["alpaca_examples"]) for entry in history] == [(0, 2), (0, 1), (2, 1), (2, 2)]
+    assert seeds[0]["eval_loss_start"] == history[0]["eval_loss"]
+    assert seeds[0]["eval_loss_end"] == history[3]["eval_loss"]
+    assert history[0]["eval_loss"] != history[1]["eval_loss"] and history[2]["perplexity"] == history[3]["perplexity"]
 
     # A second invocation with one more arm runs only that arm; the finished ones are skipped, not rewritten.
     calls = []
@@ -183,6 +189,7 @@ def test_compare_init_summary_math_and_plot(tmp_path):
         (["--models", "smollm2-135m,no-such-model"], "Unknown model"),
         (["--models", " , "], "--models"),
         (["--eval_batch_size", "0"], "--eval_batch_size"),
+        (["--curve_eval_examples", "201"], "--curve_eval_examples"),
         ([], "Unknown model"),
         (["--summary_only"], "no finished arm"),
     ],
