@@ -55,7 +55,7 @@ from hf_quailora import load_dataset_any, make_token_windows, resolve
 
 from .arms import ARMS, CompareScriptArguments, RunPlan, check_arguments, needs_bos
 from .run import load_alpaca_split, run_arm
-from .store import arm_path, check_compatible, load_finished, model_slug, resume_settings, write_arm
+from .store import arm_path, check_compatible, load_finished, model_slug, resume_settings, start_path, write_json
 from .summary import plot_summary, summarize, summary_markdown
 
 
@@ -94,12 +94,13 @@ def run_model(args: CompareScriptArguments, plan: RunPlan, model: str, settings:
         trainer_dir = os.path.join(args.output_dir, "trainer", model_slug(model), f"r{rank}", f"seed{seed}")
         arm_args = replace(model_args, rank=rank, seed=seed, output_dir=trainer_dir)
         dynamic_ranks = plan.dynamic_ranks[rank] if plan.dynamic_ranks else None
-        result = run_arm(arm, arm_args, tokenizer, train, held_out, windows, calibration, dynamic_ranks)
+        result = run_arm(arm, arm_args, tokenizer, train, held_out, windows, calibration, dynamic_ranks,
+                         start_path(args.output_dir, model, rank, arm))
         meta = {"threads": args.threads, "torch": torch.__version__, "platform": platform.machine(),
                 "train_examples": train_examples, "eval_windows": int(windows.shape[0]), "add_bos": needs_bos(model)}
         record = {"model": model, "rank": rank, "seed": seed, "arm": arm, "settings": settings, "meta": meta,
                   "result": result}
-        write_arm(arm_path(args.output_dir, model, rank, seed, arm), record)
+        write_json(arm_path(args.output_dir, model, rank, seed, arm), record)
 
 
 def write_summary(args: CompareScriptArguments, records: list[dict]) -> list[dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -23,6 +24,7 @@ from hf_quailora import (
 from hf_quailora.embedded.data import load_alpaca_sft, split_holdout
 
 from .arms import ARM_LABELS, ARMS, CompareScriptArguments
+from .store import resume_settings, write_json
 
 
 logger = logging.getLogger(__name__)
@@ -196,7 +198,7 @@ def evaluate_full(trainer, perplexity, full, curve: bool = True) -> None:
 
 
 def train_and_evaluate(trainer, perplexity, windows, dynamic_ranks, result: dict, started: float,
-                       full=None) -> None:
+                       full=None, start_cache: str | None = None, settings: dict | None = None) -> None:
     """Evaluate at the start, train (evaluating every `--eval_steps`), evaluate at the end; fills `result`.
 
     Args:
@@ -204,13 +206,26 @@ def train_and_evaluate(trainer, perplexity, windows, dynamic_ranks, result: dict
         result: the arm's results so far; the metrics, curves and times are added to it.
         started: `time.perf_counter()` when the arm started (for its total seconds).
         full: the tokenized full held-out set when the periodic evaluations use a subset (`build_trainer`).
+        start_cache: a JSON file of this start's evaluations at step 0, shared across seeds (`store.start_path`):
+            read when present and run with the same `settings` (entries marked `start_reused`), else written after
+            evaluating.
+        settings: the arm's `store.resume_settings`, stored with the shared start.
     """
     dynamic = dynamic_ranks is not None
     batch = trainer.args.per_device_eval_batch_size
     if dynamic:
         result["per_rank"] = {"start": measure_dynamic_ranks(trainer, windows, dynamic_ranks, batch)}
         trainer.eval_ranks = [trainer.max_rank]  # intermediate evaluations at r_max only (cost)
-    evaluate_full(trainer, perplexity, full)
+    cached = None
+    if start_cache is not None and os.path.exists(start_cache):
+        with open(start_cache) as handle:
+            cached = json.load(handle)
+    if cached is not None and cached["settings"] == settings:
+        perplexity.history.extend({**entry, "start_reused": True} for entry in cached["history"])
+    else:
+        evaluate_full(trainer, perplexity, full)
+        if start_cache is not None:
+            write_json(start_cache, {"settings": settings, "history": perplexity.history})
     train_started = time.perf_counter()
     trainer.train()
     result["train_seconds"] = time.perf_counter() - train_started
@@ -230,8 +245,10 @@ def train_and_evaluate(trainer, perplexity, windows, dynamic_ranks, result: dict
     )
 
 
-def run_arm(arm, args, tokenizer, train, held_out, windows, calibration, dynamic_ranks) -> dict:
-    """Fine-tune and evaluate one arm from a freshly loaded model; returns its results (curves included)."""
+def run_arm(arm, args, tokenizer, train, held_out, windows, calibration, dynamic_ranks, start_cache=None) -> dict:
+    """Fine-tune and evaluate one arm from a freshly loaded model; returns its results (curves included).
+
+    `start_cache`: see `train_and_evaluate` (the evaluations at step 0 shared across seeds)."""
     quantization, solver, dynamic = ARMS[arm]
     started = time.perf_counter()
     model = build_peft_model(args, quantization)
@@ -240,7 +257,8 @@ def run_arm(arm, args, tokenizer, train, held_out, windows, calibration, dynamic
 
     result: dict = {"arm": arm, "label": ARM_LABELS[arm], "quantization": quantization, "init": solver or "B = 0",
                     "init_seconds": init_seconds}
-    train_and_evaluate(trainer, perplexity, windows, dynamic_ranks if dynamic else None, result, started, full)
+    train_and_evaluate(trainer, perplexity, windows, dynamic_ranks if dynamic else None, result, started, full,
+                       start_cache, resume_settings(args))
     logger.info("%s: ppl %.3f -> %.3f, Alpaca loss %.4f -> %.4f", arm, result["perplexity_start"],
                 result["perplexity_end"], result["eval_loss_start"], result["eval_loss_end"])
     del trainer, model

@@ -6,7 +6,7 @@ import glob
 import json
 import os
 
-from .arms import RESUME_KEYS, CompareScriptArguments
+from .arms import ARMS, RESUME_KEYS, CompareScriptArguments
 
 
 def model_slug(model: str) -> str:
@@ -24,8 +24,19 @@ def resume_settings(args: CompareScriptArguments) -> dict:
     return {key: getattr(args, key) for key in RESUME_KEYS}
 
 
-def write_arm(path: str, record: dict) -> None:
-    """Write one finished arm to `path` atomically (a temporary file, then `os.replace`)."""
+def start_path(output_dir: str, model: str, rank: int, arm: str) -> str | None:
+    """Where the evaluations at step 0 of `arm` are shared across seeds, None for the dynamic arm: with B = 0 the
+    start is the base model whatever the seed and rank; an SVD or QuAILoRA start overwrites the random A, so it
+    depends on the rank only."""
+    quantization, solver, dynamic = ARMS[arm]
+    if dynamic:
+        return None
+    name = f"{arm}.json" if solver is None else f"{arm}-r{rank}.json"
+    return os.path.join(output_dir, "runs", model_slug(model), "start", name)
+
+
+def write_json(path: str, record) -> None:
+    """Write `record` to `path` as JSON, atomically (a temporary file, then `os.replace`)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = f"{path}.tmp{os.getpid()}"
     with open(temporary, "w") as handle:

@@ -110,6 +110,10 @@ def test_compare_init_resumes_per_arm_over_seeds_and_ranks(tiny_model_path, tiny
     assert seeds[0]["eval_loss_start"] == history[0]["eval_loss"]
     assert seeds[0]["eval_loss_end"] == history[3]["eval_loss"]
     assert history[0]["eval_loss"] != history[1]["eval_loss"] and history[2]["perplexity"] == history[3]["perplexity"]
+    # the start does not depend on the seed (B = 0: nor on the rank): evaluated once, then reused
+    first = json.loads((runs / "r2" / "seed1" / "qlora.json").read_text())["result"]["history"]
+    assert not first[0].get("start_reused") and seeds[0]["history"][0]["start_reused"]
+    assert seeds[1]["history"][0]["start_reused"] and seeds[1]["perplexity_start"] == first[0]["perplexity"]
 
     # A second invocation with one more arm runs only that arm; the finished ones are skipped, not rewritten.
     calls = []
@@ -117,6 +121,10 @@ def test_compare_init_resumes_per_arm_over_seeds_and_ranks(tiny_model_path, tiny
     monkeypatch.setattr(run_module, "run_arm", lambda arm, *rest: calls.append(arm) or original(arm, *rest))
     run_recipe(monkeypatch, argv[:-6] + ["--arms", "qlora,int8,quailora", "--seeds", "1,2", "--ranks", "2,4"])
     assert calls == ["quailora"] * 4
+    starts = [json.loads((runs / f"r{r}" / f"seed{s}" / "quailora.json").read_text())["result"]["history"][0]
+              for r in (2, 4) for s in (1, 2)]
+    assert [bool(entry.get("start_reused")) for entry in starts] == [False, True, False, True]
+    assert starts[0]["perplexity"] == starts[1]["perplexity"] and starts[2]["perplexity"] == starts[3]["perplexity"]
     assert all(path.stat().st_mtime_ns == stamp for path, stamp in stamps.items())
     saved = json.loads((out / "results.json").read_text())
     assert {(entry["rank"], tuple(entry["seeds"])) for entry in saved["summary"]} == {(2, (1, 2)), (4, (1, 2))}
