@@ -36,6 +36,7 @@ from hf_quailora.embedded.models import EMBEDDED_MODELS, is_embedded_model
 
 
 def make_parser() -> argparse.ArgumentParser:
+    """The command-line options (`--help`)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="embedded name, folder or Hub id")
     parser.add_argument("--rank", type=int, default=64, help="LoRA r (lora_alpha = r)")
@@ -68,6 +69,7 @@ def parse_sizes(text: str, window: int, available: int) -> list[int]:
 
 
 def to_markdown(result: dict) -> str:
+    """The settings, the baselines and one row per calibration size."""
     meta, base = result["settings"], result["baselines"]
     nf4, int8 = base["nf4"], base["int8"]
     lines = [
@@ -108,6 +110,7 @@ def load_finished_rows(stem: str, settings: dict) -> list[dict]:
 
 
 def measure_baselines(args, held_out, fit) -> dict:
+    """Held-out perplexity of the fp32 and LLM.int8 models (and int8's on the fit windows), one model at a time."""
     out = {}
     for quantization in ("none", "int8"):
         model, _ = load_quantized_model(args.model, quantization)
@@ -121,6 +124,7 @@ def measure_baselines(args, held_out, fit) -> dict:
 
 
 def write(result: dict, stem: str) -> None:
+    """`stem.json` and `stem.md`."""
     with open(stem + ".json", "w") as handle:
         json.dump(result, handle, indent=1)
     with open(stem + ".md", "w") as handle:
@@ -128,6 +132,7 @@ def write(result: dict, stem: str) -> None:
 
 
 def main() -> None:
+    """Baselines, then one closed-form init and its perplexities per calibration size; writes after every size."""
     args = make_parser().parse_args()
     torch.set_num_threads(args.threads)
     add_bos = is_embedded_model(args.model) and EMBEDDED_MODELS[args.model.lower()].needs_bos

@@ -138,6 +138,7 @@ class CompareScriptArguments:
 
 
 def parse_arms(text: str) -> list[str]:
+    """`--arms` → arm names; raises ValueError on an empty list, an unknown arm or a repeated one."""
     arms = [arm.strip() for arm in text.split(",") if arm.strip()]
     unknown = [arm for arm in arms if arm not in ARMS]
     if not arms or unknown:
