@@ -46,6 +46,8 @@ import json
 import logging
 import os
 import platform
+import shlex
+import sys
 from dataclasses import replace
 
 import torch
@@ -97,6 +99,7 @@ def run_model(args: CompareScriptArguments, plan: RunPlan, model: str, settings:
         result = run_arm(arm, arm_args, tokenizer, train, held_out, windows, calibration, dynamic_ranks,
                          start_path(args.output_dir, model, rank, arm))
         meta = {"threads": args.threads, "torch": torch.__version__, "platform": platform.machine(),
+                "command": "python -m bench.compare_init " + shlex.join(sys.argv[1:]),
                 "train_examples": train_examples, "eval_windows": int(windows.shape[0]), "add_bos": needs_bos(model)}
         record = {"model": model, "rank": rank, "seed": seed, "arm": arm, "settings": settings, "meta": meta,
                   "result": result}
@@ -107,10 +110,12 @@ def write_summary(args: CompareScriptArguments, records: list[dict]) -> list[dic
     """`results.md`, `results.json` and `convergence.png` in `--output_dir` from every finished arm."""
     summary = summarize(records)
     meta = {**records[0]["settings"], "threads": sorted({r["meta"]["threads"] for r in records}),
-            "torch": records[0]["meta"]["torch"], "arm_seconds": sum(r["result"]["seconds"] for r in records)}
+            "torch": records[0]["meta"]["torch"], "arm_seconds": sum(r["result"]["seconds"] for r in records),
+            "commands": sorted({r["meta"].get("command", "(not recorded)") for r in records})}
     table = (f"Fine-tuning comparison: {len(records)} finished arms; torch {meta['torch']}, "
              f"{'/'.join(map(str, meta['threads']))} thread(s); arm wall time {meta['arm_seconds'] / 60:.1f} min "
-             f"in all.\n\n" + summary_markdown(summary, records, meta))
+             f"in all. Command(s):\n\n" + "".join(f"    {command}\n" for command in meta["commands"]) + "\n"
+             + summary_markdown(summary, records, meta))
     paths = {name: os.path.join(args.output_dir, name) for name in ("results.md", "results.json", "convergence.png")}
     with open(paths["results.md"], "w") as handle:
         handle.write(table)

@@ -73,6 +73,7 @@ def test_compare_init_runs_every_arm_and_writes_its_report(tiny_model_path, tiny
     assert set(arms["dynamic"]["per_rank"]["end"]) == {"1", "2", "4"}
 
     table = (out / "results.md").read_text()
+    assert "python -m bench.compare_init --model_name_or_path" in table  # the command that produced the arms
     for label in ("QLoRA (NF4, B = 0)", "SVD start", "QuAILoRA (NF4", "LLM.int8", "fp32 base", "dynamic rank"):
         assert label in table, label
     rows = [line for line in table.splitlines() if line.startswith("| ") and "start |" not in line]  # no headers
