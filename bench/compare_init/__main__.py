@@ -23,13 +23,21 @@ Launch from the repository root (CPU; see the README for a timed run on the embe
 
     python -m bench.compare_init --threads 1
     python -m bench.compare_init --arms qlora,quailora,int8 --steps 40 --rank 16 --eval_windows 16
+    python -m bench.compare_init --arms qlora,quailora,int8 --models smollm2-135m,gemma3-270m --ranks 16,64 \
+        --seeds 1,2,3 --output_dir outputs/compare_paper        # run again to resume; finished arms are skipped
+    python -m bench.compare_init --summary_only --output_dir outputs/compare_paper    # summarise what finished
     python -m bench.compare_init --model_name_or_path meta-llama/Llama-3.1-8B --steps 500  # with the Hub and a GPU
 
-Outputs in `--output_dir`: `results.md` (table), `results.json` (everything, curves included) and
-`convergence.png`. Every option: `python -m bench.compare_init --help`. A past run: `bench/results/compare_init/`.
+Outputs in `--output_dir`: one JSON per finished arm, `runs/<model>/r<rank>/seed<seed>/<arm>.json` (written
+atomically; a later run with the same settings skips it, so an interrupted run resumes per arm), and the summary of
+every finished arm: `results.md` (per model and rank, mean ± std over seeds of perplexity, Alpaca loss and gap
+closed at the start and the end), `results.json` (every arm, curves included, and the summary) and
+`convergence.png` (curves per model and rank, mean over seeds with a ± std band). Every option:
+`python -m bench.compare_init --help`. A past run: `bench/results/compare_init/`.
 
-Modules: `arms` (the arms, `CompareScriptArguments` and their checks), `run` (data and one arm's run), `report`
-(table, gap closed, convergence plot) and this entry point (`main`, `make_parser`).
+Modules: `arms` (the arms, `CompareScriptArguments` and their checks), `run` (data and one arm's run), `store`
+(finished arms on disk), `summary` (gap closed per seed, mean ± std over seeds, bands plot) and this entry point
+(`main`, `make_parser`).
 """
 
 from __future__ import annotations
@@ -38,70 +46,119 @@ import json
 import logging
 import os
 import platform
-from dataclasses import asdict
+import shlex
+import sys
+from dataclasses import replace
 
 import torch
 from transformers import AutoTokenizer, HfArgumentParser
 
 from hf_quailora import load_dataset_any, make_token_windows, resolve
 
-from .arms import ARMS, CompareScriptArguments, check_arguments, parse_dynamic_eval_ranks
-from .report import plot_convergence, to_markdown
+from .arms import ARMS, CompareScriptArguments, RunPlan, check_arguments, needs_bos
 from .run import load_alpaca_split, run_arm
+from .store import arm_path, check_compatible, load_finished, model_slug, resume_settings, start_path, write_json
+from .summary import plot_summary, summarize, summary_markdown
 
 
 logger = logging.getLogger(__name__)
 
 
+def load_model_data(args: CompareScriptArguments, model: str, calibrate: bool):
+    """The tokenizer, Alpaca split, held-out windows and (if `calibrate`) C4 calibration windows of one model; BOS
+    starts every window of models that need it."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve(model))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train, held_out, train_examples = load_alpaca_split(args)  # the library's hold-out (split_holdout)
+    bos = needs_bos(model)
+    windows = make_token_windows(tokenizer, load_dataset_any(args.perplexity_data)["text"], args.window_length,
+                                 args.eval_windows, add_bos=bos)
+    calibration = None
+    if calibrate:
+        calibration = make_token_windows(tokenizer, load_dataset_any(args.calibration_data)["text"],
+                                         args.window_length, args.calibration_windows, add_bos=bos)
+    return tokenizer, train, held_out, train_examples, windows, calibration
+
+
+def run_model(args: CompareScriptArguments, plan: RunPlan, model: str, settings: dict) -> None:
+    """Every unfinished (rank, seed, arm) of one model; each finished arm is written at once to its own JSON."""
+    runs = [(rank, seed, arm) for rank in plan.ranks for seed in plan.seeds for arm in plan.arms]
+    todo = [run for run in runs if not os.path.exists(arm_path(args.output_dir, model, *run))]
+    logger.info("%s: %d of %d arms already finished, %d to run", model, len(runs) - len(todo), len(runs), len(todo))
+    if not todo:
+        return
+    model_args = replace(args, model_name_or_path=model)
+    calibrate = any(ARMS[arm][1] == "closed_form" for _, _, arm in todo)
+    tokenizer, train, held_out, train_examples, windows, calibration = load_model_data(model_args, model, calibrate)
+    for rank, seed, arm in todo:
+        logger.info("=== %s r=%d seed=%d arm %s ===", model, rank, seed, arm)
+        trainer_dir = os.path.join(args.output_dir, "trainer", model_slug(model), f"r{rank}", f"seed{seed}")
+        arm_args = replace(model_args, rank=rank, seed=seed, output_dir=trainer_dir)
+        dynamic_ranks = plan.dynamic_ranks[rank] if plan.dynamic_ranks else None
+        result = run_arm(arm, arm_args, tokenizer, train, held_out, windows, calibration, dynamic_ranks,
+                         start_path(args.output_dir, model, rank, arm))
+        meta = {"threads": args.threads, "torch": torch.__version__, "platform": platform.machine(),
+                "command": "python -m bench.compare_init " + shlex.join(sys.argv[1:]),
+                "train_examples": train_examples, "eval_windows": int(windows.shape[0]), "add_bos": needs_bos(model)}
+        record = {"model": model, "rank": rank, "seed": seed, "arm": arm, "settings": settings, "meta": meta,
+                  "result": result}
+        write_json(arm_path(args.output_dir, model, rank, seed, arm), record)
+
+
+def write_summary(args: CompareScriptArguments, records: list[dict]) -> list[dict]:
+    """`results.md`, `results.json` and `convergence.png` in `--output_dir` from every finished arm."""
+    summary = summarize(records)
+    meta = {**records[0]["settings"], "threads": sorted({r["meta"]["threads"] for r in records}),
+            "torch": records[0]["meta"]["torch"], "arm_seconds": sum(r["result"]["seconds"] for r in records),
+            "commands": sorted({r["meta"].get("command", "(not recorded)") for r in records})}
+    table = (f"Fine-tuning comparison: {len(records)} finished arms; torch {meta['torch']}, "
+             f"{'/'.join(map(str, meta['threads']))} thread(s); arm wall time {meta['arm_seconds'] / 60:.1f} min "
+             f"in all. Command(s):\n\n" + "".join(f"    {command}\n" for command in meta["commands"]) + "\n"
+             + summary_markdown(summary, records, meta))
+    paths = {name: os.path.join(args.output_dir, name) for name in ("results.md", "results.json", "convergence.png")}
+    with open(paths["results.md"], "w") as handle:
+        handle.write(table)
+    with open(paths["results.json"], "w") as handle:
+        json.dump({"settings": meta, "summary": summary, "arms": records}, handle, indent=1)
+    plot_summary(records, summary, paths["convergence.png"])
+    print("\n" + table)
+    print("Wrote " + ", ".join(paths.values()))
+    return summary
+
+
 def main(args: CompareScriptArguments) -> list[dict]:
-    """Run every arm of `args.arms` and write `results.md`, `results.json` and `convergence.png` to `--output_dir`.
+    """Run every unfinished arm of the plan (models × ranks × seeds × arms), then summarise every finished arm.
 
     Args:
         args: the parsed settings (`make_parser().parse_args_into_dataclasses()`).
 
     Returns:
-        The results of every arm, in the order of `--arms` (as in `results.json`).
+        The summary: per (model, rank), mean ± std over seeds of every arm's metrics (as in `results.json`).
+
+    Raises:
+        ValueError: a bad option, or finished arms in `--output_dir` run with other settings (before any model
+            loads); `--summary_only` with nothing finished.
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    arms = check_arguments(args)
-    dynamic_ranks = parse_dynamic_eval_ranks(args.dynamic_eval_ranks, args.rank) if "dynamic" in arms else None
+    plan = check_arguments(args)
     torch.set_num_threads(args.threads)
-
-    # 1. Data, identical for every arm, checked before any training
-    tokenizer = AutoTokenizer.from_pretrained(resolve(args.model_name_or_path))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    train, held_out, train_examples = load_alpaca_split(args)  # the library's hold-out (split_holdout)
-    windows = make_token_windows(tokenizer, load_dataset_any(args.perplexity_data)["text"], args.window_length,
-                                 args.eval_windows)
-    calibration = None
-    if any(ARMS[arm][1] == "closed_form" for arm in arms):
-        calibration = make_token_windows(tokenizer, load_dataset_any(args.calibration_data)["text"],
-                                         args.window_length, args.calibration_windows)
-
-    # 2. The arms, one after another, freeing each model before the next
-    results = []
-    for arm in arms:
-        logger.info("=== arm %s ===", arm)
-        results.append(run_arm(arm, args, tokenizer, train, held_out, windows, calibration, dynamic_ranks))
-
-    # 3. Report
-    meta = {**asdict(args), "model": args.model_name_or_path, "train_examples": train_examples,
-            "eval_windows": int(windows.shape[0]), "torch": torch.__version__, "platform": platform.machine()}
-    os.makedirs(args.output_dir, exist_ok=True)
-    table = to_markdown(results, meta)
-    paths = {name: os.path.join(args.output_dir, name) for name in ("results.md", "results.json", "convergence.png")}
-    with open(paths["results.md"], "w") as handle:
-        handle.write(table)
-    with open(paths["results.json"], "w") as handle:
-        json.dump({"settings": meta, "arms": results}, handle, indent=1)
-    plot_convergence(results, paths["convergence.png"])
-    print("\n" + table)
-    print("Wrote " + ", ".join(paths.values()))
-    return results
+    finished = load_finished(args.output_dir)
+    if args.summary_only:
+        if not finished:
+            raise ValueError(f"`--summary_only`: no finished arm under {args.output_dir!r}/runs; run the benchmark "
+                             "first, or point `--output_dir` at its output.")
+        check_compatible(finished, finished[0]["settings"])  # one summary, one set of settings
+        return write_summary(args, finished)
+    settings = resume_settings(args)
+    check_compatible(finished, settings)
+    for model in plan.models:
+        run_model(args, plan, model, settings)
+    return write_summary(args, load_finished(args.output_dir))
 
 
 def make_parser() -> HfArgumentParser:
+    """The command-line parser of `CompareScriptArguments`."""
     return HfArgumentParser(CompareScriptArguments, prog="python -m bench.compare_init")
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 from hf_quailora.dynamic_rank.spec import check_ranks, parse_ranks
 from hf_quailora.embedded.data import ALPACA_HOLDOUT
+from hf_quailora.embedded.models import EMBEDDED_MODELS, is_embedded_model
 
 
 # arm -> (quantization, init solver or None for B = 0, dynamic-rank training)
@@ -37,7 +39,10 @@ class CompareScriptArguments:
 
         arms (`str`, defaults to all six): comma-separated subset of `qlora,svd,quailora,int8,fp32,dynamic`.
         model_name_or_path (`str`, defaults to `"smollm2-135m"`): embedded name, folder or Hub id.
+        models (`str`, *optional*): comma-separated models to run one after another (overrides
+            `model_name_or_path`); BOS starts every perplexity/calibration window of models that need it (Gemma).
         rank (`int`, defaults to 16): LoRA r; `lora_alpha = r` (scaling 1).
+        ranks (`str`, *optional*): comma-separated ranks to run (overrides `rank`), e.g. `"16,64"`.
         target_modules (`str`, defaults to `"all-linear"`): peft target modules (comma-separated or all-linear).
 
         > Training
@@ -47,6 +52,8 @@ class CompareScriptArguments:
         learning_rate (`float`, defaults to 2e-4), lr_scheduler_type (`str`, defaults to `"constant"`).
         max_length (`int`, defaults to 256): tokens per training/eval example (prompt + response, truncated).
         seed (`int`, defaults to 42): the same for every arm (LoRA A init, data order, dropout-free).
+        seeds (`str`, *optional*): comma-separated seeds (overrides `seed`), e.g. `"1,2,3"`: every arm runs once
+            per seed; the summary gives the mean ± standard deviation over seeds.
         adapter_dtype (`str`, defaults to `"float32"`): trl casts adapters of quantized models to bf16; we cast them
             back so every arm trains fp32 adapters (`"bfloat16"` keeps trl's QLoRA behaviour for the 8/4-bit arms).
 
@@ -59,23 +66,33 @@ class CompareScriptArguments:
             project's lm-eval tasks use the same tail of the embedded Alpaca data, `split_holdout`).
         eval_examples (`int`, defaults to 200): the last examples (within the held-out tail) whose response loss is
             reported; lower it to save time on a CPU.
+        curve_eval_examples (`int`, *optional*): score the periodic evaluations (the convergence curve) on only the
+            last this many of the evaluated examples; the start and the end are still scored on all of them (on a
+            CPU the Alpaca loss on 200 examples costs about twelve times the perplexity on 16 windows).
         perplexity_data (`str`, defaults to `"wiki"`), eval_windows (`int`, defaults to 16), window_length (256).
         calibration_data (`str`, defaults to `"c4"`), calibration_windows (`int`, defaults to 32).
 
         > Evaluation and dynamic rank
 
         eval_steps (`int`, defaults to 10): evaluate every this many steps (and at start and end).
+        eval_batch_size (`int`, defaults to 8): sequences per evaluation forward (2 for Gemma's 262k vocabulary).
         dynamic_eval_ranks (`str`, defaults to `"1,2,4,8,16"`), dynamic_update_rule (`str`, defaults to `"nested"`).
 
         > Run
 
         output_dir (`str`), threads (`int`, defaults to 1): torch threads (stated in the results).
+        summary_only (`bool`, defaults to `False`): train nothing; summarise the arms finished in `output_dir`.
+
+    Every finished arm is written to `output_dir/runs/<model>/r<rank>/seed<seed>/<arm>.json` (atomically) and
+    skipped when the benchmark runs again with the same settings, so an interrupted run resumes where it stopped.
     """
 
     # Arms and model
     arms: str = field(default="qlora,svd,quailora,int8,fp32,dynamic", metadata={"help": "Comma-separated arms."})
     model_name_or_path: str = field(default="smollm2-135m", metadata={"help": "Embedded name, folder or Hub id."})
+    models: str | None = field(default=None, metadata={"help": "Comma-separated models (overrides the above)."})
     rank: int = field(default=16, metadata={"help": "LoRA rank r (lora_alpha = r)."})
+    ranks: str | None = field(default=None, metadata={"help": "Comma-separated ranks (overrides --rank)."})
     target_modules: str = field(default="all-linear", metadata={"help": "peft target_modules (comma-separated)."})
     # Training
     steps: int = field(default=40, metadata={"help": "Optimizer steps of every arm."})
@@ -84,6 +101,7 @@ class CompareScriptArguments:
     lr_scheduler_type: str = field(default="constant", metadata={"help": "transformers scheduler name."})
     max_length: int = field(default=256, metadata={"help": "Tokens per training/eval example."})
     seed: int = field(default=42, metadata={"help": "Seed shared by every arm."})
+    seeds: str | None = field(default=None, metadata={"help": "Comma-separated seeds (overrides --seed)."})
     adapter_dtype: str = field(
         default="float32", metadata={"help": "Dtype of the trained adapter.", "choices": ["float32", "bfloat16"]}
     )
@@ -98,6 +116,9 @@ class CompareScriptArguments:
     eval_examples: int = field(
         default=ALPACA_HOLDOUT, metadata={"help": "Last examples whose response loss is reported (≤ holdout)."}
     )
+    curve_eval_examples: int | None = field(
+        default=None, metadata={"help": "Examples of the periodic evaluations (default: all evaluated examples)."}
+    )
     perplexity_data: str = field(default="wiki", metadata={"help": "Held-out text for perplexity."})
     eval_windows: int = field(default=16, metadata={"help": "Held-out perplexity windows."})
     window_length: int = field(default=256, metadata={"help": "Tokens per perplexity/calibration window."})
@@ -105,6 +126,7 @@ class CompareScriptArguments:
     calibration_windows: int = field(default=32, metadata={"help": "QuAILoRA calibration windows."})
     # Evaluation and dynamic rank
     eval_steps: int = field(default=10, metadata={"help": "Evaluate every this many steps."})
+    eval_batch_size: int = field(default=8, metadata={"help": "Sequences per evaluation forward."})
     dynamic_eval_ranks: str = field(default="1,2,4,8,16", metadata={"help": "Ranks of the dynamic arm's curve."})
     dynamic_update_rule: str = field(
         default="nested", metadata={"help": "DyLoRA update rule.", "choices": ["nested", "frozen"]}
@@ -112,9 +134,11 @@ class CompareScriptArguments:
     # Run
     output_dir: str = field(default="outputs/compare_init", metadata={"help": "Where results are written."})
     threads: int = field(default=1, metadata={"help": "torch threads."})
+    summary_only: bool = field(default=False, metadata={"help": "Only summarise the arms finished in output_dir."})
 
 
 def parse_arms(text: str) -> list[str]:
+    """`--arms` → arm names; raises ValueError on an empty list, an unknown arm or a repeated one."""
     arms = [arm.strip() for arm in text.split(",") if arm.strip()]
     unknown = [arm for arm in arms if arm not in ARMS]
     if not arms or unknown:
@@ -139,19 +163,88 @@ def parse_dynamic_eval_ranks(text: str, rank: int) -> list[int]:
     return ranks
 
 
-def check_arguments(args: CompareScriptArguments) -> list[str]:
-    """Every check that can fail before a model is loaded; returns the parsed arms."""
+def parse_integers(text: str, name: str, minimum: int) -> list[int]:
+    """`"1,2,3"` → `[1, 2, 3]`; raises ValueError naming `--name` when empty, not integers, repeated or below
+    `minimum`."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:
+        raise ValueError(f"`--{name}` ({text!r}) is empty; give comma-separated integers, e.g. `--{name} 1,2,3`.")
+    try:
+        values = [int(part) for part in parts]
+    except ValueError as err:
+        raise ValueError(f"`--{name}` ({text!r}) must be comma-separated integers.") from err
+    below = [value for value in values if value < minimum]
+    if below:
+        raise ValueError(f"`--{name}` ({text!r}) holds {below}; each must be at least {minimum}.")
+    if len(set(values)) != len(values):
+        raise ValueError(f"`--{name}` ({text!r}) repeats a value; name each once.")
+    return values
+
+
+def needs_bos(model: str) -> bool:
+    """Whether every perplexity/calibration window of `model` must start with BOS (the embedded Gemma)."""
+    return is_embedded_model(model) and EMBEDDED_MODELS[model.lower()].needs_bos
+
+
+def parse_models(text: str) -> list[str]:
+    """`--models` → names; raises ValueError for an empty list or a name that is neither an embedded model, an
+    existing folder, nor (with the Hub reachable) an `owner/name` Hub id."""
+    models = [model.strip() for model in text.split(",") if model.strip()]
+    if not models:
+        raise ValueError(f"`--models` ({text!r}) is empty; name at least one model, e.g. `smollm2-135m`.")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    unknown = [
+        model for model in models
+        if not (is_embedded_model(model) or os.path.isdir(model)
+                or (not offline and model.count("/") == 1 and not model.startswith((".", "/"))))
+    ]
+    if unknown:
+        raise ValueError(
+            f"Unknown model(s) {unknown}: not an embedded name ({', '.join(EMBEDDED_MODELS)}), an existing folder"
+            f"{'' if offline else ', or a Hub id'}{' (HF_HUB_OFFLINE is set)' if offline else ''}."
+        )
+    if len(set(models)) != len(models):
+        raise ValueError(f"`--models` ({text!r}) repeats a model; name each once.")
+    return models
+
+
+@dataclass
+class RunPlan:
+    """What the benchmark runs: every arm for every model × rank × seed, and each rank's dynamic evaluation ranks."""
+
+    arms: list[str]
+    models: list[str]
+    ranks: list[int]
+    seeds: list[int]
+    dynamic_ranks: dict[int, list[int]] | None
+
+
+# the settings a finished arm must share with the current run to be reused (resume) or summarised with it
+RESUME_KEYS = (
+    "target_modules", "steps", "batch_size", "learning_rate", "lr_scheduler_type", "max_length", "adapter_dtype",
+    "train_data", "train_examples", "holdout_examples", "eval_examples", "curve_eval_examples", "perplexity_data",
+    "eval_windows", "window_length", "calibration_data", "calibration_windows", "eval_steps", "dynamic_update_rule",
+)
+
+
+def check_arguments(args: CompareScriptArguments) -> RunPlan:
+    """Every check that can fail before a model is loaded; returns the plan of runs."""
     arms = parse_arms(args.arms)
     for name in ("steps", "rank", "batch_size", "eval_steps", "eval_windows", "eval_examples", "holdout_examples",
-                 "threads"):
+                 "threads", "eval_batch_size"):
         value = getattr(args, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"`--{name}` ({value!r}) must be an integer of at least 1.")
+    ranks = parse_integers(args.ranks, "ranks", 1) if args.ranks is not None else [args.rank]
+    seeds = parse_integers(args.seeds, "seeds", 0) if args.seeds is not None else [args.seed]
     if args.eval_examples > args.holdout_examples:
         raise ValueError(
             f"`--eval_examples` ({args.eval_examples}) exceeds `--holdout_examples` ({args.holdout_examples}): "
             "evaluated examples must be held out from training; lower the first or raise the second."
         )
+    if args.curve_eval_examples is not None and not 1 <= args.curve_eval_examples <= args.eval_examples:
+        raise ValueError(f"`--curve_eval_examples` ({args.curve_eval_examples}) must lie in [1, --eval_examples "
+                         f"({args.eval_examples})] (or be omitted).")
     if args.train_examples is not None and args.train_examples < 1:
         raise ValueError(f"`--train_examples` ({args.train_examples}) must be at least 1 (or omitted).")
     if args.max_length < 8 or args.window_length < 8:
@@ -162,6 +255,10 @@ def check_arguments(args: CompareScriptArguments) -> list[str]:
         raise ValueError(f"`--calibration_windows` ({args.calibration_windows}) must be ≥ 1 for QuAILoRA arms.")
     if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
         raise ValueError(f"`--learning_rate` ({args.learning_rate}) must be a positive number.")
+    dynamic_ranks = None
     if "dynamic" in arms:
-        parse_dynamic_eval_ranks(args.dynamic_eval_ranks, args.rank)
-    return arms
+        listed = parse_dynamic_eval_ranks(args.dynamic_eval_ranks, max(ranks))
+        dynamic_ranks = {rank: sorted({b for b in listed if b <= rank} | {rank}) for rank in ranks}
+    models = args.models if args.models is not None else args.model_name_or_path
+    models = [] if args.summary_only else parse_models(models)
+    return RunPlan(arms, models, ranks, seeds, dynamic_ranks)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -23,6 +24,7 @@ from hf_quailora import (
 from hf_quailora.embedded.data import load_alpaca_sft, split_holdout
 
 from .arms import ARM_LABELS, ARMS, CompareScriptArguments
+from .store import resume_settings, write_json
 
 
 logger = logging.getLogger(__name__)
@@ -31,16 +33,24 @@ logger = logging.getLogger(__name__)
 class HeldOutPerplexityCallback(TrainerCallback):
     """Adds held-out perplexity to every evaluation and records the convergence curve of one arm."""
 
-    def __init__(self, windows: torch.Tensor):
+    def __init__(self, windows: torch.Tensor, batch_size: int = 8):
         self.windows = windows
+        self.batch_size = batch_size
+        self.examples: int | None = None  # held-out Alpaca examples of the evaluation under way (set by the caller)
         self.history: list[dict] = []
 
     def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
         if "eval_loss" not in (metrics or {}):  # the dynamic arm's rank sweeps use another prefix
             return
-        entry = {"step": state.global_step, "eval_loss": metrics.get("eval_loss")}
+        entry = {"step": state.global_step, "eval_loss": metrics.get("eval_loss"), "alpaca_examples": self.examples}
         entry.update({key[len("eval_"):]: value for key, value in metrics.items() if key.startswith("eval_loss@r")})
-        entry["perplexity"] = compute_perplexity(model, self.windows)
+        started = time.perf_counter()
+        if self.history and self.history[-1]["step"] == state.global_step:  # same weights: no second pass
+            entry["perplexity"] = self.history[-1]["perplexity"]
+        else:
+            entry["perplexity"] = compute_perplexity(model, self.windows, self.batch_size)
+        # evaluation costs, for planning longer runs: the Alpaca loss (Trainer's eval_runtime) and the perplexity
+        entry.update(eval_runtime=metrics.get("eval_runtime"), perplexity_seconds=time.perf_counter() - started)
         self.history.append(entry)
         logger.info("step %d: %s", state.global_step, entry)
 
@@ -95,7 +105,7 @@ def training_settings(args: CompareScriptArguments, arm: str) -> dict:
         output_dir=os.path.join(args.output_dir, arm),
         max_steps=args.steps,
         per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=8,
+        per_device_eval_batch_size=args.eval_batch_size,
         learning_rate=args.learning_rate,
         lr_scheduler_type=args.lr_scheduler_type,
         logging_steps=args.eval_steps,
@@ -117,10 +127,12 @@ def build_trainer(arm, args, model, tokenizer, train, held_out, windows, dynamic
     """The arm's trainer (`DynamicRankTrainer` for the dynamic arm, else `SFTTrainer`) with fp32/bf16 adapters.
 
     Returns:
-        `(trainer, perplexity)`: the trainer and its `HeldOutPerplexityCallback`.
+        `(trainer, perplexity, full)`: the trainer, its `HeldOutPerplexityCallback`, and the tokenized held-out set
+        when `--curve_eval_examples` gives the periodic evaluations a subset of it (else `None`; the trainer's own
+        evaluation set is then the full held-out set).
     """
     settings = training_settings(args, arm)
-    perplexity = HeldOutPerplexityCallback(windows)
+    perplexity = HeldOutPerplexityCallback(windows, args.eval_batch_size)
     trainer_kwargs = dict(
         train_dataset=train, eval_dataset=held_out, processing_class=tokenizer, callbacks=[perplexity]
     )
@@ -135,13 +147,18 @@ def build_trainer(arm, args, model, tokenizer, train, held_out, windows, dynamic
             raise ValueError(
                 f"No {name} example keeps any response token within --max_length {args.max_length}; raise it."
             )
+    full = None
+    if args.curve_eval_examples is not None and args.curve_eval_examples < len(trainer.eval_dataset):
+        full = trainer.eval_dataset  # tokenized: the start and the end are scored on all of it
+        trainer.eval_dataset = full.select(range(len(full) - args.curve_eval_examples, len(full)))
+    perplexity.examples = len(trainer.eval_dataset)
     # trl casts the adapters of quantized models to bf16 (QLoRA's recipe); the optimizer does not exist yet, so
     # recasting here gives every arm the same adapter dtype, and QuAILoRA writes its factors into that dtype.
     dtype = getattr(torch, args.adapter_dtype)
     for name, param in trainer.model.named_parameters():
         if param.requires_grad:
             param.data = param.data.to(dtype)
-    return trainer, perplexity
+    return trainer, perplexity, full
 
 
 def initialize_adapter(trainer, solver: str | None, calibration, window_length: int) -> float | None:
@@ -157,40 +174,69 @@ def initialize_adapter(trainer, solver: str | None, calibration, window_length: 
     return time.perf_counter() - init_started
 
 
-def measure_dynamic_ranks(trainer, windows, ranks) -> dict[str, dict[str, float]]:
+def measure_dynamic_ranks(trainer, windows, ranks, batch_size: int = 8) -> dict[str, dict[str, float]]:
     """Alpaca response loss (one evaluate() call covers every rank) and held-out perplexity at each rank."""
     trainer.eval_ranks = ranks
     metrics = trainer.evaluate(metric_key_prefix="rank_sweep")
     out = {}
     for b in ranks:
         with use_rank(trainer.model, b, rank_scaling="constant"):
-            perplexity = compute_perplexity(trainer.model, windows)
+            perplexity = compute_perplexity(trainer.model, windows, batch_size)
         out[str(b)] = {"eval_loss": metrics[f"rank_sweep_loss@r{b}"], "perplexity": perplexity}
     return out
 
 
-def train_and_evaluate(trainer, perplexity, windows, dynamic_ranks, result: dict, started: float) -> None:
+def evaluate_full(trainer, perplexity, full, curve: bool = True) -> None:
+    """Evaluate the start or the end: on the full held-out set `full` (when the periodic evaluations use a subset),
+    and on the periodic subset too when `curve` (so the curve has the point)."""
+    if full is not None:
+        periodic, perplexity.examples = perplexity.examples, len(full)
+        trainer.evaluate(eval_dataset=full)
+        perplexity.examples = periodic
+    if full is None or curve:
+        trainer.evaluate()
+
+
+def train_and_evaluate(trainer, perplexity, windows, dynamic_ranks, result: dict, started: float,
+                       full=None, start_cache: str | None = None, settings: dict | None = None) -> None:
     """Evaluate at the start, train (evaluating every `--eval_steps`), evaluate at the end; fills `result`.
 
     Args:
         dynamic_ranks: the ranks of the per-rank evaluation of the dynamic arm (`None` for the other arms).
         result: the arm's results so far; the metrics, curves and times are added to it.
         started: `time.perf_counter()` when the arm started (for its total seconds).
+        full: the tokenized full held-out set when the periodic evaluations use a subset (`build_trainer`).
+        start_cache: a JSON file of this start's evaluations at step 0, shared across seeds (`store.start_path`):
+            read when present and run with the same `settings` (entries marked `start_reused`), else written after
+            evaluating.
+        settings: the arm's `store.resume_settings`, stored with the shared start.
     """
     dynamic = dynamic_ranks is not None
+    batch = trainer.args.per_device_eval_batch_size
     if dynamic:
-        result["per_rank"] = {"start": measure_dynamic_ranks(trainer, windows, dynamic_ranks)}
+        result["per_rank"] = {"start": measure_dynamic_ranks(trainer, windows, dynamic_ranks, batch)}
         trainer.eval_ranks = [trainer.max_rank]  # intermediate evaluations at r_max only (cost)
-    trainer.evaluate()
+    cached = None
+    if start_cache is not None and os.path.exists(start_cache):
+        with open(start_cache) as handle:
+            cached = json.load(handle)
+    if cached is not None and cached["settings"] == settings:
+        perplexity.history.extend({**entry, "start_reused": True} for entry in cached["history"])
+    else:
+        evaluate_full(trainer, perplexity, full)
+        if start_cache is not None:
+            write_json(start_cache, {"settings": settings, "history": perplexity.history})
     train_started = time.perf_counter()
     trainer.train()
     result["train_seconds"] = time.perf_counter() - train_started
-    if perplexity.history[-1]["step"] != trainer.state.global_step:
-        trainer.evaluate()
+    last_done = perplexity.history[-1]["step"] == trainer.state.global_step
+    if full is not None or not last_done:
+        evaluate_full(trainer, perplexity, full, curve=not last_done)
     if dynamic:
         trainer.eval_ranks = dynamic_ranks
-        result["per_rank"]["end"] = measure_dynamic_ranks(trainer, windows, dynamic_ranks)
-    start, end = perplexity.history[0], perplexity.history[-1]
+        result["per_rank"]["end"] = measure_dynamic_ranks(trainer, windows, dynamic_ranks, batch)
+    scored = [entry for entry in perplexity.history if full is None or entry["alpaca_examples"] == len(full)]
+    start, end = scored[0], scored[-1]
     result.update(
         perplexity_start=start["perplexity"], perplexity_end=end["perplexity"],
         eval_loss_start=start["eval_loss"], eval_loss_end=end["eval_loss"],
@@ -199,17 +245,20 @@ def train_and_evaluate(trainer, perplexity, windows, dynamic_ranks, result: dict
     )
 
 
-def run_arm(arm, args, tokenizer, train, held_out, windows, calibration, dynamic_ranks) -> dict:
-    """Fine-tune and evaluate one arm from a freshly loaded model; returns its results (curves included)."""
+def run_arm(arm, args, tokenizer, train, held_out, windows, calibration, dynamic_ranks, start_cache=None) -> dict:
+    """Fine-tune and evaluate one arm from a freshly loaded model; returns its results (curves included).
+
+    `start_cache`: see `train_and_evaluate` (the evaluations at step 0 shared across seeds)."""
     quantization, solver, dynamic = ARMS[arm]
     started = time.perf_counter()
     model = build_peft_model(args, quantization)
-    trainer, perplexity = build_trainer(arm, args, model, tokenizer, train, held_out, windows, dynamic_ranks)
+    trainer, perplexity, full = build_trainer(arm, args, model, tokenizer, train, held_out, windows, dynamic_ranks)
     init_seconds = initialize_adapter(trainer, solver, calibration, args.window_length)
 
     result: dict = {"arm": arm, "label": ARM_LABELS[arm], "quantization": quantization, "init": solver or "B = 0",
                     "init_seconds": init_seconds}
-    train_and_evaluate(trainer, perplexity, windows, dynamic_ranks if dynamic else None, result, started)
+    train_and_evaluate(trainer, perplexity, windows, dynamic_ranks if dynamic else None, result, started, full,
+                       start_cache, resume_settings(args))
     logger.info("%s: ppl %.3f -> %.3f, Alpaca loss %.4f -> %.4f", arm, result["perplexity_start"],
                 result["perplexity_end"], result["eval_loss_start"], result["eval_loss_end"])
     del trainer, model

@@ -3,6 +3,7 @@ and its input checks."""
 
 import json
 import math
+import os
 import runpy
 import sys
 
@@ -54,8 +55,10 @@ def test_compare_init_runs_every_arm_and_writes_its_report(tiny_model_path, tiny
         assert image.size[0] > 100 and image.size[1] > 100
 
     saved = json.loads((out / "results.json").read_text())
-    arms = {result["arm"]: result for result in saved["arms"]}
-    assert list(arms) == ALL_ARMS
+    arms = {record["arm"]: record["result"] for record in saved["arms"]}
+    assert sorted(arms) == sorted(ALL_ARMS)
+    for arm in ALL_ARMS:  # one JSON per finished arm, for resuming
+        assert (out / "runs" / os.path.basename(tiny_model_path) / "r4" / "seed42" / f"{arm}.json").is_file(), arm
     for arm, result in arms.items():
         for key in ("perplexity_start", "perplexity_end", "eval_loss_start", "eval_loss_end", "train_seconds"):
             assert math.isfinite(result[key]), (arm, key, result[key])
@@ -70,11 +73,109 @@ def test_compare_init_runs_every_arm_and_writes_its_report(tiny_model_path, tiny
     assert set(arms["dynamic"]["per_rank"]["end"]) == {"1", "2", "4"}
 
     table = (out / "results.md").read_text()
+    assert "python -m bench.compare_init --model_name_or_path" in table  # the command that produced the arms
     for label in ("QLoRA (NF4, B = 0)", "SVD start", "QuAILoRA (NF4", "LLM.int8", "fp32 base", "dynamic rank"):
         assert label in table, label
-    rows = [line for line in table.splitlines() if line.startswith("| ") and "ppl start" not in line]
-    assert len(rows) == len(ALL_ARMS) + 3  # arms + per-rank rows of the dynamic arm
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "start |" not in line]  # no headers
+    assert len(rows) == len(ALL_ARMS) + 1 + 3  # arms + QuAILoRA-by-rank row + per-rank rows of the dynamic arm
     assert "nan" not in table.lower() and "inf" not in table.lower()
+
+
+def tiny_argv(model, alpaca, text, out, *extra):
+    return [
+        "--model_name_or_path", model, "--steps", "2", "--eval_steps", "2", "--batch_size", "2", "--max_length", "256",
+        "--train_data", alpaca, "--holdout_examples", "4", "--eval_examples", "2", "--perplexity_data", text,
+        "--calibration_data", text, "--eval_windows", "2", "--window_length", "32", "--calibration_windows", "2",
+        "--learning_rate", "1e-2", "--curve_eval_examples", "1", "--output_dir", str(out), *extra,
+    ]
+
+
+@require_bitsandbytes
+def test_compare_init_resumes_per_arm_over_seeds_and_ranks(tiny_model_path, tiny_texts, tmp_path, monkeypatch):
+    import bench.compare_init.run as run_module
+
+    alpaca, text = write_small_data(tmp_path, tiny_texts)
+    out = tmp_path / "out"
+    argv = tiny_argv(tiny_model_path, alpaca, text, out, "--arms", "qlora,int8", "--seeds", "1,2", "--ranks", "2,4")
+    run_recipe(monkeypatch, argv)
+    runs = out / "runs" / os.path.basename(tiny_model_path)
+    finished = sorted(runs.glob("r*/seed*/*.json"))
+    assert len(finished) == 2 * 2 * 2
+    stamps = {path: path.stat().st_mtime_ns for path in finished}
+    # different seeds give different LoRA A, hence different training
+    seeds = [json.loads((runs / "r4" / f"seed{s}" / "qlora.json").read_text())["result"] for s in (1, 2)]
+    assert seeds[0]["perplexity_end"] != seeds[1]["perplexity_end"]
+    # --curve_eval_examples 1: the start and the end are scored on both examples, the curve on the last one
+    history = seeds[0]["history"]
+    assert [(entry["step"], entry["alpaca_examples"]) for entry in history] == [(0, 2), (0, 1), (2, 1), (2, 2)]
+    assert seeds[0]["eval_loss_start"] == history[0]["eval_loss"]
+    assert seeds[0]["eval_loss_end"] == history[3]["eval_loss"]
+    assert history[0]["eval_loss"] != history[1]["eval_loss"] and history[2]["perplexity"] == history[3]["perplexity"]
+    # the start does not depend on the seed (B = 0: nor on the rank): evaluated once, then reused
+    first = json.loads((runs / "r2" / "seed1" / "qlora.json").read_text())["result"]["history"]
+    assert not first[0].get("start_reused") and seeds[0]["history"][0]["start_reused"]
+    assert seeds[1]["history"][0]["start_reused"] and seeds[1]["perplexity_start"] == first[0]["perplexity"]
+
+    # A second invocation with one more arm runs only that arm; the finished ones are skipped, not rewritten.
+    calls = []
+    original = run_module.run_arm
+    monkeypatch.setattr(run_module, "run_arm", lambda arm, *rest: calls.append(arm) or original(arm, *rest))
+    run_recipe(monkeypatch, argv[:-6] + ["--arms", "qlora,int8,quailora", "--seeds", "1,2", "--ranks", "2,4"])
+    assert calls == ["quailora"] * 4
+    starts = [json.loads((runs / f"r{r}" / f"seed{s}" / "quailora.json").read_text())["result"]["history"][0]
+              for r in (2, 4) for s in (1, 2)]
+    assert [bool(entry.get("start_reused")) for entry in starts] == [False, True, False, True]
+    assert starts[0]["perplexity"] == starts[1]["perplexity"] and starts[2]["perplexity"] == starts[3]["perplexity"]
+    assert all(path.stat().st_mtime_ns == stamp for path, stamp in stamps.items())
+    saved = json.loads((out / "results.json").read_text())
+    assert {(entry["rank"], tuple(entry["seeds"])) for entry in saved["summary"]} == {(2, (1, 2)), (4, (1, 2))}
+    assert all(set(entry["arms"]) == {"qlora", "quailora", "int8"} for entry in saved["summary"])
+
+    # --summary_only trains nothing; other settings in the same folder are refused before anything loads
+    calls.clear()
+    run_recipe(monkeypatch, ["--summary_only", "--output_dir", str(out)])
+    assert calls == []
+    with pytest.raises(ValueError, match="other settings"):
+        run_recipe(monkeypatch, tiny_argv(tiny_model_path, alpaca, text, out, "--arms", "qlora", "--steps", "3"))
+    assert calls == []
+
+
+def test_compare_init_summary_math_and_plot(tmp_path):
+    """mean ± std over seeds of perplexity and gap closed, checked against numpy on made-up finished arms."""
+    import numpy as np
+
+    from bench.compare_init.summary import plot_summary, summarize, summary_markdown
+
+    rng = np.random.default_rng(0)
+    records, values = [], {}
+    for seed in (1, 2, 3):
+        for arm, base in (("qlora", 30.0), ("quailora", 27.0), ("int8", 25.0)):
+            ppl = base + rng.normal(size=2)  # start, end
+            values[(seed, arm)] = ppl
+            history = [{"step": 0, "perplexity": ppl[0], "eval_loss": 1.0}, {"step": 5, "perplexity": ppl[1],
+                                                                              "eval_loss": 0.9 + 0.01 * seed}]
+            result = {"perplexity_start": ppl[0], "perplexity_end": ppl[1], "eval_loss_start": 1.0,
+                      "eval_loss_end": 0.9 + 0.01 * seed, "seconds": 10.0, "history": history}
+            records.append({"model": "m", "rank": 8, "seed": seed, "arm": arm, "result": result})
+    (entry,) = summarize(records)
+    for index, when in enumerate(("start", "end")):
+        ppl = np.array([values[(seed, "quailora")][index] for seed in (1, 2, 3)])
+        stats = entry["arms"]["quailora"][f"perplexity_{when}"]
+        assert stats["mean"] == pytest.approx(ppl.mean()) and stats["std"] == pytest.approx(ppl.std(ddof=1))
+        gaps = np.array([(values[(s, "qlora")][index] - values[(s, "quailora")][index])
+                         / (values[(s, "qlora")][index] - values[(s, "int8")][index]) for s in (1, 2, 3)])
+        stats = entry["arms"]["quailora"][f"gap_{when}"]
+        assert stats["mean"] == pytest.approx(gaps.mean()) and stats["std"] == pytest.approx(gaps.std(ddof=1))
+        assert entry["arms"]["int8"][f"gap_{when}"]["mean"] == pytest.approx(1.0)
+    loss = entry["arms"]["qlora"]["eval_loss_end"]
+    assert loss["mean"] == pytest.approx(0.92) and loss["std"] == pytest.approx(0.01)
+    meta = dict(steps=5, batch_size=2, learning_rate=1e-4, lr_scheduler_type="constant", max_length=64,
+                target_modules="all-linear", adapter_dtype="float32", eval_windows=2, window_length=32,
+                perplexity_data="wiki", eval_examples=2, holdout_examples=4)
+    table = summary_markdown([entry], records, meta)
+    assert f"{entry['arms']['quailora']['gap_end']['mean']:.1%} ± " in table
+    path = plot_summary(records, [entry], str(tmp_path / "bands.png"))
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize(
@@ -90,6 +191,16 @@ def test_compare_init_runs_every_arm_and_writes_its_report(tiny_model_path, tiny
         (["--eval_examples", "300"], "holdout_examples"),
         (["--arms", "dynamic", "--rank", "8", "--dynamic_eval_ranks", "1,16"], "dynamic_eval_ranks"),
         (["--arms", "dynamic", "--dynamic_eval_ranks", "one"], "dynamic_eval_ranks"),
+        (["--seeds", ""], "--seeds"),
+        (["--seeds", "1,x"], "--seeds"),
+        (["--ranks", "16,0"], "--ranks"),
+        (["--ranks", "16,16"], "repeats"),
+        (["--models", "smollm2-135m,no-such-model"], "Unknown model"),
+        (["--models", " , "], "--models"),
+        (["--eval_batch_size", "0"], "--eval_batch_size"),
+        (["--curve_eval_examples", "201"], "--curve_eval_examples"),
+        ([], "Unknown model"),
+        (["--summary_only"], "no finished arm"),
     ],
 )
 def test_compare_init_rejects_bad_arguments_before_loading(monkeypatch, tmp_path, argv, message):

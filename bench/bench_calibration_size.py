@@ -1,0 +1,186 @@
+"""How much calibration QuAILoRA needs: the start's held-out gap closed against the number of C4 calibration tokens.
+
+    OMP_WAIT_POLICY=passive python bench/bench_calibration_size.py --threads 1          # SmolLM2-135M, r = 64
+    python bench/bench_calibration_size.py --model gemma3-270m --batch_size 2          # BOS on every window
+
+In one process: the LLM.int8 (B = 0) and NF4 (B = 0, QLoRA's start) perplexities, then the NF4 model with one LoRA
+(r = `lora_alpha` = `--rank`, all linear layers) initialised by QuAILoRA's closed form once per calibration size
+(the first n C4 windows of `--window` tokens, so every smaller set is a prefix of the larger ones). Per size:
+held-out Wikipedia perplexity and its gap closed, `(ppl_NF4 − ppl) / (ppl_NF4 − ppl_int8)`; the perplexity on the
+first `--fit_windows` calibration windows (part of every calibration set: how well the start fits what it saw);
+and the calibrated error relative to B = 0 summed over layers, as `quailora_init` reports it on its own calibration
+tokens. Results are written after every size (`calibration_size[-model].md|json` in `--output`); a later run with
+the same model, rank and windows keeps the sizes already measured there and runs only the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from hf_quailora import (
+    QuAILoRAConfig,
+    compute_perplexity,
+    load_dataset_any,
+    load_quantized_model,
+    make_token_windows,
+    quailora_init,
+)
+from hf_quailora.embedded.models import EMBEDDED_MODELS, is_embedded_model
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The command-line options (`--help`)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="embedded name, folder or Hub id")
+    parser.add_argument("--rank", type=int, default=64, help="LoRA r (lora_alpha = r)")
+    parser.add_argument("--calibration_tokens", default="2048,8192,32768,65536,131072",
+                        help="comma-separated calibration sizes in tokens (multiples of --window)")
+    parser.add_argument("--window", type=int, default=256, help="tokens per calibration / held-out window")
+    parser.add_argument("--eval_windows", type=int, default=24, help="held-out Wikipedia windows")
+    parser.add_argument("--fit_windows", type=int, default=8, help="calibration windows scored as 'fit' perplexity")
+    parser.add_argument("--batch_size", type=int, default=8, help="windows per forward")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output", default="bench/results")
+    return parser
+
+
+def parse_sizes(text: str, window: int, available: int) -> list[int]:
+    """`--calibration_tokens` → sorted window counts; raises ValueError on a size that is not a positive multiple of
+    `window` or exceeds the `available` windows of the calibration text."""
+    try:
+        sizes = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError as err:
+        raise ValueError(f"`--calibration_tokens` ({text!r}) must be comma-separated integers.") from err
+    bad = [size for size in sizes if size < window or size % window]
+    if not sizes or bad:
+        raise ValueError(f"`--calibration_tokens` ({text!r}): {bad or 'none given'}; give positive multiples of "
+                         f"--window ({window}).")
+    if sizes[-1] > available * window:
+        raise ValueError(f"`--calibration_tokens` asks for {sizes[-1]} tokens; the C4 text holds {available} full "
+                         f"windows of {window} = {available * window} tokens. Lower the largest size.")
+    return [size // window for size in sizes]
+
+
+def to_markdown(result: dict) -> str:
+    """The settings, the baselines and one row per calibration size."""
+    meta, base = result["settings"], result["baselines"]
+    nf4, int8 = base["nf4"], base["int8"]
+    lines = [
+        f"Model {meta['model']}, LoRA r={meta['rank']} (alpha = r, all linear layers), QuAILoRA closed form "
+        f"(streamed, float32 Gram); calibration: the first n windows of {meta['window']} C4 tokens (the embedded C4 "
+        f"holds {meta['c4_tokens']} tokens in {meta['c4_documents']} documents); held-out: "
+        f"{meta['eval_windows']}×{meta['window']} Wikipedia tokens; fit: the first {meta['fit_windows']} calibration "
+        f"windows. torch {meta['torch']}, {meta['threads']} thread(s), {meta['platform']}.",
+        "",
+        f"Baselines: fp32 {base['fp32']:.3f}, LLM.int8 (B = 0) {int8:.3f}, NF4 (B = 0) {nf4:.3f} held-out ppl; "
+        f"fit-window ppl NF4 {base['nf4_fit']:.3f}, int8 {base['int8_fit']:.3f}.",
+        "",
+        "| calibration tokens | held-out ppl | held-out gap closed | fit-window ppl | fit gap closed | "
+        "calibrated error / B = 0 | init (s) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        lines.append(
+            f"| {row['tokens']} | {row['perplexity']:.3f} | {row['gap_closed']:.1%} | {row['fit_perplexity']:.3f} | "
+            f"{row['fit_gap_closed']:.1%} | {row['relative_calibrated_error']:.4f} | {row['init_seconds']:.1f} |"
+        )
+    lines += ["", "gap closed = (ppl_NF4 − ppl) / (ppl_NF4 − ppl_int8), on the same windows."]
+    return "\n".join(lines) + "\n"
+
+
+SAME_RUN = ("model", "rank", "window", "eval_windows", "fit_windows", "add_bos")
+
+
+def load_finished_rows(stem: str, settings: dict) -> list[dict]:
+    """The rows of an earlier run at `stem.json` with the same `SAME_RUN` settings (none otherwise)."""
+    if not os.path.exists(stem + ".json"):
+        return []
+    with open(stem + ".json") as handle:
+        earlier = json.load(handle)
+    if any(earlier["settings"].get(key) != settings[key] for key in SAME_RUN):
+        return []
+    return earlier["rows"]
+
+
+def measure_baselines(args, held_out, fit) -> dict:
+    """Held-out perplexity of the fp32 and LLM.int8 models (and int8's on the fit windows), one model at a time."""
+    out = {}
+    for quantization in ("none", "int8"):
+        model, _ = load_quantized_model(args.model, quantization)
+        name = "fp32" if quantization == "none" else quantization
+        out[name] = compute_perplexity(model, held_out, args.batch_size)
+        if quantization == "int8":
+            out["int8_fit"] = compute_perplexity(model, fit, args.batch_size)
+        print(f"{name}: {out[name]:.3f}", flush=True)
+        del model
+    return out
+
+
+def write(result: dict, stem: str) -> None:
+    """`stem.json` and `stem.md`."""
+    with open(stem + ".json", "w") as handle:
+        json.dump(result, handle, indent=1)
+    with open(stem + ".md", "w") as handle:
+        handle.write(to_markdown(result))
+
+
+def main() -> None:
+    """Baselines, then one closed-form init and its perplexities per calibration size; writes after every size."""
+    args = make_parser().parse_args()
+    torch.set_num_threads(args.threads)
+    add_bos = is_embedded_model(args.model) and EMBEDDED_MODELS[args.model.lower()].needs_bos
+    # 1. Windows, checked before any model runs
+    _, tokenizer = load_quantized_model(args.model, "none")
+    c4 = load_dataset_any("c4")["text"]
+    all_calibration = make_token_windows(tokenizer, c4, args.window, add_bos=add_bos)
+    counts = parse_sizes(args.calibration_tokens, args.window, all_calibration.shape[0])
+    held_out = make_token_windows(tokenizer, load_dataset_any("wiki")["text"], args.window, args.eval_windows,
+                                  add_bos=add_bos)
+    fit = all_calibration[: min(args.fit_windows, counts[0])]
+    settings = {**vars(args), "add_bos": add_bos, "c4_documents": len(c4), "c4_windows": all_calibration.shape[0],
+                "c4_tokens": sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1 for text in c4),
+                "eval_windows": int(held_out.shape[0]), "fit_windows": int(fit.shape[0]), "torch": torch.__version__,
+                "platform": platform.processor() or platform.machine()}
+    os.makedirs(args.output, exist_ok=True)
+    stem = os.path.join(args.output, "calibration_size" + ("" if args.model == "smollm2-135m" else f"-{args.model}"))
+    done = {row["tokens"]: row for row in load_finished_rows(stem, settings)}
+    counts = [count for count in counts if count * args.window not in done]
+    result = {"settings": settings, "baselines": measure_baselines(args, held_out, fit), "rows": list(done.values())}
+    # 2. NF4 + LoRA once; B = 0 first, then one closed-form init per size (each overwrites A and B completely)
+    model, _ = load_quantized_model(args.model, "nf4")
+    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules="all-linear",
+                                             lora_dropout=0.0))
+    base = result["baselines"]
+    with model.disable_adapter():
+        base["nf4"] = compute_perplexity(model, held_out, args.batch_size)
+        base["nf4_fit"] = compute_perplexity(model, fit, args.batch_size)
+    gap = lambda ppl, nf4, int8: (nf4 - ppl) / (nf4 - int8)  # noqa: E731
+    for count in counts:
+        started = time.perf_counter()
+        config = QuAILoRAConfig(solver="closed_form", num_samples=None, max_length=args.window,
+                                batch_size=args.batch_size, show_progress=False)
+        report = quailora_init(model, all_calibration[:count], config)
+        seconds = time.perf_counter() - started
+        totals = report.totals()
+        ppl = compute_perplexity(model, held_out, args.batch_size)
+        fit_ppl = compute_perplexity(model, fit, args.batch_size)
+        row = {"tokens": count * args.window, "windows": count, "perplexity": ppl,
+               "gap_closed": gap(ppl, base["nf4"], base["int8"]), "fit_perplexity": fit_ppl,
+               "fit_gap_closed": gap(fit_ppl, base["nf4_fit"], base["int8_fit"]),
+               "relative_calibrated_error": totals["calibrated_error_result"] / totals["calibrated_error_qlora"],
+               "init_seconds": seconds}
+        result["rows"] = sorted(result["rows"] + [row], key=lambda entry: entry["tokens"])
+        print(row, flush=True)
+        write(result, stem)  # after every size: an interrupted run keeps what it finished
+    print("\n" + to_markdown(result))
+
+
+if __name__ == "__main__":
+    main()

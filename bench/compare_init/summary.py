@@ -1,0 +1,189 @@
+"""The summary across runs: per model and rank, mean ± standard deviation over seeds of every arm's metrics and of
+the gap closed at the start and after fine-tuning, and the convergence curves with seed bands."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections import defaultdict
+
+from .arms import ARM_LABELS, ARMS
+
+
+METRICS = ("perplexity_start", "perplexity_end", "eval_loss_start", "eval_loss_end")
+GAPS = ("gap_start", "gap_end", "loss_gap_start", "loss_gap_end")
+
+
+def gap_closed(qlora: float | None, value: float | None, int8: float | None) -> float | None:
+    """The fraction of the NF4 → int8 gap closed, `(qlora − value) / (qlora − int8)`; None if undefined."""
+    if None in (qlora, value, int8) or qlora == int8:
+        return None
+    return (qlora - value) / (qlora - int8)
+
+
+def mean_std(values: list[float]) -> dict:
+    """`{"mean", "std", "n"}` of the non-None `values`; `std` is the sample standard deviation (n − 1), None for
+    fewer than two values; `mean` is None for none."""
+    values = [value for value in values if value is not None]
+    return {
+        "mean": statistics.fmean(values) if values else None,
+        "std": statistics.stdev(values) if len(values) > 1 else None,
+        "n": len(values),
+    }
+
+
+def _gaps(result: dict, qlora: dict | None, int8: dict | None) -> dict:
+    """One seed's gap closed (perplexity and Alpaca loss) at the start and the end, against that seed's arms."""
+    out = {}
+    for when in ("start", "end"):
+        for prefix, key in (("gap", "perplexity"), ("loss_gap", "eval_loss")):
+            out[f"{prefix}_{when}"] = gap_closed(qlora and qlora[f"{key}_{when}"], result[f"{key}_{when}"],
+                                                 int8 and int8[f"{key}_{when}"])
+    return out
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Group finished arms by (model, rank); per arm, mean ± std over seeds of `METRICS` and `GAPS`.
+
+    The gap closed is computed per seed, against the `qlora` and `int8` arms of the same model, rank and seed, and
+    then averaged. Returns one entry per (model, rank): `{"model", "rank", "seeds", "arms": {arm: {...}}}`.
+    """
+    groups: dict[tuple, dict[int, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for record in records:
+        groups[(record["model"], record["rank"])][record["seed"]][record["arm"]] = record["result"]
+    summary = []
+    for (model, rank), by_seed in groups.items():
+        per_arm: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        for seed, arms in sorted(by_seed.items()):
+            for arm, result in arms.items():
+                row = {**{key: result[key] for key in METRICS}, **_gaps(result, arms.get("qlora"), arms.get("int8"))}
+                row.update(seconds=result["seconds"], seed=seed)
+                for key, value in row.items():
+                    per_arm[arm][key].append(value)
+        ordered = sorted(per_arm, key=list(ARMS).index)
+        summary.append({
+            "model": model, "rank": rank, "seeds": sorted(by_seed),
+            "arms": {arm: {**{key: mean_std(per_arm[arm][key]) for key in METRICS + GAPS},
+                           "seeds": per_arm[arm]["seed"], "seconds": sum(per_arm[arm]["seconds"])}
+                     for arm in ordered},
+        })
+    return sorted(summary, key=lambda entry: (entry["model"], entry["rank"]))
+
+
+def _cell(stat: dict, pattern: str) -> str:
+    if stat["mean"] is None:
+        return "–"
+    spread = "" if stat["std"] is None else " ± " + pattern.format(stat["std"])
+    return pattern.format(stat["mean"]) + spread
+
+
+def summary_markdown(summary: list[dict], records: list[dict], meta: dict) -> str:
+    """One table per model and rank (mean ± std over seeds), and the QuAILoRA gap closed against the rank."""
+    lines = [
+        f"{meta['steps']} steps × batch {meta['batch_size']}, lr {meta['learning_rate']} "
+        f"({meta['lr_scheduler_type']}), max_length {meta['max_length']}, LoRA alpha = r on "
+        f"{meta['target_modules']}, adapters in {meta['adapter_dtype']}. Perplexity: "
+        f"{meta['eval_windows']}×{meta['window_length']} held-out "
+        f"{meta['perplexity_data']} tokens; Alpaca loss: responses of the last {meta['eval_examples']} examples "
+        f"(the last {meta['holdout_examples']} are held out"
+        + (f"; the curve's periodic evaluations score the last {meta['curve_eval_examples']}"
+           if meta.get("curve_eval_examples") else "") + "). Mean ± sample standard deviation over seeds; the gap "
+        "closed is computed per seed against that seed's `qlora` and `int8` arms: (qlora − arm) / (qlora − int8).",
+    ]
+    for entry in summary:
+        seconds = sum(arm["seconds"] for arm in entry["arms"].values())
+        lines += [
+            "", f"### {entry['model']}, r = {entry['rank']} (seeds {', '.join(map(str, entry['seeds']))}; "
+            f"{seconds / 60:.1f} min of arm wall time)", "",
+            "| arm | seeds | ppl start | ppl end | Alpaca loss start | Alpaca loss end | gap closed start | "
+            "gap closed end | loss gap closed end |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for arm, stats in entry["arms"].items():
+            lines.append(
+                f"| {ARM_LABELS[arm]} | {len(stats['seeds'])} | {_cell(stats['perplexity_start'], '{:.3f}')} | "
+                f"{_cell(stats['perplexity_end'], '{:.3f}')} | {_cell(stats['eval_loss_start'], '{:.4f}')} | "
+                f"{_cell(stats['eval_loss_end'], '{:.4f}')} | {_cell(stats['gap_start'], '{:.1%}')} | "
+                f"{_cell(stats['gap_end'], '{:.1%}')} | {_cell(stats['loss_gap_end'], '{:.1%}')} |"
+            )
+    lines += _rank_trend(summary) + _dynamic_ranks(records)
+    return "\n".join(lines) + "\n"
+
+
+def _rank_trend(summary: list[dict]) -> list[str]:
+    """QuAILoRA's gap closed (start and end) at every rank, per model: does it grow with the rank?"""
+    rows = [entry for entry in summary if "quailora" in entry["arms"]]
+    if not rows:
+        return []
+    lines = ["", "QuAILoRA's gap closed against the rank (mean ± std of the per-seed gaps; and the gap between the "
+             "arms' mean perplexities, less sensitive to a seed whose NF4 → int8 gap is small):", "",
+             "| model | rank | gap closed start | gap closed end | gap of the mean ppl, end |",
+             "|---|---:|---:|---:|---:|"]
+    for entry in rows:
+        arms = entry["arms"]
+        stats = arms["quailora"]
+        means = [arms[arm]["perplexity_end"]["mean"] if arm in arms else None
+                 for arm in ("qlora", "quailora", "int8")]
+        lines.append(f"| {entry['model']} | {entry['rank']} | {_cell(stats['gap_start'], '{:.1%}')} | "
+                     f"{_cell(stats['gap_end'], '{:.1%}')} | {_cell(mean_std([gap_closed(*means)]), '{:.1%}')} |")
+    return lines
+
+
+def _dynamic_ranks(records: list[dict]) -> list[str]:
+    """The dynamic arm per truncated rank: held-out perplexity at the start and the end, mean ± std over seeds."""
+    per: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        if record["arm"] == "dynamic":
+            for when in ("start", "end"):
+                for b, metrics in record["result"]["per_rank"][when].items():
+                    per[(record["model"], record["rank"], int(b))][when].append(metrics["perplexity"])
+    if not per:
+        return []
+    lines = ["", "Dynamic-rank arm per truncated rank (held-out perplexity, constant scaling):", "",
+             "| model | r_max | rank | seeds | ppl start | ppl end |", "|---|---:|---:|---:|---:|---:|"]
+    for (model, rank, b), values in sorted(per.items()):
+        lines.append(f"| {model} | {rank} | {b} | {len(values['end'])} | {_cell(mean_std(values['start']), '{:.3f}')} "
+                     f"| {_cell(mean_std(values['end']), '{:.3f}')} |")
+    return lines
+
+
+def curve_bands(records: list[dict], model: str, rank: int, arm: str, key: str) -> tuple[list, list, list]:
+    """`(steps, mean, std)` of `key` over the seeds of one arm, at the steps every seed evaluated."""
+    histories = []
+    for record in records:
+        if (record["model"], record["rank"], record["arm"]) == (model, rank, arm):
+            history = record["result"]["history"]
+            # the curve's Alpaca loss: the periodic subset only (the start and end are also scored on all examples)
+            curve = min((entry.get("alpaca_examples") or 0 for entry in history), default=0)
+            histories.append({entry["step"]: entry[key] for entry in history
+                              if key != "eval_loss" or (entry.get("alpaca_examples") or 0) == curve})
+    steps = sorted(set.intersection(*(set(history) for history in histories))) if histories else []
+    stats = [mean_std([history[step] for history in histories]) for step in steps]
+    return steps, [stat["mean"] for stat in stats], [stat["std"] or 0.0 for stat in stats]
+
+
+def plot_summary(records: list[dict], summary: list[dict], path: str) -> str:
+    """A PNG, one row per (model, rank): held-out perplexity and Alpaca loss against the step, per arm the mean over
+    seeds with a ± one standard deviation band."""
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend and figure registry stay untouched
+
+    figure = Figure(figsize=(11, 3.6 * len(summary)))
+    axes = figure.subplots(len(summary), 2, squeeze=False)
+    for row, entry in zip(axes, summary):
+        for index, arm in enumerate(entry["arms"]):
+            for axis, key in zip(row, ("perplexity", "eval_loss")):
+                steps, mean, std = curve_bands(records, entry["model"], entry["rank"], arm, key)
+                axis.plot(steps, mean, marker="o", markersize=3, color=f"C{index}",
+                          label=f"{arm} ({len(entry['arms'][arm]['seeds'])} seeds)")
+                axis.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                  color=f"C{index}", alpha=0.2, linewidth=0)
+        for axis, label in zip(row, ("held-out perplexity", "held-out Alpaca response loss")):
+            axis.set_title(f"{os.path.basename(entry['model'].rstrip('/'))}, r = {entry['rank']}", fontsize=9)
+            axis.set_xlabel("optimizer step")
+            axis.set_ylabel(label)
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    return path
+
