@@ -344,7 +344,7 @@ def test_short_nf4_run_on_smollm2_lowers_eval_loss_at_every_rank(smollm2_path, t
     trainer = DynamicRankTrainer(
         model,
         args=DynamicRankConfig(
-            output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4, per_device_eval_batch_size=8,
+            output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, per_device_eval_batch_size=8,
             learning_rate=2e-3, max_length=128, logging_steps=4, save_strategy="no", report_to="none", use_cpu=True,
             gradient_checkpointing=False, eval_ranks=[1, 2, 4, 8], update_rule="nested", seed=0,
         ),
