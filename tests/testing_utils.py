@@ -116,3 +116,19 @@ def tensor_bytes() -> int:
             storage = obj.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
+
+
+def save_random_dynamic_rank_adapter(model_path, folder):
+    """A rank-8 LoRA with random A and B on `model_path`, saved in `folder` as a dynamic-rank adapter (so every
+    rank differs); returns the peft model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from hf_quailora.dynamic_rank.spec import DynamicRankMetadata
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    model.save_pretrained(folder)
+    DynamicRankMetadata(min_rank=1, max_rank=8, rank_scaling="per_rank", quantization="none").save(folder)
+    return model

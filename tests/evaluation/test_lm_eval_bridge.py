@@ -6,10 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from lm_eval import simple_evaluate
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from hf_quailora import export_rank
 from hf_quailora.cli import main as cli_main
@@ -17,7 +15,7 @@ from hf_quailora.dynamic_rank.spec import DynamicRankMetadata
 from hf_quailora.evaluation.lm_eval_bridge import evaluate_ranks, resolve_tasks
 from hf_quailora.evaluation.tasks import write_offline_tasks
 
-from testing_utils import require_bitsandbytes, save_adapter
+from testing_utils import require_bitsandbytes, save_adapter, save_random_dynamic_rank_adapter
 
 
 TASK = "quailora_wiki_ppl"
@@ -27,12 +25,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def tiny_adapter(tiny_model_path, tmp_path_factory):
     """A rank-8 LoRA with random A and B saved as a dynamic-rank adapter (so every rank differs)."""
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
     folder = tmp_path_factory.mktemp("adapter")
-    model.save_pretrained(folder)
-    DynamicRankMetadata(min_rank=1, max_rank=8, rank_scaling="per_rank", quantization="none").save(folder)
+    model = save_random_dynamic_rank_adapter(tiny_model_path, folder)
     return model, AutoTokenizer.from_pretrained(tiny_model_path), str(folder)
 
 
