@@ -106,8 +106,39 @@ def summary_markdown(summary: list[dict], records: list[dict], meta: dict) -> st
                 f"{_cell(stats['eval_loss_end'], '{:.4f}')} | {_cell(stats['gap_start'], '{:.1%}')} | "
                 f"{_cell(stats['gap_end'], '{:.1%}')} | {_cell(stats['loss_gap_end'], '{:.1%}')} |"
             )
-    lines += _rank_trend(summary) + _dynamic_ranks(records)
+    lines += _rank_trend(summary) + _convergence(summary, records) + _dynamic_ranks(records)
     return "\n".join(lines) + "\n"
+
+
+def last_interval_share(values: list[float]) -> float | None:
+    """How much of a curve's total change came in its last interval, `(v[-2] − v[-1]) / (v[0] − v[-1])`: near 0 when
+    the curve has flattened, near 1 / intervals when it still falls at a constant rate; None when undefined."""
+    if len(values) < 3 or values[0] == values[-1]:
+        return None
+    return (values[-2] - values[-1]) / (values[0] - values[-1])
+
+
+def _convergence(summary: list[dict], records: list[dict]) -> list[str]:
+    """The mean curves over seeds (held-out perplexity and the curve's Alpaca loss at every evaluated step), and the
+    share of the total change that came in the last interval: has the curve flattened?"""
+    lines = ["", "Convergence: mean over seeds at every evaluated step (perplexity / the curve's Alpaca loss); "
+             "\"last interval\" is the share of the start-to-end change that came in the last interval (0% = flat):"]
+    for entry in summary:
+        steps = curve_bands(records, entry["model"], entry["rank"], next(iter(entry["arms"])), "eval_loss")[0]
+        if len(steps) < 2:
+            continue
+        lines += ["", f"{entry['model']}, r = {entry['rank']}:", "",
+                  "| arm | " + " | ".join(f"step {step}" for step in steps) + " | last interval (ppl / loss) |",
+                  "|---|" + "---:|" * (len(steps) + 1)]
+        for arm in entry["arms"]:
+            (_, ppl, _), (_, loss, _) = (curve_bands(records, entry["model"], entry["rank"], arm, key)
+                                         for key in ("perplexity", "eval_loss"))
+            if len(ppl) != len(steps) or len(loss) != len(steps):
+                continue
+            shares = [last_interval_share(curve) for curve in (ppl, loss)]
+            lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(f"{p:.2f} / {l:.3f}" for p, l in zip(ppl, loss))
+                         + " | " + " / ".join("–" if s is None else f"{s:.0%}" for s in shares) + " |")
+    return lines
 
 
 def _rank_trend(summary: list[dict]) -> list[str]:

@@ -174,8 +174,19 @@ def test_compare_init_summary_math_and_plot(tmp_path):
                 perplexity_data="wiki", eval_examples=2, holdout_examples=4)
     table = summary_markdown([entry], records, meta)
     assert f"{entry['arms']['quailora']['gap_end']['mean']:.1%} ± " in table
+    qlora_ppl = np.mean([values[(seed, "qlora")] for seed in (1, 2, 3)], axis=0)  # the convergence table's row
+    assert f"| {qlora_ppl[0]:.2f} / 1.000 | {qlora_ppl[1]:.2f} / 0.920 | – / – |" in table
     path = plot_summary(records, [entry], str(tmp_path / "bands.png"))
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_last_interval_share_reads_flat_and_falling_curves():
+    from bench.compare_init.summary import last_interval_share
+
+    assert last_interval_share([2.0, 1.5, 1.25, 1.25]) == 0.0  # flat at the end
+    assert last_interval_share([4.0, 3.0, 2.0, 1.0]) == pytest.approx(1 / 3)  # still falling at a constant rate
+    assert last_interval_share([2.0, 1.0, 1.5]) == pytest.approx(-1.0)  # rising again: negative
+    assert last_interval_share([1.0, 2.0]) is None and last_interval_share([1.0, 0.5, 1.0]) is None
 
 
 @pytest.mark.parametrize(
