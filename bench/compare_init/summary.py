@@ -193,6 +193,10 @@ def curve_bands(records: list[dict], model: str, rank: int, arm: str, key: str) 
     return steps, [stat["mean"] for stat in stats], [stat["std"] or 0.0 for stat in stats]
 
 
+def _seeds(count: int) -> str:
+    return f"{count} seed" + ("" if count == 1 else "s")
+
+
 def plot_summary(records: list[dict], summary: list[dict], path: str) -> str:
     """A PNG, one row per (model, rank): held-out perplexity and Alpaca loss against the step, per arm the mean over
     seeds with a ± one standard deviation band."""
@@ -205,7 +209,7 @@ def plot_summary(records: list[dict], summary: list[dict], path: str) -> str:
             for axis, key in zip(row, ("perplexity", "eval_loss")):
                 steps, mean, std = curve_bands(records, entry["model"], entry["rank"], arm, key)
                 axis.plot(steps, mean, marker="o", markersize=3, color=f"C{index}",
-                          label=f"{arm} ({len(entry['arms'][arm]['seeds'])} seeds)")
+                          label=f"{arm} ({_seeds(len(entry['arms'][arm]['seeds']))})")
                 axis.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                                   color=f"C{index}", alpha=0.2, linewidth=0)
         for axis, label in zip(row, ("held-out perplexity", "held-out Alpaca response loss")):
