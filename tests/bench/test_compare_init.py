@@ -76,8 +76,10 @@ def test_compare_init_runs_every_arm_and_writes_its_report(tiny_model_path, tiny
     assert "python -m bench.compare_init --model_name_or_path" in table  # the command that produced the arms
     for label in ("QLoRA (NF4, B = 0)", "SVD start", "QuAILoRA (NF4", "LLM.int8", "fp32 base", "dynamic rank"):
         assert label in table, label
-    rows = [line for line in table.splitlines() if line.startswith("| ") and "start |" not in line]  # no headers
-    assert len(rows) == len(ALL_ARMS) + 1 + 3  # arms + QuAILoRA-by-rank row + per-rank rows of the dynamic arm
+    rows = [line for line in table.splitlines()
+            if line.startswith("| ") and "start |" not in line and "last interval" not in line]  # no headers
+    # arms + QuAILoRA-by-rank row + convergence row per arm + per-rank rows of the dynamic arm
+    assert len(rows) == len(ALL_ARMS) + 1 + len(ALL_ARMS) + 3
     assert "nan" not in table.lower() and "inf" not in table.lower()
 
 
