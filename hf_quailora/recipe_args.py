@@ -47,6 +47,8 @@ def _solver_option(name: str, help: str, choices=None):
     """A recipe flag for the `QuAILoRAConfig` field `name`, with that field's default."""
     metadata = {"help": help, **({"choices": list(choices)} if choices else {})}
     return field(default=_QUAILORA_DEFAULTS[name], metadata=metadata)
+
+
 _SHORTHAND = "`--quantization nf4|fp4|int8|none` is short for `--load_in_4bit --bnb_4bit_quant_type nf4|fp4`, " \
              "`--load_in_8bit`, or a full-precision base"
 
