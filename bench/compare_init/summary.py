@@ -122,7 +122,8 @@ def _convergence(summary: list[dict], records: list[dict]) -> list[str]:
     """The mean curves over seeds (held-out perplexity and the curve's Alpaca loss at every evaluated step), and the
     share of the total change that came in the last interval: has the curve flattened?"""
     lines = ["", "Convergence: mean over seeds at every evaluated step (perplexity / the curve's Alpaca loss); "
-             "\"last interval\" is the share of the start-to-end change that came in the last interval (0% = flat):"]
+             "\"last interval\" is the share of the start-to-end change that came in the last interval (0% = flat); "
+             "\"gap closed\" rows: each arm's gap closed at that step, from the mean curves:"]
     for entry in summary:
         steps = curve_bands(records, entry["model"], entry["rank"], next(iter(entry["arms"])), "eval_loss")[0]
         if len(steps) < 2:
@@ -130,15 +131,36 @@ def _convergence(summary: list[dict], records: list[dict]) -> list[str]:
         lines += ["", f"{entry['model']}, r = {entry['rank']}:", "",
                   "| arm | " + " | ".join(f"step {step}" for step in steps) + " | last interval (ppl / loss) |",
                   "|---|" + "---:|" * (len(steps) + 1)]
+        curves = {}
         for arm in entry["arms"]:
             (_, ppl, _), (_, loss, _) = (curve_bands(records, entry["model"], entry["rank"], arm, key)
                                          for key in ("perplexity", "eval_loss"))
             if len(ppl) != len(steps) or len(loss) != len(steps):
                 continue
+            curves[arm] = ppl, loss
             shares = [last_interval_share(curve) for curve in (ppl, loss)]
             lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(f"{p:.2f} / {l:.3f}" for p, l in zip(ppl, loss))
                          + " | " + " / ".join("–" if s is None else f"{s:.0%}" for s in shares) + " |")
+        lines += _gap_rows(curves)
     return lines
+
+
+def _gap_rows(curves: dict[str, tuple[list, list]]) -> list[str]:
+    """Rows of the convergence table: every other arm's gap closed at each step, from the mean curves of `qlora`,
+    the arm and `int8` (perplexity / the curve's Alpaca loss): does fine-tuning narrow the start's lead?"""
+    if "qlora" not in curves or "int8" not in curves:
+        return []
+    rows = []
+    for arm, (ppl, loss) in curves.items():
+        if arm in ("qlora", "int8"):
+            continue
+        cells = []
+        for index in range(len(ppl)):
+            gaps = [gap_closed(curves["qlora"][which][index], values[index], curves["int8"][which][index])
+                    for which, values in enumerate((ppl, loss))]
+            cells.append(" / ".join("–" if gap is None else f"{gap:.1%}" for gap in gaps))
+        rows.append(f"| gap closed: {ARM_LABELS[arm]} | " + " | ".join(cells) + " | – |")
+    return rows
 
 
 def _rank_trend(summary: list[dict]) -> list[str]:

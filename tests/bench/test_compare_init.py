@@ -78,8 +78,9 @@ def test_compare_init_runs_every_arm_and_writes_its_report(tiny_model_path, tiny
         assert label in table, label
     rows = [line for line in table.splitlines()
             if line.startswith("| ") and "start |" not in line and "last interval" not in line]  # no headers
-    # arms + QuAILoRA-by-rank row + convergence row per arm + per-rank rows of the dynamic arm
-    assert len(rows) == len(ALL_ARMS) + 1 + len(ALL_ARMS) + 3
+    # arms + QuAILoRA-by-rank row + convergence row per arm + gap-closed row per arm but qlora and int8
+    # + per-rank rows of the dynamic arm
+    assert len(rows) == len(ALL_ARMS) + 1 + len(ALL_ARMS) + len(ALL_ARMS) - 2 + 3
     assert "nan" not in table.lower() and "inf" not in table.lower()
 
 
@@ -178,6 +179,10 @@ def test_compare_init_summary_math_and_plot(tmp_path):
     assert f"{entry['arms']['quailora']['gap_end']['mean']:.1%} ± " in table
     qlora_ppl = np.mean([values[(seed, "qlora")] for seed in (1, 2, 3)], axis=0)  # the convergence table's row
     assert f"| {qlora_ppl[0]:.2f} / 1.000 | {qlora_ppl[1]:.2f} / 0.920 | – / – |" in table
+    mean_ppl = {arm: np.mean([values[(seed, arm)] for seed in (1, 2, 3)], axis=0) for arm in ("quailora", "int8")}
+    step_gaps = (qlora_ppl - mean_ppl["quailora"]) / (qlora_ppl - mean_ppl["int8"])  # the loss gap is 0 / 0 here
+    assert f"| gap closed: QuAILoRA (NF4, closed form) | {step_gaps[0]:.1%} / – | {step_gaps[1]:.1%} / – | – |" in table
+    assert "gap closed: QLoRA" not in table and "gap closed: LLM.int8" not in table
     path = plot_summary(records, [entry], str(tmp_path / "bands.png"))
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
