@@ -215,18 +215,43 @@ def curve_bands(records: list[dict], model: str, rank: int, arm: str, key: str) 
     return steps, [stat["mean"] for stat in stats], [stat["std"] or 0.0 for stat in stats]
 
 
+def gap_bands(records: list[dict], model: str, rank: int, arm: str) -> tuple[list, list, list]:
+    """`(steps, mean, std)` of `arm`'s held-out perplexity gap closed over the seeds, computed per seed and step
+    against that seed's `qlora` and `int8` arms, at the steps all three evaluated; empty for seeds lacking one."""
+    by_seed: dict[int, dict[str, dict]] = defaultdict(dict)
+    for record in records:
+        if (record["model"], record["rank"]) == (model, rank) and record["arm"] in ("qlora", "int8", arm):
+            by_seed[record["seed"]][record["arm"]] = {entry["step"]: entry["perplexity"]
+                                                      for entry in record["result"]["history"]}
+    curves = []
+    for arms in by_seed.values():
+        if {"qlora", "int8", arm} <= set(arms):
+            steps = sorted(set(arms["qlora"]) & set(arms["int8"]) & set(arms[arm]))
+            curves.append({step: gap_closed(arms["qlora"][step], arms[arm][step], arms["int8"][step])
+                           for step in steps})
+    steps = sorted(set.intersection(*(set(curve) for curve in curves))) if curves else []
+    stats = [mean_std([curve[step] for curve in curves]) for step in steps]
+    keep = [index for index, stat in enumerate(stats) if stat["mean"] is not None]
+    return ([steps[i] for i in keep], [stats[i]["mean"] for i in keep], [stats[i]["std"] or 0.0 for i in keep])
+
+
 def _seeds(count: int) -> str:
     return f"{count} seed" + ("" if count == 1 else "s")
 
 
 def plot_summary(records: list[dict], summary: list[dict], path: str) -> str:
     """A PNG, one row per (model, rank): held-out perplexity and Alpaca loss against the step, per arm the mean over
-    seeds with a ± one standard deviation band."""
+    seeds with a ± one standard deviation band; when the `qlora` and `int8` arms ran, a third panel with every other
+    arm's perplexity gap closed against the step (per seed, then mean ± std) and the paper's 75% as a line."""
     from matplotlib.figure import Figure  # no pyplot: the caller's backend and figure registry stay untouched
 
-    figure = Figure(figsize=(11, 3.6 * len(summary)))
-    axes = figure.subplots(len(summary), 2, squeeze=False)
+    with_gaps = any({"qlora", "int8"} <= set(entry["arms"]) for entry in summary)
+    columns = 3 if with_gaps else 2
+    figure = Figure(figsize=(5.5 * columns, 3.6 * len(summary)))
+    axes = figure.subplots(len(summary), columns, squeeze=False)
     for row, entry in zip(axes, summary):
+        if with_gaps:
+            _plot_gaps(row[2], records, entry)
         for index, arm in enumerate(entry["arms"]):
             for axis, key in zip(row, ("perplexity", "eval_loss")):
                 steps, mean, std = curve_bands(records, entry["model"], entry["rank"], arm, key)
@@ -243,4 +268,23 @@ def plot_summary(records: list[dict], summary: list[dict], path: str) -> str:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     return path
+
+
+def _plot_gaps(axis, records: list[dict], entry: dict) -> None:
+    """The third panel of `plot_summary`: each arm's held-out perplexity gap closed against the step."""
+    for index, arm in enumerate(entry["arms"]):
+        if arm in ("qlora", "int8"):
+            continue
+        steps, mean, std = gap_bands(records, entry["model"], entry["rank"], arm)
+        if steps:
+            percent = [100 * m for m in mean]
+            axis.plot(steps, percent, marker="o", markersize=3, color=f"C{index}", label=arm)
+            axis.fill_between(steps, [100 * (m - s) for m, s in zip(mean, std)],
+                              [100 * (m + s) for m, s in zip(mean, std)], color=f"C{index}", alpha=0.2, linewidth=0)
+    axis.axhline(75, color="grey", linestyle="--", linewidth=1, label="paper's average (75%)")
+    axis.set_title(f"{os.path.basename(entry['model'].rstrip('/'))}, r = {entry['rank']}", fontsize=9)
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("NF4 → int8 perplexity gap closed (%)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
 

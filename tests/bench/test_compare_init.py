@@ -147,7 +147,7 @@ def test_compare_init_summary_math_and_plot(tmp_path):
     """mean ± std over seeds of perplexity and gap closed, checked against numpy on made-up finished arms."""
     import numpy as np
 
-    from bench.compare_init.summary import plot_summary, summarize, summary_markdown
+    from bench.compare_init.summary import gap_bands, plot_summary, summarize, summary_markdown
 
     rng = np.random.default_rng(0)
     records, values = [], {}
@@ -183,8 +183,23 @@ def test_compare_init_summary_math_and_plot(tmp_path):
     step_gaps = (qlora_ppl - mean_ppl["quailora"]) / (qlora_ppl - mean_ppl["int8"])  # the loss gap is 0 / 0 here
     assert f"| gap closed: QuAILoRA (NF4, closed form) | {step_gaps[0]:.1%} / – | {step_gaps[1]:.1%} / – | – |" in table
     assert "gap closed: QLoRA" not in table and "gap closed: LLM.int8" not in table
+    steps, mean, std = gap_bands(records, "m", 8, "quailora")  # per seed and step, then mean ± std
+    per_seed = [(values[(s, "qlora")] - values[(s, "quailora")]) / (values[(s, "qlora")] - values[(s, "int8")])
+                for s in (1, 2, 3)]
+    assert steps == [0, 5] and mean == pytest.approx(np.mean(per_seed, axis=0))
+    assert std == pytest.approx(np.std(per_seed, axis=0, ddof=1))
+    assert gap_bands(records, "m", 8, "svd") == ([], [], [])  # no such arm
+    assert gap_bands([r for r in records if r["arm"] != "int8"], "m", 8, "quailora") == ([], [], [])
     path = plot_summary(records, [entry], str(tmp_path / "bands.png"))
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(path) as image:  # three panels: perplexity, Alpaca loss and the gap closed
+        assert image.size == (round(3 * 5.5 * 110), round(3.6 * 110))
+    without_int8 = [record for record in records if record["arm"] != "int8"]
+    path = plot_summary(without_int8, summarize(without_int8), str(tmp_path / "no_gap.png"))
+    with Image.open(path) as image:  # no gap to plot: two panels
+        assert image.size == (round(2 * 5.5 * 110), round(3.6 * 110))
 
 
 def test_last_interval_share_reads_flat_and_falling_curves():
