@@ -254,12 +254,10 @@ def plot_summary(records: list[dict], summary: list[dict], path: str) -> str:
             _plot_gaps(row[2], records, entry)
         for index, arm in enumerate(entry["arms"]):
             for axis, key in zip(row, ("perplexity", "eval_loss")):
-                steps, mean, std = curve_bands(records, entry["model"], entry["rank"], arm, key)
-                axis.plot(steps, mean, marker="o", markersize=3, color=f"C{index}",
-                          label=f"{arm} ({_seeds(len(entry['arms'][arm]['seeds']))})")
-                axis.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                                  color=f"C{index}", alpha=0.2, linewidth=0)
-        for axis, label in zip(row, ("held-out perplexity", "held-out Alpaca response loss")):
+                _band(axis, *curve_bands(records, entry["model"], entry["rank"], arm, key), index,
+                      f"{arm} ({_seeds(len(entry['arms'][arm]['seeds']))})")
+        for axis, label in zip(row, ("held-out perplexity", "held-out Alpaca response loss",
+                                     "NF4 → int8 perplexity gap closed (%)")):
             axis.set_title(f"{os.path.basename(entry['model'].rstrip('/'))}, r = {entry['rank']}", fontsize=9)
             axis.set_xlabel("optimizer step")
             axis.set_ylabel(label)
@@ -270,21 +268,17 @@ def plot_summary(records: list[dict], summary: list[dict], path: str) -> str:
     return path
 
 
-def _plot_gaps(axis, records: list[dict], entry: dict) -> None:
-    """The third panel of `plot_summary`: each arm's held-out perplexity gap closed against the step."""
-    for index, arm in enumerate(entry["arms"]):
-        if arm in ("qlora", "int8"):
-            continue
-        steps, mean, std = gap_bands(records, entry["model"], entry["rank"], arm)
-        if steps:
-            percent = [100 * m for m in mean]
-            axis.plot(steps, percent, marker="o", markersize=3, color=f"C{index}", label=arm)
-            axis.fill_between(steps, [100 * (m - s) for m, s in zip(mean, std)],
-                              [100 * (m + s) for m, s in zip(mean, std)], color=f"C{index}", alpha=0.2, linewidth=0)
-    axis.axhline(75, color="grey", linestyle="--", linewidth=1, label="paper's average (75%)")
-    axis.set_title(f"{os.path.basename(entry['model'].rstrip('/'))}, r = {entry['rank']}", fontsize=9)
-    axis.set_xlabel("optimizer step")
-    axis.set_ylabel("NF4 → int8 perplexity gap closed (%)")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
+def _band(axis, steps: list, mean: list, std: list, index: int, label: str, scale: float = 1.0) -> None:
+    """One arm's mean curve with its ± one standard deviation band, in colour `index`."""
+    axis.plot(steps, [scale * m for m in mean], marker="o", markersize=3, color=f"C{index}", label=label)
+    axis.fill_between(steps, [scale * (m - s) for m, s in zip(mean, std)],
+                      [scale * (m + s) for m, s in zip(mean, std)], color=f"C{index}", alpha=0.2, linewidth=0)
 
+
+def _plot_gaps(axis, records: list[dict], entry: dict) -> None:
+    """The third panel of `plot_summary`: each arm's held-out perplexity gap closed (%) against the step."""
+    for index, arm in enumerate(entry["arms"]):
+        bands = gap_bands(records, entry["model"], entry["rank"], arm) if arm not in ("qlora", "int8") else ([],)
+        if bands[0]:
+            _band(axis, *bands, index, arm, scale=100.0)
+    axis.axhline(75, color="grey", linestyle="--", linewidth=1, label="paper's average (75%)")
