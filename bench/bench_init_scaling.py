@@ -18,9 +18,17 @@ A warm-up with small tensors (one small solve, one
 (`hf_quailora.quailora.memory.estimate_init_memory`) and the ratio of the two. Writes a Markdown table, JSON and
 a PNG of memory against parameters.
 
-Usage (the run recorded in the README):
+On a GPU (`--device cuda`) the checkpoints are bf16, the model computes in bf16, and the peak is counted in tensor
+bytes by PyTorch's allocator: `torch.cuda.max_memory_allocated()` during the init minus `memory_allocated()` before
+it (the CUDA context and the allocator's cache are not tensors and are not counted). `--models` adds the shapes of
+real models (their public configs, with a 1,024-token vocabulary: the init works on the blocks, not the
+embeddings). The CPU's peak RSS is printed beside it, since the full-precision `W` is read there.
+
+Usage (the runs recorded in the README):
 
     HF_HUB_OFFLINE=1 python bench/bench_init_scaling.py --threads 2
+    HF_HUB_OFFLINE=1 python bench/bench_init_scaling.py --device cuda --shapes 576x1536x30,2048x8192x8 \
+        --models Llama-3.2-1B,Llama-3.2-3B --windows 128 --window-length 512 --batch-size 8
 
 Every case uses `torch.set_num_threads(--threads)`; timings are compared within one run.
 """
@@ -96,9 +104,9 @@ def memory_contract(num_samples: int = 128, max_length: int = 512, batch_size: i
 
 
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
-    """`"576x1536x30,…"` → [(hidden, intermediate, layers), …]."""
+    """`"576x1536x30,…"` → [(hidden, intermediate, layers), …]; `""` → [] (with `--models`)."""
     shapes = []
-    for item in text.split(","):
+    for item in text.split(",") if text.strip() else []:
         parts = item.strip().split("x")
         if len(parts) != 3 or not all(part.isdigit() and int(part) > 0 for part in parts):
             raise ValueError(f"--shapes: {item!r} is not hidden x intermediate x layers, e.g. 1024x4096x16.")
@@ -106,6 +114,15 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
             raise ValueError(f"--shapes: hidden {parts[0]} must be a multiple of the head size {HEAD_DIM}.")
         shapes.append(tuple(int(part) for part in parts))
     return shapes
+
+
+def parse_models(text: str) -> list[str]:
+    """`"Llama-3.2-1B,…"` → names of `REAL_MODELS`."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in REAL_MODELS]
+    if unknown:
+        raise ValueError(f"--models: {', '.join(unknown)} not among {', '.join(REAL_MODELS)}.")
+    return names
 
 
 def llama_config(hidden: int, intermediate: int, layers: int):
@@ -117,8 +134,24 @@ def llama_config(hidden: int, intermediate: int, layers: int):
                        tie_word_embeddings=False)
 
 
-def checkpoint(shape: tuple[int, int, int]) -> str:
-    """The synthetic checkpoint of `shape`, built once (random weights, float32 safetensors)."""
+def case_config(case):
+    """The LlamaConfig of a case: a shape `(hidden, intermediate, layers)` or a name of `REAL_MODELS` (whose
+    vocabulary is cut to `VOCAB`)."""
+    from transformers import LlamaConfig
+
+    if isinstance(case, str):
+        return LlamaConfig(**{**REAL_MODELS[case], "vocab_size": VOCAB, "tie_word_embeddings": False},
+                           max_position_embeddings=4096)
+    return llama_config(*case)
+
+
+def case_label(case) -> str:
+    return case if isinstance(case, str) else "x".join(map(str, case))
+
+
+def checkpoint(case, device: str = "cpu") -> str:
+    """The synthetic checkpoint of `case`, built once (random weights; float32 safetensors for the CPU, bf16 built
+    on the GPU for `device="cuda"`, as users' checkpoints are)."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -126,9 +159,17 @@ def checkpoint(shape: tuple[int, int, int]) -> str:
 
     def build(folder) -> None:
         torch.manual_seed(0)
-        LlamaForCausalLM(llama_config(*shape)).save_pretrained(folder)
+        if device == "cpu":
+            LlamaForCausalLM(case_config(case)).save_pretrained(folder)
+            return
+        with torch.device(device):
+            model = LlamaForCausalLM(case_config(case)).to(torch.bfloat16)
+        model.save_pretrained(folder)
+        del model
+        torch.cuda.empty_cache()  # the cases run in fresh processes: give this one's cache back to the GPU
 
-    return str(build_once(os.path.join(get_cache_dir(), "bench", "llama-{}x{}x{}".format(*shape)), build))
+    suffix = "" if device == "cpu" else "-bf16"
+    return str(build_once(os.path.join(get_cache_dir(), "bench", f"llama-{case_label(case)}{suffix}"), build))
 
 
 def _status_bytes(field: str) -> int:
@@ -158,56 +199,92 @@ def run_case(path: str, streaming: str, args) -> dict:
     from hf_quailora.quantization import disable_bnb_cpu_fast_path, make_bnb_config
 
     torch.set_num_threads(args.threads)
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=make_bnb_config("nf4"), device_map="cpu",
-                                                 dtype=torch.float32)
+    cuda = args.device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=make_bnb_config("nf4", compute_dtype=dtype),
+                                                 device_map={"": 0} if cuda else "cpu", dtype=dtype)
     disable_bnb_cpu_fast_path(model)
     model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules="all-linear"))
     ids = torch.randint(0, VOCAB, (args.windows, args.window_length), generator=torch.Generator().manual_seed(0))
     config = QuAILoRAConfig(streaming=streaming, num_samples=None, batch_size=args.batch_size, show_progress=False)
-    # Warm-up with small tensors: lazily loaded code (LAPACK kernels, bitsandbytes' CPU path) and thread pools are
+    # Warm-up with small tensors: lazily loaded code (LAPACK/cuSOLVER kernels, bitsandbytes) and thread pools are
     # paid here, so the measured peak is the initialisation's data, not the first call's code pages. (Not a warm-up
     # init: its full-size Gram matrices would stay in the allocator and hide the real init's peak.)
-    E, X = torch.randn(64, 32, dtype=torch.float64), torch.randn(128, 32, dtype=torch.float64)
+    device = next(model.parameters()).device
+    E = torch.randn(64, 32, dtype=torch.float64, device=device)
+    X = torch.randn(128, 32, dtype=torch.float64, device=device)
     solve_closed_form(E, X.T @ X, 4, 1e-4)
     with torch.no_grad(), model.disable_adapter():
-        model(input_ids=ids[:1, :8])
+        model(input_ids=ids[:1, :8].to(device))
     del E, X
     gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        gpu_before = torch.cuda.memory_allocated()
     _return_free_heap()  # freed loading buffers kept by malloc would be reused and hide the init's growth
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")  # reset VmHWM: the loading peak must not hide the initialisation's
     before = _status_bytes("VmRSS")
     started = time.perf_counter()
     report = quailora_init(model, ids, config)
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    return {"peak_extra": _status_bytes("VmHWM") - before, "seconds": seconds, "streaming": report.streaming,
-            "calibration_seconds": report.calibration_seconds, "solve_seconds": report.solve_seconds}
+    cpu_peak = _status_bytes("VmHWM") - before
+    result = {"peak_extra": cpu_peak, "seconds": seconds, "streaming": report.streaming,
+              "calibration_seconds": report.calibration_seconds, "solve_seconds": report.solve_seconds}
+    if cuda:
+        result.update(peak_extra=torch.cuda.max_memory_allocated() - gpu_before, cpu_peak_extra=cpu_peak,
+                      gpu_reserved_peak=torch.cuda.max_memory_reserved(), gpu=torch.cuda.get_device_name())
+    return result
 
 
-def formula(shape, args) -> dict:
+def formula(case, args) -> dict:
     from hf_quailora.quailora.memory import estimate_init_memory
 
-    # fp32 activations and adapters on the CPU; the synthetic models have no tied embeddings
-    terms = estimate_init_memory(llama_config(*shape), num_samples=args.windows, max_length=args.window_length,
-                                 batch_size=args.batch_size, activation_bytes=4, rank=args.rank, adapter_bytes=4)
+    # activations in the compute dtype (fp32 on the CPU, bf16 on the GPU); peft keeps the adapters in float32; the
+    # synthetic models have no tied embeddings
+    activation_bytes = 2 if getattr(args, "device", "cpu") == "cuda" else 4
+    terms = estimate_init_memory(case_config(case), num_samples=args.windows, max_length=args.window_length,
+                                 batch_size=args.batch_size, activation_bytes=activation_bytes, rank=args.rank,
+                                 adapter_bytes=4)
     return {"parameters": terms.parameters, "gram_per_block": terms.gram_per_block,
             "gram_all_blocks": terms.gram_all_blocks, "replay": terms.streamed_peak, "off": terms.all_at_once_peak}
 
 
-def measure(args) -> list[dict]:
-    rows = []
-    for shape in parse_shapes(args.shapes):
-        path = checkpoint(shape)
-        expected = formula(shape, args)
+def measure(args, on_row=None) -> list[dict]:
+    """Every case × mode in a fresh process; `on_row(rows)` after each (so an interrupted run keeps its rows).
+    With `--time-limit`, cases and modes that would start after it are skipped (and said so)."""
+    rows, started = [], time.monotonic()
+    cases = [*parse_shapes(args.shapes), *parse_models(args.models)]
+    def out_of_time(what: str) -> bool:
+        if args.time_limit and time.monotonic() - started > args.time_limit:
+            print(f"{what}: skipped, --time-limit {args.time_limit:.0f} s reached", flush=True)
+            return True
+        return False
+
+    for case in cases:
+        if out_of_time(case_label(case)):
+            continue
+        path = checkpoint(case, args.device)
+        expected = formula(case, args)
         for streaming in args.modes.split(","):
+            if out_of_time(f"{case_label(case)} {streaming}"):
+                continue
             command = [sys.executable, os.path.abspath(__file__), "--case", path, streaming, *sys.argv[1:]]
             env = {**os.environ, "TQDM_DISABLE": "1", "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
             output = subprocess.run(command, capture_output=True, text=True, env=env)
             if output.returncode:
-                raise RuntimeError(f"case {shape} {streaming} failed:\n{output.stderr[-3000:]}")
-            case = json.loads(output.stdout.strip().splitlines()[-1])
-            rows.append({"shape": shape, **case, "formula": expected[streaming], **expected})
-            print(f"{shape} {streaming}: {case['peak_extra'] / 2**20:.0f} MiB, {case['seconds']:.1f} s", flush=True)
+                raise RuntimeError(f"case {case_label(case)} {streaming} failed:\n{output.stderr[-3000:]}")
+            result = json.loads(output.stdout.strip().splitlines()[-1])
+            key = {"model": case} if isinstance(case, str) else {"shape": case}
+            rows.append({**key, **result, "formula": expected[streaming], **expected})
+            print(f"{case_label(case)} {streaming}: {result['peak_extra'] / 2**20:.0f} MiB, {result['seconds']:.1f} s",
+                  flush=True)
+            if on_row:
+                on_row(rows)
     return rows
 
 
@@ -217,40 +294,60 @@ def rerender(args) -> list[dict]:
         data = json.load(handle)
     for name in ("rank", "windows", "window_length", "batch_size", "threads"):
         setattr(args, name, data["settings"][name])
+    args.device = data["settings"].get("device", "cpu")
     rows = []
     for row in data["rows"]:
-        expected = formula(tuple(row["shape"]), args)
-        rows.append({**row, **expected, "shape": tuple(row["shape"]), "formula": expected[row["streaming"]]})
+        case = row["model"] if "model" in row else tuple(row["shape"])
+        expected = formula(case, args)
+        key = {"model": case} if isinstance(case, str) else {"shape": case}
+        rows.append({**row, **expected, **key, "formula": expected[row["streaming"]]})
     return rows
+
+
+def _row_case(row):
+    return row["model"] if "model" in row else tuple(row["shape"])
 
 
 def to_markdown(rows: list[dict], args) -> str:
     mib = 2**20
+    cuda = getattr(args, "device", "cpu") == "cuda"
+    gpu = next((row["gpu"] for row in rows if "gpu" in row), "a CUDA GPU")
+    where = (f"On {gpu}: bf16 checkpoints, bf16 compute and activations, float32 adapters; peak = CUDA tensor bytes "
+             "(max_memory_allocated during the init − memory_allocated before); CPU peak RSS of the same process "
+             "beside it" if cuda else "float32 adapters and activations; peak = extra peak RSS, a fresh process per case")
     lines = [
         f"Llama-shaped NF4 checkpoints (random weights), LoRA r={args.rank} on all linear layers, closed form, "
         f"{args.windows} × {args.window_length} calibration tokens in batches of {args.batch_size}, float32 Gram "
-        f"matrices (the default), float64 solves, float32 adapters and activations, torch threads {args.threads}.",
+        f"matrices (the default), float64 solves; {where}; torch threads {args.threads}.",
         "",
         "| hidden / intermediate / layers | parameters | init | Gram bytes alive (formula) | peak extra memory "
-        "(measured) | formula | measured / formula | wall time (s) | time / all at once |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "(measured) | formula | measured / formula | wall time (s) | time / all at once |"
+        + (" CPU peak extra |" if cuda else ""),
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if cuda else ""),
     ]
-    baseline = {row["shape"]: row["seconds"] for row in rows if row["streaming"] == "off"}
+    baseline = {case_label(_row_case(row)): row["seconds"] for row in rows if row["streaming"] == "off"}
     for row in rows:
+        case = _row_case(row)
+        config = case_config(case)
+        shape = "{} / {} / {}".format(config.hidden_size, config.intermediate_size, config.num_hidden_layers)
+        if isinstance(case, str):
+            shape = f"{case} ({shape})"
         gram = row["gram_per_block"] if row["streaming"] == "replay" else row["gram_all_blocks"]
-        ratio = f"{row['seconds'] / baseline[row['shape']]:.2f}" if row["shape"] in baseline else "–"
+        label = case_label(case)
+        ratio = f"{row['seconds'] / baseline[label]:.2f}" if label in baseline else "–"
         lines.append(
             "| {} | {:.0f}M | {} | {:,.0f} MiB | {:,.0f} MiB | {:,.0f} MiB | {:.2f} | {:.1f} | {} |".format(
-                " / ".join(map(str, row["shape"])), row["parameters"] / 1e6,
+                shape, row["parameters"] / 1e6,
                 "streamed (replay)" if row["streaming"] == "replay" else "all at once", gram / mib,
                 row["peak_extra"] / mib, row["formula"] / mib, row["peak_extra"] / row["formula"], row["seconds"],
                 ratio,
             )
+            + (" {:,.0f} MiB |".format(row["cpu_peak_extra"] / mib) if cuda else "")
         )
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[dict], path: str, device: str = "cpu") -> None:
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(6.4, 4.2))
@@ -265,16 +362,35 @@ def plot(rows: list[dict], path: str) -> None:
         axes.plot(params, [row["formula"] / 2**30 for row in mine], "x--", color=color, label=f"{label}: formula")
     axes.set_xlabel("parameters (millions)")
     axes.set_ylabel("peak extra memory of the init (GiB)")
-    axes.set_title("QuAILoRA initialisation memory (CPU, float32 Gram matrices)")
+    where = "GPU tensor bytes, bf16 compute" if device == "cuda" else "CPU, peak RSS"
+    axes.set_title(f"QuAILoRA initialisation memory ({where}; float32 Gram matrices)", fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
 
+def write_outputs(rows: list[dict], args) -> str:
+    """The Markdown table, the JSON (settings and rows) and the plot under `--output`; returns the table."""
+    table = to_markdown(rows, args)
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+    with open(args.output + ".md", "w") as handle:
+        handle.write(table + "\n")
+    with open(args.output + ".json", "w") as handle:
+        json.dump({"settings": vars(args), "rows": rows}, handle, indent=1)
+    plot(rows, args.output + ".png", getattr(args, "device", "cpu"))
+    return table
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="hidden x intermediate x layers, comma-separated")
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES,
+                        help="hidden x intermediate x layers, comma-separated ('' for none, with --models)")
+    parser.add_argument("--models", default="", help=f"real models' shapes, comma-separated: {', '.join(REAL_MODELS)}")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: bf16 checkpoints and compute on the GPU, peak counted in CUDA tensor bytes")
+    parser.add_argument("--time-limit", type=float, default=0,
+                        help="seconds: cases and modes that would start later are skipped (0: no limit)")
     parser.add_argument("--modes", default="off,replay", help="streaming modes to compare (off first: the baseline)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--windows", type=int, default=16, help="calibration sequences")
@@ -297,14 +413,15 @@ def main() -> None:
     if args.case:
         print(json.dumps(run_case(args.case[0], args.case[1], args)))
         return
-    rows = rerender(args) if args.rerender else measure(args)
-    table = to_markdown(rows, args)
-    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    with open(args.output + ".md", "w") as handle:
-        handle.write(table + "\n")
-    with open(args.output + ".json", "w") as handle:
-        json.dump({"settings": vars(args), "rows": rows}, handle, indent=1)
-    plot(rows, args.output + ".png")
+    if args.device == "cuda" and not args.rerender:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA GPU is visible to torch; run without it for the CPU.")
+    if not parse_shapes(args.shapes) and not parse_models(args.models) and not args.rerender:
+        raise ValueError("Nothing to measure: give --shapes, --models or both.")
+    rows = rerender(args) if args.rerender else measure(args, on_row=lambda rows: write_outputs(rows, args))
+    table = write_outputs(rows, args)
     print("\n" + table)
     print(f"\nWrote {args.output}.md, .json and .png")
 
