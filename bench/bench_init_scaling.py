@@ -292,8 +292,9 @@ def rerender(args) -> list[dict]:
     """`--rerender`: the measured rows of `<output>.json` with the formula recomputed by the current code."""
     with open(args.output + ".json") as handle:
         data = json.load(handle)
-    for name in ("rank", "windows", "window_length", "batch_size", "threads"):
-        setattr(args, name, data["settings"][name])
+    for name, value in data["settings"].items():  # the measured run's settings, not this call's defaults
+        if name not in ("output", "rerender", "case", "contract"):
+            setattr(args, name, value)
     args.device = data["settings"].get("device", "cpu")
     rows = []
     for row in data["rows"]:
@@ -312,7 +313,7 @@ def to_markdown(rows: list[dict], args) -> str:
     mib = 2**20
     cuda = getattr(args, "device", "cpu") == "cuda"
     gpu = next((row["gpu"] for row in rows if "gpu" in row), "a CUDA GPU")
-    where = (f"On {gpu}: bf16 checkpoints, bf16 compute and activations, float32 adapters; peak = CUDA tensor bytes "
+    where = (f"on {gpu}: bf16 checkpoints, bf16 compute and activations, float32 adapters; peak = CUDA tensor bytes "
              "(max_memory_allocated during the init − memory_allocated before); CPU peak RSS of the same process "
              "beside it" if cuda else "float32 adapters and activations; peak = extra peak RSS, a fresh process per case")
     lines = [
@@ -362,8 +363,8 @@ def plot(rows: list[dict], path: str, device: str = "cpu") -> None:
         axes.plot(params, [row["formula"] / 2**30 for row in mine], "x--", color=color, label=f"{label}: formula")
     axes.set_xlabel("parameters (millions)")
     axes.set_ylabel("peak extra memory of the init (GiB)")
-    where = "GPU tensor bytes, bf16 compute" if device == "cuda" else "CPU, peak RSS"
-    axes.set_title(f"QuAILoRA initialisation memory ({where}; float32 Gram matrices)", fontsize=10)
+    where = "GPU, tensor bytes, bf16 compute" if device == "cuda" else "CPU, peak RSS"
+    axes.set_title(f"QuAILoRA init memory ({where})", fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()

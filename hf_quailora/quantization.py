@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 
-from ._import_utils import is_bitsandbytes_available
+from ._import_utils import is_bitsandbytes_available, is_hub_offline
 from .embedded.models import check_model_source, resolve
 
 
@@ -175,7 +175,8 @@ def load_quantized_model(
             weights (`"auto"`: the checkpoint's dtype; the 4-bit compute dtype then takes the device default).
         device_map (`str` or `dict`, *optional*): defaults to the current CUDA device, else `"cpu"`.
         **kwargs: passed to `AutoModelForCausalLM.from_pretrained`; `revision` and `trust_remote_code` also go to the
-            tokenizer.
+            tokenizer. While the Hub is offline (`HF_HUB_OFFLINE`), `use_kernels` defaults to `False`: transformers'
+            Hub kernels cannot be fetched then, and an uncached one fails the load on a GPU.
 
     Returns:
         `(model, tokenizer)`; the tokenizer gets a pad token (EOS) when it has none.
@@ -209,6 +210,11 @@ def load_quantized_model(
     elif quantization != "none":
         bnb_dtype = None if compute_dtype == "auto" else compute_dtype
         kwargs["quantization_config"] = make_bnb_config(quantization, double_quant, bnb_dtype)
+    if "use_kernels" not in kwargs and is_hub_offline():
+        # transformers 5.2x swaps layers for Hub kernels (kernels-community/…) by default when `kernels` is installed;
+        # offline, a kernel that is not cached fails the whole load on a GPU ("Version 2 of
+        # 'kernels-community/rotary' is not available in the local cache", seen on an H200). Keep the torch layers.
+        kwargs["use_kernels"] = False
     model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, dtype=compute_dtype, **kwargs)
     if "quantization_config" in kwargs:
         _require_quantized_layers(model, describe_bnb_config(kwargs["quantization_config"]))

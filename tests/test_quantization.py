@@ -115,3 +115,19 @@ def test_the_bitsandbytes_warning_filter_is_opt_in(tiny_model_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-2:] == ["0", "1"]
+
+
+@require_bitsandbytes
+@pytest.mark.parametrize("given", [None, True])
+def test_offline_loads_keep_the_torch_layers_unless_hub_kernels_are_asked_for(tiny_model_path, monkeypatch, given):
+    """transformers swaps layers for Hub kernels by default; offline, an uncached one fails a GPU load (H200 run)."""
+    from hf_quailora import load_quantized_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    kwargs = {} if given is None else {"use_kernels": given}
+    try:
+        model, _ = load_quantized_model(tiny_model_path, "nf4", **kwargs)
+    except ValueError as err:  # asked for explicitly: transformers tries the Hub, and may say it cannot
+        assert given and "kernel" in str(err).lower()
+        return
+    assert model.use_kernels is bool(given)

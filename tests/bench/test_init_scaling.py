@@ -44,7 +44,9 @@ def test_init_scaling_measures_both_modes_and_writes_table_json_and_plot(tmp_pat
     result = subprocess.run([sys.executable, SCRIPT, "--rerender", "--output", str(output)], capture_output=True,
                             text=True, cwd=REPO_ROOT, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    again = json.loads((output.with_suffix(".json")).read_text())["rows"]
+    rerendered = json.loads((output.with_suffix(".json")).read_text())
+    assert rerendered["settings"]["shapes"] == "128x256x2" and rerendered["settings"]["rank"] == 2  # the run's own
+    again = rerendered["rows"]
     assert [(row["peak_extra"], row["formula"]) for row in again] == [(row["peak_extra"], row["formula"]) for row in rows]
 
 
