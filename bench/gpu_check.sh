@@ -12,7 +12,9 @@ set -uo pipefail
 out=${1:?usage: bash bench/gpu_check.sh OUTPUT_DIR [SECONDS]}
 budget=${2:-420}
 mkdir -p "$out"
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# USE_HUB_KERNELS=NO: offline, transformers' default Hub kernels fail a GPU load (README, Known limits); the
+# benchmark calls from_pretrained itself, so load_quantized_model's use_kernels=False does not reach it.
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false USE_HUB_KERNELS=NO
 start=$SECONDS
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -6,7 +6,6 @@ path (`tests/test_bf16_compute.py`); only the device differs. Skipped without a 
 Each test also checks the GPU against the CPU where both must agree: the NF4 weight `Q` that QuAILoRA corrects, the
 calibrated start, an exported rank reloaded as a plain peft adapter."""
 
-import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
