@@ -280,8 +280,7 @@ def measure(args, on_row=None) -> list[dict]:
             if output.returncode:
                 raise RuntimeError(f"case {case_label(case)} {streaming} failed:\n{output.stderr[-3000:]}")
             result = json.loads(output.stdout.strip().splitlines()[-1])
-            key = {"model": case} if isinstance(case, str) else {"shape": case}
-            rows.append({**key, **result, "formula": expected[streaming], **expected})
+            rows.append({**_case_key(case), **result, "formula": expected[streaming], **expected})
             print(f"{case_label(case)} {streaming}: {result['peak_extra'] / 2**20:.0f} MiB, {result['seconds']:.1f} s",
                   flush=True)
             if on_row:
@@ -299,11 +298,15 @@ def rerender(args) -> list[dict]:
     args.device = data["settings"].get("device", "cpu")
     rows = []
     for row in data["rows"]:
-        case = row["model"] if "model" in row else tuple(row["shape"])
+        case = _row_case(row)
         expected = formula(case, args)
-        key = {"model": case} if isinstance(case, str) else {"shape": case}
-        rows.append({**row, **expected, **key, "formula": expected[row["streaming"]]})
+        rows.append({**row, **expected, **_case_key(case), "formula": expected[row["streaming"]]})
     return rows
+
+
+def _case_key(case) -> dict:
+    """How a row names its case: `{"model": name}` or `{"shape": (hidden, intermediate, layers)}`."""
+    return {"model": case} if isinstance(case, str) else {"shape": case}
 
 
 def _row_case(row):

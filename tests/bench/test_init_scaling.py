@@ -62,3 +62,8 @@ def test_memory_contract_covers_the_readme_models_and_streaming_fits_where_all_a
 def test_bad_shapes_are_rejected(text):
     with pytest.raises(ValueError, match="--shapes"):
         load_script().parse_shapes(text)
+
+
+def test_unknown_model_shapes_are_rejected_naming_the_known_ones():
+    with pytest.raises(ValueError, match="--models: Llama-9B not among Llama-3.2-1B"):
+        load_script().parse_models("Llama-3.2-1B,Llama-9B")
