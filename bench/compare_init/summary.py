@@ -183,21 +183,39 @@ def _rank_trend(summary: list[dict]) -> list[str]:
 
 
 def _dynamic_ranks(records: list[dict]) -> list[str]:
-    """The dynamic arm per truncated rank: held-out perplexity at the start and the end, mean ± std over seeds."""
+    """The dynamic arm per truncated rank: held-out perplexity at the start and the end, mean ± std over seeds, and
+    beside the end the fixed-rank `quailora` and `qlora` arms trained at that rank (same model and seeds), where they
+    ran: does one dynamic run give, at rank b, what a separate run at rank b gives?"""
+    fixed = {(record["model"], record["rank"], record["seed"], record["arm"]): record["result"]
+             for record in records if record["arm"] in ("quailora", "qlora")}
     per: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for record in records:
         if record["arm"] == "dynamic":
             for when in ("start", "end"):
                 for b, metrics in record["result"]["per_rank"][when].items():
                     per[(record["model"], record["rank"], int(b))][when].append(metrics["perplexity"])
+            for b in record["result"]["per_rank"]["end"]:
+                for arm in ("quailora", "qlora"):
+                    other = fixed.get((record["model"], int(b), record["seed"], arm))
+                    per[(record["model"], record["rank"], int(b))][arm].append(other and other["perplexity_end"])
     if not per:
         return []
-    lines = ["", "Dynamic-rank arm per truncated rank (held-out perplexity, constant scaling):", "",
-             "| model | r_max | rank | seeds | ppl start | ppl end |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["", "Dynamic-rank arm per truncated rank (held-out perplexity, constant scaling), and the fixed-rank arms "
+             "trained at that rank with the same seeds (– where none ran):", "",
+             "| model | r_max | rank | seeds | ppl start | ppl end | QuAILoRA at this rank, end | QLoRA at this rank, end |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for (model, rank, b), values in sorted(per.items()):
         lines.append(f"| {model} | {rank} | {b} | {len(values['end'])} | {_cell(mean_std(values['start']), '{:.3f}')} "
-                     f"| {_cell(mean_std(values['end']), '{:.3f}')} |")
+                     f"| {_cell(mean_std(values['end']), '{:.3f}')} | {_seeds_cell(values['quailora'])} "
+                     f"| {_seeds_cell(values['qlora'])} |")
     return lines
+
+
+def _seeds_cell(values: list) -> str:
+    """mean ± std of a fixed-rank arm over the dynamic arm's seeds; `(n of k seeds)` when only some of them ran it."""
+    stat = mean_std(values)
+    missing = len(values) - stat["n"]
+    return _cell(stat, "{:.3f}") + (f" ({stat['n']} of {len(values)} seeds)" if missing and stat["n"] else "")
 
 
 def curve_bands(records: list[dict], model: str, rank: int, arm: str, key: str) -> tuple[list, list, list]:

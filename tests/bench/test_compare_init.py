@@ -202,6 +202,29 @@ def test_compare_init_summary_math_and_plot(tmp_path):
         assert image.size == (round(2 * 5.5 * 110), round(3.6 * 110))
 
 
+def test_dynamic_rank_table_sets_each_truncated_rank_beside_the_fixed_rank_arms():
+    """Per truncated rank: the dynamic arm's mean ± std over seeds, and the fixed-rank runs at that rank with the
+    same seeds (a partial set is marked; none gives –)."""
+    from bench.compare_init.summary import _dynamic_ranks
+
+    def per_rank(offset):
+        return {when: {b: {"perplexity": 30.0 - int(b) - offset - (when == "end"), "eval_loss": 1.0} for b in ("2", "8")}
+                for when in ("start", "end")}
+
+    records = [{"model": "m", "rank": 8, "seed": seed, "arm": "dynamic", "result": {"per_rank": per_rank(seed)}}
+               for seed in (1, 2)]
+    records += [{"model": "m", "rank": 8, "seed": seed, "arm": "quailora", "result": {"perplexity_end": 20.0 + seed}}
+                for seed in (1, 2, 3)]  # seed 3 has no dynamic run: not averaged in
+    records.append({"model": "m", "rank": 2, "seed": 1, "arm": "qlora", "result": {"perplexity_end": 25.0}})
+    records.append({"model": "other", "rank": 8, "seed": 1, "arm": "quailora", "result": {"perplexity_end": 1.0}})
+    lines = _dynamic_ranks(records)
+    # rank 8: dynamic ends 20.0 (seed 1) and 19.0 (seed 2); QuAILoRA r = 8 seeds 1, 2: 21, 22; no QLoRA at r = 8
+    assert "| m | 8 | 8 | 2 | 20.500 ± 0.707 | 19.500 ± 0.707 | 21.500 ± 0.707 | – |" in lines
+    # rank 2: no QuAILoRA at r = 2; QLoRA at r = 2 ran seed 1 only
+    assert "| m | 8 | 2 | 2 | 26.500 ± 0.707 | 25.500 ± 0.707 | – | 25.000 (1 of 2 seeds) |" in lines
+    assert _dynamic_ranks([r for r in records if r["arm"] != "dynamic"]) == []
+
+
 def test_last_interval_share_reads_flat_and_falling_curves():
     from bench.compare_init.summary import last_interval_share
 
