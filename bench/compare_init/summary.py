@@ -191,13 +191,13 @@ def _dynamic_ranks(records: list[dict]) -> list[str]:
     per: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for record in records:
         if record["arm"] == "dynamic":
-            for when in ("start", "end"):
-                for b, metrics in record["result"]["per_rank"][when].items():
-                    per[(record["model"], record["rank"], int(b))][when].append(metrics["perplexity"])
             for b in record["result"]["per_rank"]["end"]:
+                values = per[(record["model"], record["rank"], int(b))]
+                for when in ("start", "end"):
+                    values[when].append(record["result"]["per_rank"][when][b]["perplexity"])
                 for arm in ("quailora", "qlora"):
                     other = fixed.get((record["model"], int(b), record["seed"], arm))
-                    per[(record["model"], record["rank"], int(b))][arm].append(other and other["perplexity_end"])
+                    values[arm].append(other and other["perplexity_end"])
     if not per:
         return []
     lines = ["", "Dynamic-rank arm per truncated rank (held-out perplexity, constant scaling), and the fixed-rank arms "
