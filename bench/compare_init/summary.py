@@ -3,6 +3,7 @@ the gap closed at the start and after fine-tuning, and the convergence curves wi
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 from collections import defaultdict
@@ -11,7 +12,7 @@ from .arms import ARM_LABELS, ARMS
 
 
 METRICS = ("perplexity_start", "perplexity_end", "eval_loss_start", "eval_loss_end")
-GAPS = ("gap_start", "gap_end", "loss_gap_start", "loss_gap_end")
+GAPS = ("gap_start", "gap_end", "loss_gap_start", "loss_gap_end", "alpaca_ppl_gap_start", "alpaca_ppl_gap_end")
 
 
 def gap_closed(qlora: float | None, value: float | None, int8: float | None) -> float | None:
@@ -32,13 +33,24 @@ def mean_std(values: list[float]) -> dict:
     }
 
 
+def _exp(value: float | None) -> float | None:
+    return None if value is None else math.exp(value)
+
+
 def _gaps(result: dict, qlora: dict | None, int8: dict | None) -> dict:
-    """One seed's gap closed (perplexity and Alpaca loss) at the start and the end, against that seed's arms."""
+    """One seed's gap closed at the start and the end, against that seed's arms: in held-out perplexity (`gap`), in
+    the Alpaca response loss (`loss_gap`) and in the Alpaca validation perplexity, exp(loss) (`alpaca_ppl_gap`).
+
+    The last is the paper's metric: the validation perplexity of the fine-tuning data. exp is convex, so it is
+    never below the loss gap for an arm that lies between QLoRA and int8."""
     out = {}
     for when in ("start", "end"):
-        for prefix, key in (("gap", "perplexity"), ("loss_gap", "eval_loss")):
-            out[f"{prefix}_{when}"] = gap_closed(qlora and qlora[f"{key}_{when}"], result[f"{key}_{when}"],
-                                                 int8 and int8[f"{key}_{when}"])
+        for prefix, key, transform in (("gap", "perplexity", None), ("loss_gap", "eval_loss", None),
+                                       ("alpaca_ppl_gap", "eval_loss", _exp)):
+            values = [arm and arm[f"{key}_{when}"] for arm in (qlora, result, int8)]
+            if transform is not None:
+                values = [transform(value) for value in values]
+            out[f"{prefix}_{when}"] = gap_closed(*values)
     return out
 
 
@@ -88,7 +100,8 @@ def summary_markdown(summary: list[dict], records: list[dict], meta: dict) -> st
         f"(the last {meta['holdout_examples']} are held out"
         + (f"; the curve's periodic evaluations score the last {meta['curve_eval_examples']}"
            if meta.get("curve_eval_examples") else "") + "). Mean ± sample standard deviation over seeds; the gap "
-        "closed is computed per seed against that seed's `qlora` and `int8` arms: (qlora − arm) / (qlora − int8).",
+        "closed is computed per seed against that seed's `qlora` and `int8` arms: (qlora − arm) / (qlora − int8); "
+        "\"Alpaca ppl gap\" is that of the Alpaca validation perplexity exp(loss), the paper's metric.",
     ]
     for entry in summary:
         seconds = sum(arm["seconds"] for arm in entry["arms"].values())
@@ -96,15 +109,16 @@ def summary_markdown(summary: list[dict], records: list[dict], meta: dict) -> st
             "", f"### {entry['model']}, r = {entry['rank']} (seeds {', '.join(map(str, entry['seeds']))}; "
             f"{seconds / 60:.1f} min of arm wall time)", "",
             "| arm | seeds | ppl start | ppl end | Alpaca loss start | Alpaca loss end | gap closed start | "
-            "gap closed end | loss gap closed end |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "gap closed end | loss gap closed end | Alpaca ppl gap closed end |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for arm, stats in entry["arms"].items():
             lines.append(
                 f"| {ARM_LABELS[arm]} | {len(stats['seeds'])} | {_cell(stats['perplexity_start'], '{:.3f}')} | "
                 f"{_cell(stats['perplexity_end'], '{:.3f}')} | {_cell(stats['eval_loss_start'], '{:.4f}')} | "
                 f"{_cell(stats['eval_loss_end'], '{:.4f}')} | {_cell(stats['gap_start'], '{:.1%}')} | "
-                f"{_cell(stats['gap_end'], '{:.1%}')} | {_cell(stats['loss_gap_end'], '{:.1%}')} |"
+                f"{_cell(stats['gap_end'], '{:.1%}')} | {_cell(stats['loss_gap_end'], '{:.1%}')} | "
+                f"{_cell(stats['alpaca_ppl_gap_end'], '{:.1%}')} |"
             )
     lines += _rank_trend(summary) + _convergence(summary, records) + _dynamic_ranks(records)
     return "\n".join(lines) + "\n"
@@ -170,15 +184,18 @@ def _rank_trend(summary: list[dict]) -> list[str]:
         return []
     lines = ["", "QuAILoRA's gap closed against the rank (mean ± std of the per-seed gaps; and the gap between the "
              "arms' mean perplexities, less sensitive to a seed whose NF4 → int8 gap is small):", "",
-             "| model | rank | gap closed start | gap closed end | gap of the mean ppl, end |",
-             "|---|---:|---:|---:|---:|"]
+             "| model | rank | gap closed start | gap closed end | gap of the mean ppl, end | "
+             "Alpaca ppl gap closed start | Alpaca ppl gap closed end |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for entry in rows:
         arms = entry["arms"]
         stats = arms["quailora"]
         means = [arms[arm]["perplexity_end"]["mean"] if arm in arms else None
                  for arm in ("qlora", "quailora", "int8")]
         lines.append(f"| {entry['model']} | {entry['rank']} | {_cell(stats['gap_start'], '{:.1%}')} | "
-                     f"{_cell(stats['gap_end'], '{:.1%}')} | {_cell(mean_std([gap_closed(*means)]), '{:.1%}')} |")
+                     f"{_cell(stats['gap_end'], '{:.1%}')} | {_cell(mean_std([gap_closed(*means)]), '{:.1%}')} | "
+                     f"{_cell(stats['alpaca_ppl_gap_start'], '{:.1%}')} | "
+                     f"{_cell(stats['alpaca_ppl_gap_end'], '{:.1%}')} |")
     return lines
 
 

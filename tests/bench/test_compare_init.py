@@ -202,6 +202,33 @@ def test_compare_init_summary_math_and_plot(tmp_path):
         assert image.size == (round(2 * 5.5 * 110), round(3.6 * 110))
 
 
+def test_alpaca_validation_perplexity_gap_is_the_gap_of_exp_loss():
+    """The paper's metric: the gap closed in exp(Alpaca loss), per seed, beside the gap in the loss itself."""
+    import math
+
+    from bench.compare_init.summary import summarize, summary_markdown
+
+    losses = {1: {"qlora": 1.60, "quailora": 1.52, "int8": 1.50}, 2: {"qlora": 1.62, "quailora": 1.55, "int8": 1.50}}
+    records = [{"model": "m", "rank": 8, "seed": seed, "arm": arm,
+                "result": {"perplexity_start": 30.0, "perplexity_end": 29.0, "eval_loss_start": 1.7,
+                           "eval_loss_end": loss, "seconds": 1.0, "history": []}}
+               for seed, arms in losses.items() for arm, loss in arms.items()]
+    (entry,) = summarize(records)
+    stats = entry["arms"]["quailora"]
+    ppl = [{arm: math.exp(loss) for arm, loss in arms.items()} for arms in losses.values()]
+    by_seed = [(p["qlora"] - p["quailora"]) / (p["qlora"] - p["int8"]) for p in ppl]
+    assert stats["alpaca_ppl_gap_end"]["mean"] == pytest.approx(sum(by_seed) / 2)
+    assert by_seed[0] == pytest.approx(0.8079, abs=1e-4)  # 0.8 in the loss
+    assert stats["alpaca_ppl_gap_end"]["mean"] > stats["loss_gap_end"]["mean"] == pytest.approx((0.8 + 7 / 12) / 2)
+    assert stats["alpaca_ppl_gap_start"]["mean"] is None  # every arm starts at the same loss: 0 / 0
+    meta = dict(steps=5, batch_size=2, learning_rate=1e-4, lr_scheduler_type="constant", max_length=64,
+                target_modules="all-linear", adapter_dtype="float32", eval_windows=2, window_length=32,
+                perplexity_data="wiki", eval_examples=2, holdout_examples=4)
+    table = summary_markdown([entry], records, meta)
+    cell = f"{stats['alpaca_ppl_gap_end']['mean']:.1%} ± {stats['alpaca_ppl_gap_end']['std']:.1%}"
+    assert table.count(cell) == 2  # the arm's table and the rank-trend table
+
+
 def test_dynamic_rank_table_sets_each_truncated_rank_beside_the_fixed_rank_arms():
     """Per truncated rank: the dynamic arm's mean ± std over seeds, and the fixed-rank runs at that rank with the
     same seeds (a partial set is marked; none gives –)."""
