@@ -17,11 +17,12 @@ from .dynamic_rank import (
     load_dynamic_rank_adapter,
     use_rank,
 )
-from .embedded import ensure_embedded_data, load_alpaca_sft, load_dataset_any, make_token_windows, resolve
+from .embedded import ensure_embedded_data, load_alpaca_sft, load_dataset_any, resolve
 from .evaluation.perplexity import compute_perplexity
 from .evaluation.sweep_callback import RankSweepCallback
 from .quailora import QuAILoRAConfig, QuAILoRAInitCallback, QuAILoRAReport, quailora_init
 from .quantization import disable_bnb_cpu_fast_path, load_quantized_model, quiet_bnb_warnings
+from .tokens import make_token_windows
 
 
 __all__ = [

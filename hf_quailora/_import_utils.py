@@ -12,11 +12,6 @@ def is_bitsandbytes_available() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
-@lru_cache
-def is_lm_eval_available() -> bool:
-    return importlib.util.find_spec("lm_eval") is not None
-
-
 def is_hub_offline() -> bool:
     """Whether `HF_HUB_OFFLINE` or `HF_DATASETS_OFFLINE` is set (to anything but `0`), i.e. no Hub downloads."""
     return any(os.environ.get(name, "0") not in ("0", "") for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))

@@ -4,9 +4,10 @@
 |---|---|
 | `cache` | the cache folder and `build_once` (locked, atomic) |
 | `models` | `resolve("smollm2-135m")` → a local Hugging Face folder |
-| `data` | the embedded Alpaca / Wikipedia / C4 files, token windows, the Alpaca hold-out |
+| `data` | the embedded Alpaca / Wikipedia / C4 files, the Alpaca hold-out |
 """
 
+from ..tokens import make_token_windows  # its former home; kept importable
 from .cache import get_cache_dir
 from .data import (
     ALPACA_HOLDOUT,
@@ -14,7 +15,6 @@ from .data import (
     format_alpaca,
     load_alpaca_sft,
     load_dataset_any,
-    make_token_windows,
     split_holdout,
 )
 from .models import resolve

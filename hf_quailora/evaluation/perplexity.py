@@ -15,8 +15,8 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from ..embedded.data import check_token_ids
 from ..quantization import disable_bnb_cpu_fast_path
+from ..tokens import check_token_ids
 
 
 @torch.no_grad()

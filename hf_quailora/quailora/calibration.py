@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..embedded.data import check_token_ids
+from ..tokens import check_token_ids
 
 
 logger = logging.getLogger(__name__)
