@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..embedded.data import check_token_ids
-from ..quantization import disable_bnb_cpu_fast_path
+from ..quantization import prepare_for_exact_weights
 
 
 @torch.no_grad()
@@ -40,7 +40,7 @@ def compute_perplexity(
     check_token_ids(windows, getattr(model.get_input_embeddings(), "num_embeddings", None), "windows")
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(f"`windows` must be (n, length ≥ 2) token ids; got shape {tuple(windows.shape)}.")
-    disable_bnb_cpu_fast_path(model)  # a no-grad eval pass; the model may train afterwards
+    prepare_for_exact_weights(model)  # a no-grad eval pass; the model may train afterwards
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
