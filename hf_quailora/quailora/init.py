@@ -34,7 +34,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .._peft_utils import record_adapter_facts, require_lora_layers
-from ..quantization import BACKENDS, dequantize_weight, prepare_for_exact_weights, quantization_kind, why_not_quantized
+from ..quantization import (
+    dequantize_weight,
+    describe_backend_layers,
+    prepare_for_exact_weights,
+    quantization_kind,
+    why_not_quantized,
+)
 from .calibration import GramStatistics, check_dtype, make_calibration_batches
 from .config import QuAILoRAConfig
 from .report import LayerReport, QuAILoRAReport
@@ -104,16 +110,12 @@ def _plan_layers(model, adapter_name: str, weights: FullPrecisionWeights | None)
         plans.append(_Plan(name, module, kind, rank, float(module.scaling[adapter_name]), (out_features, in_features)))
     if not plans:
         raise ValueError(
-            f"No LoRA layer of this model has a quantized base ({_quantized_layers()}), so there is no quantization "
-            f"error to correct (E = 0). {_first_reason(layers)}. QuAILoRA needs a quantized base, e.g. loaded with a "
-            "BitsAndBytesConfig (4-bit or 8-bit); a family whose layers transformers does not quantize cannot use it."
+            f"No LoRA layer of this model has a quantized base ({describe_backend_layers()}), so there is no "
+            f"quantization error to correct (E = 0). {_first_reason(layers)}. QuAILoRA needs a quantized base, e.g. "
+            "loaded with a BitsAndBytesConfig (4-bit or 8-bit); a family whose layers transformers does not quantize "
+            "cannot use it."
         )
     return plans, skipped
-
-
-def _quantized_layers() -> str:
-    """The layers of every registered quantization backend, in words."""
-    return " or ".join(backend.layer_description for backend in BACKENDS)
 
 
 def _first_reason(layers: dict) -> str:

@@ -119,6 +119,18 @@ def recorded_quantizations() -> tuple[str, ...]:
     return tuple(kind for backend in BACKENDS for kind in backend.kinds) + ("none",)
 
 
+def describe_backend_layers(conjunction: str = "or") -> str:
+    """The layers of every registered backend in words, joined by `conjunction`, for error messages.
+
+    Example:
+
+    ```python
+    describe_backend_layers()  # "a bitsandbytes Linear4bit/Linear8bitLt layer" with bitsandbytes alone
+    ```
+    """
+    return f" {conjunction} ".join(backend.layer_description for backend in BACKENDS)
+
+
 def _find_backend(layer: torch.nn.Module) -> tuple[QuantizationBackend, str] | None:
     for backend in BACKENDS:
         if backend.is_available():
@@ -157,8 +169,7 @@ def dequantize_weight(layer: torch.nn.Module) -> torch.Tensor:
     """
     found = _find_backend(layer)
     if found is None:
-        described = ", nor ".join(backend.layer_description for backend in BACKENDS)
-        raise TypeError(f"{type(layer).__name__} is not {described}.")
+        raise TypeError(f"{type(layer).__name__} is not {describe_backend_layers('nor')}.")
     return found[0].dequantize(layer)
 
 
@@ -192,8 +203,7 @@ def why_not_quantized(layer: torch.nn.Module, parameter_name: str | None = None)
         reason = backend.why_not_quantized(layer, parameter_name)
         if reason is not None:
             return reason
-    described = ", nor ".join(backend.layer_description for backend in BACKENDS)
-    return f"{type(layer).__name__} is not {described}"
+    return f"{type(layer).__name__} is not {describe_backend_layers('nor')}"
 
 
 def bits_per_weight(kind: str) -> float:
@@ -258,6 +268,7 @@ __all__ = [
     "base_quantization",
     "bits_per_weight",
     "dequantize_weight",
+    "describe_backend_layers",
     "describe_bnb_config",
     "disable_bnb_cpu_fast_path",
     "load_quantized_model",
