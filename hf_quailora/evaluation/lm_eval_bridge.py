@@ -54,7 +54,7 @@ from ..dynamic_rank.spec import (
     resolve_rank_scaling,
 )
 from ..dynamic_rank.truncation import lora_rank_of, recorded_max_rank, use_rank
-from ..quantization import disable_bnb_cpu_fast_path
+from ..quantization import prepare_for_exact_weights
 from .reporting import write_rank_report
 from .tasks import OFFLINE_TASKS, write_offline_tasks
 
@@ -269,7 +269,7 @@ def evaluate_ranks(
     task_names, manager = resolve_tasks(tasks, include_path)
     check_output_dir(output_dir, overwrite)
     for target in [model, *_check_baselines(baselines)]:  # lm-eval runs no-grad eval passes; training may follow
-        disable_bnb_cpu_fast_path(target)
+        prepare_for_exact_weights(target)
     options = dict(num_fewshot=num_fewshot, limit=limit, apply_chat_template=apply_chat_template,
                    bootstrap_iters=bootstrap_iters, **lm_eval_kwargs)
 

@@ -15,7 +15,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from ..quantization import disable_bnb_cpu_fast_path
+from ..quantization import prepare_for_exact_weights
 from ..tokens import check_token_ids
 
 
@@ -40,7 +40,7 @@ def compute_perplexity(
     check_token_ids(windows, getattr(model.get_input_embeddings(), "num_embeddings", None), "windows")
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(f"`windows` must be (n, length ≥ 2) token ids; got shape {tuple(windows.shape)}.")
-    disable_bnb_cpu_fast_path(model)  # a no-grad eval pass; the model may train afterwards
+    prepare_for_exact_weights(model)  # a no-grad eval pass; the model may train afterwards
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

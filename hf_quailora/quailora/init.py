@@ -1,4 +1,4 @@
-"""QuAILoRA: quantization-aware, calibrated initialisation of LoRA on a bitsandbytes-quantized base.
+"""QuAILoRA: quantization-aware, calibrated initialisation of LoRA on a quantized base (bitsandbytes by default).
 
 Reference: Lawton et al., "QuAILoRA: Quantization-Aware Initialization for LoRA", 2024; closed form as in
 CLoQ (2025). methods.md §1 states the contract:
@@ -34,7 +34,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .._peft_utils import record_adapter_facts, require_lora_layers
-from ..quantization import dequantize_weight, disable_bnb_cpu_fast_path, quantization_kind, why_not_quantized
+from ..quantization import (
+    dequantize_weight,
+    describe_backend_layers,
+    prepare_for_exact_weights,
+    quantization_kind,
+    why_not_quantized,
+)
 from .calibration import GramStatistics, check_dtype, make_calibration_batches
 from .config import QuAILoRAConfig
 from .report import LayerReport, QuAILoRAReport
@@ -104,9 +110,10 @@ def _plan_layers(model, adapter_name: str, weights: FullPrecisionWeights | None)
         plans.append(_Plan(name, module, kind, rank, float(module.scaling[adapter_name]), (out_features, in_features)))
     if not plans:
         raise ValueError(
-            "No LoRA layer of this model has a bitsandbytes-quantized base, so there is no quantization error to "
-            f"correct (E = 0). {_first_reason(layers)}. QuAILoRA needs a base loaded with a BitsAndBytesConfig "
-            "(4-bit or 8-bit); a family whose layers transformers does not quantize cannot use it."
+            f"No LoRA layer of this model has a quantized base ({describe_backend_layers()}), so there is no "
+            f"quantization error to correct (E = 0). {_first_reason(layers)}. QuAILoRA needs a quantized base, e.g. "
+            "loaded with a BitsAndBytesConfig (4-bit or 8-bit); a family whose layers transformers does not quantize "
+            "cannot use it."
         )
     return plans, skipped
 
@@ -187,7 +194,7 @@ def _prepare(model, calibration, config, tokenizer, full_precision_weights, adap
     plans, skipped = _plan_layers(model, adapter_name, weights)
     for name, reason in skipped.items():
         logger.info("QuAILoRA skips %s: %s", name, reason)
-    disable_bnb_cpu_fast_path(model)  # calibration runs in eval mode without gradients; Q must stay exact
+    prepare_for_exact_weights(model)  # calibration runs in eval mode without gradients; Q must stay exact
     for plan in plans:
         if not torch.isfinite(dequantize_weight(plan.module.get_base_layer())).all():
             raise ValueError(f"{plan.name}: the dequantized weight Q is not finite.")
@@ -314,7 +321,7 @@ def quailora_init(
     `keep_gram_statistics=True`).
 
     Args:
-        model (`peft.PeftModel` or a model with peft LoRA layers): base quantized with bitsandbytes.
+        model (`peft.PeftModel` or a model with peft LoRA layers): quantized base (bitsandbytes or another backend).
         calibration: token ids, texts, a `datasets.Dataset`, or batches (see `make_calibration_batches`); or
             `GramStatistics` from an earlier `collect_gram_matrices` / `report.gram_statistics` on the same model
             (to initialise several adapters or ranks from one calibration pass); may be `None` only with

@@ -45,6 +45,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..quantization import bits_per_weight
+
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -193,8 +195,8 @@ def estimate_init_memory(config, num_samples: int = 128, max_length: int = 512, 
     )
     return InitMemory(
         parameters=layers * block_params + embeddings,
-        # NF4 with double quantization: 4.127 bits per block weight; embeddings and head stay in bf16
-        model_4bit=int(layers * block_params * 4.127 / 8) + embeddings * 2,
+        # NF4 as the bitsandbytes backend stores it (4.127 bits per block weight); embeddings and head stay in bf16
+        model_4bit=int(layers * block_params * bits_per_weight("nf4") / 8) + embeddings * 2,
         gram_all_blocks=layers * per_block,
         gram_per_block=per_block,
         solve_workspace=workspace,

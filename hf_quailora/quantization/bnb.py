@@ -1,44 +1,43 @@
-"""bitsandbytes quantization: loading quantized models safely, the exact dequantized weight `Q`, the CPU fast path.
+"""bitsandbytes: the exact dequantized weight `Q` of its layers, its configs, its CPU fast path, its warnings.
 
 `Q` is the weight a quantized layer *actually* uses: bitsandbytes' own dequantization of its stored codes and
 quant state (NF4/FP4 with any block size, double quantization included; LLM.int8's row-wise int8).
 
 bitsandbytes' `Linear4bit` has a CPU fast path (AVX512-BF16) that repacks the weights in place the first time a
 layer runs in eval mode without gradients. Afterwards gradients silently stop flowing through LoRA training,
-layers whose sizes are not multiples of 32 crash, and saving can corrupt the weights (methods.md §5).
-`disable_bnb_cpu_fast_path` turns it off on every such layer. hf_quailora calls it where models are loaded
-(`load_quantized_model`), where training starts (`DynamicRankTrainer`, `quailora_init`, which needs the exact Q),
-and where a model it did not load is evaluated (`evaluate_ranks`, `compute_perplexity`).
+layers whose sizes are not multiples of 32 crash, and saving can corrupt the weights (docs/methods.md §5).
+`disable_bnb_cpu_fast_path` turns it off on every such layer. hf_quailora calls it, through
+`hf_quailora.quantization.prepare_for_exact_weights`, where models are loaded (`load_quantized_model`), where
+training starts (`DynamicRankTrainer`, `quailora_init`, which needs the exact Q), and where a model it did not load
+is evaluated (`evaluate_ranks`, `compute_perplexity`).
+
+The module ends in `BNB_BACKEND`, the first entry of `hf_quailora.quantization.BACKENDS`.
 
 Example:
 
 ```python
-from hf_quailora.quantization import load_quantized_model
+from hf_quailora.quantization.bnb import dequantize_bnb_layer, make_bnb_config
 
-model, tokenizer = load_quantized_model("smollm2-135m", quantization="nf4")
+config = make_bnb_config("nf4")  # for AutoModelForCausalLM.from_pretrained(..., quantization_config=config)
+Q = dequantize_bnb_layer(model.model.layers[0].mlp.down_proj)  # out×in, float32
 ```
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import Literal, get_args
 
 import torch
 
-from ._import_utils import is_bitsandbytes_available, is_hub_offline
-from .embedded.models import check_model_source, resolve
+from .._import_utils import is_bitsandbytes_available
+from .base import QuantizationBackend
 
-
-if TYPE_CHECKING:
-    from transformers import BitsAndBytesConfig
 
 logger = logging.getLogger(__name__)
 
 BnbQuantization = Literal["nf4", "fp4", "int8"]
-Quantization = Literal["nf4", "fp4", "int8", "none"]
 BNB_QUANTIZATIONS: tuple[str, ...] = get_args(BnbQuantization)
-QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 
 
 class _OnceFilter(logging.Filter):
@@ -155,77 +154,6 @@ def make_bnb_config(
     )
 
 
-def load_quantized_model(
-    name_or_path: str,
-    quantization: Quantization | BitsAndBytesConfig = "nf4",
-    double_quant: bool = True,
-    compute_dtype: torch.dtype | str | None = None,
-    device_map: str | dict | None = None,
-    **kwargs,
-):
-    """Load a causal LM (embedded name, folder or Hub id) quantized by bitsandbytes, with its tokenizer.
-
-    Args:
-        name_or_path (`str`): `"smollm2-135m"`, a local folder or a Hub id.
-        quantization (`str` or `transformers.BitsAndBytesConfig`, defaults to `"nf4"`): `"nf4"`, `"fp4"`, `"int8"`,
-            `"none"` (full precision), or a ready `BitsAndBytesConfig` (e.g. from trl's `get_quantization_config`),
-            used as is (`double_quant` and `compute_dtype` then do not shape it).
-        double_quant (`bool`, defaults to `True`): double quantization of 4-bit statistics.
-        compute_dtype (`torch.dtype` or `"auto"`, *optional*): see `make_bnb_config`; also the dtype of unquantized
-            weights (`"auto"`: the checkpoint's dtype; the 4-bit compute dtype then takes the device default).
-        device_map (`str` or `dict`, *optional*): defaults to the current CUDA device, else `"cpu"`.
-        **kwargs: passed to `AutoModelForCausalLM.from_pretrained`; `revision` and `trust_remote_code` also go to the
-            tokenizer. While the Hub is offline (`HF_HUB_OFFLINE`), `use_kernels` defaults to `False`: transformers'
-            Hub kernels cannot be fetched then, and an uncached one fails the load on a GPU.
-
-    Returns:
-        `(model, tokenizer)`; the tokenizer gets a pad token (EOS) when it has none.
-
-    Raises:
-        ValueError: an unknown `quantization`; a model folder that does not exist, or a name that is not embedded,
-            not a folder and not in the Hub cache while the Hub is offline; a quantization that transformers applied
-            to no layer of this model (e.g. Falcon, whose `FalconLinear` layers bitsandbytes does not replace); the
-            message names the layer type.
-
-    Example:
-
-    ```python
-    model, tokenizer = load_quantized_model("smollm2-135m", quantization="int8")
-    ```
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-
-    if not isinstance(quantization, BitsAndBytesConfig) and quantization not in QUANTIZATIONS:
-        raise ValueError(
-            f"`quantization` must be one of {QUANTIZATIONS} or a BitsAndBytesConfig; got {quantization!r}."
-        )
-    path = resolve(name_or_path)
-    check_model_source(path)
-    if device_map is None:
-        device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
-    if compute_dtype is None:
-        compute_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    if isinstance(quantization, BitsAndBytesConfig):
-        kwargs["quantization_config"] = quantization
-    elif quantization != "none":
-        bnb_dtype = None if compute_dtype == "auto" else compute_dtype
-        kwargs["quantization_config"] = make_bnb_config(quantization, double_quant, bnb_dtype)
-    if "use_kernels" not in kwargs and is_hub_offline():
-        # transformers 5.2x swaps layers for Hub kernels (kernels-community/…) by default when `kernels` is installed;
-        # offline, a kernel that is not cached fails the whole load on a GPU ("Version 2 of
-        # 'kernels-community/rotary' is not available in the local cache", seen on an H200). Keep the torch layers.
-        kwargs["use_kernels"] = False
-    model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, dtype=compute_dtype, **kwargs)
-    if "quantization_config" in kwargs:
-        _require_quantized_layers(model, describe_bnb_config(kwargs["quantization_config"]))
-    disable_bnb_cpu_fast_path(model)
-    tokenizer_kwargs = {key: kwargs[key] for key in ("revision", "trust_remote_code") if key in kwargs}
-    tokenizer = AutoTokenizer.from_pretrained(path, **tokenizer_kwargs)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
 def describe_bnb_config(config) -> str:
     """`"nf4"`, `"fp4"` or `"int8"` for a `transformers.BitsAndBytesConfig` (`"none"` when it quantizes nothing).
 
@@ -273,22 +201,15 @@ def why_not_quantized(layer: torch.nn.Module, parameter_name: str | None = None)
     return f"{kind} is not an nn.Linear, so bitsandbytes does not quantize it"
 
 
-def _require_quantized_layers(model: torch.nn.Module, quantization: str) -> None:
-    """Raise when a model loaded with a bitsandbytes config holds no quantized layer at all (nothing was replaced)."""
-    if any(quantization_kind(module) is not None for module in model.modules()):
-        return
-    linear = [module for name, module in model.named_modules()
-              if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")]
-    reason = why_not_quantized(linear[0]) if linear else "it has no linear layers"
-    raise ValueError(
-        f"quantization={quantization!r} was asked, but transformers quantized no layer of {type(model).__name__}: "
-        f"{reason}. Load it with quantization='none' to train LoRA on the full-precision model (QuAILoRA then has no "
-        "quantization error to correct), or use a model family whose linear layers are plain nn.Linear."
-    )
+def bnb_quantization_kind(layer: torch.nn.Module) -> str | None:
+    """`"nf4"`, `"fp4"`, `"int8"` for a bitsandbytes layer, `None` for anything else.
 
+    Example:
 
-def quantization_kind(layer: torch.nn.Module) -> str | None:
-    """`"nf4"`, `"fp4"`, `"int8"` for a bitsandbytes layer, `None` for anything else."""
+    ```python
+    bnb_quantization_kind(model.model.layers[0].mlp.down_proj)  # "nf4"
+    ```
+    """
     if not is_bitsandbytes_available():
         return None
     import bitsandbytes as bnb
@@ -302,14 +223,20 @@ def quantization_kind(layer: torch.nn.Module) -> str | None:
 
 
 @torch.no_grad()
-def dequantize_weight(layer: torch.nn.Module) -> torch.Tensor:
+def dequantize_bnb_layer(layer: torch.nn.Module) -> torch.Tensor:
     """The exact weight `Q` (out×in, float32) that a bitsandbytes layer uses in its forward pass.
 
     Raises:
         TypeError: `layer` is not a bitsandbytes 4-bit or 8-bit linear layer.
         ValueError: the layer's codes were repacked by bitsandbytes' CPU fast path (Q is no longer exact).
+
+    Example:
+
+    ```python
+    Q = dequantize_bnb_layer(model.model.layers[0].mlp.down_proj)
+    ```
     """
-    kind = quantization_kind(layer)
+    kind = bnb_quantization_kind(layer)
     if kind is None:
         raise TypeError(f"{type(layer).__name__} is not a bitsandbytes Linear4bit/Linear8bitLt layer.")
     import bitsandbytes.functional as F
@@ -335,19 +262,30 @@ def dequantize_weight(layer: torch.nn.Module) -> torch.Tensor:
     return F.dequantize_4bit(weight.data, state).float()
 
 
-def base_quantization(layers) -> str:
-    """The bitsandbytes quantization of the first quantized base among peft LoRA `layers` (`"none"` if none is)."""
-    for layer in layers:
-        kind = quantization_kind(layer.get_base_layer())
-        if kind is not None:
-            return kind
-    return "none"
+BNB_BACKEND = QuantizationBackend(
+    name="bitsandbytes",
+    kinds=BNB_QUANTIZATIONS,
+    layer_description="a bitsandbytes Linear4bit/Linear8bitLt layer",
+    kind=bnb_quantization_kind,
+    dequantize=dequantize_bnb_layer,
+    is_available=is_bitsandbytes_available,
+    prepare_for_exact_weights=disable_bnb_cpu_fast_path,
+    why_not_quantized=why_not_quantized,
+    # as `load_quantized_model` stores them: 4-bit codes plus double-quantized block statistics (8-bit absmax per
+    # 64 weights, a float32 per 256 blocks: 4.127 bits); int8 codes plus a float32 per row (negligible)
+    bits_per_weight={"nf4": 4.127, "fp4": 4.127, "int8": 8.0},
+)
 
 
-def model_quantization(model: torch.nn.Module) -> str:
-    """The bitsandbytes quantization of the first quantized layer of `model` (`"none"` if no layer is)."""
-    for module in model.modules():
-        kind = quantization_kind(module)
-        if kind is not None:
-            return kind
-    return "none"
+__all__ = [
+    "BNB_BACKEND",
+    "BNB_QUANTIZATIONS",
+    "BnbQuantization",
+    "bnb_quantization_kind",
+    "dequantize_bnb_layer",
+    "describe_bnb_config",
+    "disable_bnb_cpu_fast_path",
+    "make_bnb_config",
+    "quiet_bnb_warnings",
+    "why_not_quantized",
+]
