@@ -26,10 +26,12 @@ from .spec import (
     UpdateRule,
     check_choice,
     check_integer,
-    check_rank_range,
-    check_uniform_ranks,
+    check_rank_sampling,
     check_weighted_ranks,
 )
+
+
+_NO_MAX_RANK = 1 << 30  # max_rank not set: the trainer checks the ranks against the model's LoRA r
 
 
 def _has_bf16_accelerator() -> bool:
@@ -123,15 +125,8 @@ class DynamicRankConfig(SFTConfig):
         super().__post_init__()
 
         # Rank sampling (max_rank=None: checked against the LoRA r by the trainer)
-        check_rank_range(self.min_rank, self.max_rank if self.max_rank is not None else self.min_rank)
-        upper = self.max_rank if self.max_rank is not None else 1 << 30
-        check_choice("rank_distribution", self.rank_distribution, RANK_DISTRIBUTIONS)
-        if self.rank_distribution == "weighted":
-            check_weighted_ranks(
-                self.rank_choices, self.rank_weights, self.min_rank, upper, "rank_choices", "rank_weights"
-            )
-        else:
-            check_uniform_ranks(self.rank_choices, self.rank_weights)
+        upper = self.max_rank if self.max_rank is not None else _NO_MAX_RANK
+        check_rank_sampling(self.min_rank, upper, self.rank_distribution, self.rank_choices, self.rank_weights)
         if self.rank_seed is not None:
             check_integer("rank_seed", self.rank_seed)
         # Update rule and scaling
