@@ -65,8 +65,9 @@ class DynamicRankConfig(SFTConfig):
             component `≤ b` learns).
         rank_scaling (`str`, *optional*): scaling at rank b: `"per_rank"` `α/b` (DyLoRA), `"constant"` peft's `α/r`
             at every b (keeps QuAILoRA's sorted initialisation optimal at every rank), `"rslora"` `α/√b`. When not
-            set, the trainer picks `"constant"` if QuAILoRA initialises the adapter (a `QuAILoRAInitCallback`, or a
-            model `quailora_init` already ran on) and `"per_rank"` otherwise.
+            set, the trainer picks `"constant"` if a `QuAILoRAInitCallback` initialises the adapter, else the scaling
+            recorded for the adapter, else `"constant"` on a model `quailora_init` already ran on and `"per_rank"`
+            otherwise (`spec.resolve_rank_scaling`).
 
         > SoFT
 

@@ -7,12 +7,13 @@ References: DyLoRA (Valipour et al., EACL 2023): `b ~ p_B` over `{r_min … r_ma
 Example:
 
 ```python
-from hf_quailora import RankSampler
+from hf_quailora import DynamicRankConfig, RankSampler
 from hf_quailora.dynamic_rank.sampler import step_plan
 
 sampler = RankSampler(1, 8, seed=42)
 ranks = [sampler.sample() for _ in range(4)]
-step_plan(config, sampler.sample)  # [SubModel(rank=5, weight=1.0)]; with soft_ranks=[1, 8]: one per rank
+step_plan(DynamicRankConfig("out", max_rank=8), sampler.sample)  # [SubModel(rank=b, weight=1.0)], b drawn
+step_plan(DynamicRankConfig("out", soft_ranks=[1, 8]), sampler.sample)  # [SubModel(1, 1.0), SubModel(8, 1.0)]
 ```
 """
 

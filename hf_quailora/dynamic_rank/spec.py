@@ -204,6 +204,11 @@ def rank_scaling_for(layer, adapter_name: str, b: int, rank_scaling: str) -> flo
     raise ValueError(f"`rank_scaling` must be one of {RANK_SCALINGS}; got {rank_scaling!r}.")
 
 
+def quailora_will_initialise(callbacks: Sequence) -> bool:
+    """Whether a trainer's callbacks include a `QuAILoRAInitCallback` (QuAILoRA then initialises at train begin)."""
+    return any(isinstance(callback, QuAILoRAInitCallback) for callback in callbacks)
+
+
 def resolve_rank_scaling(
     model, rank_scaling: str | None = None, adapter_name: str = "default", callbacks: Sequence | None = None
 ) -> str:
@@ -228,16 +233,12 @@ def resolve_rank_scaling(
     Raises:
         ValueError: an explicit `rank_scaling` that is not one of `RANK_SCALINGS`.
 
-    Example:
-
-    ```python
-    resolve_rank_scaling(model)  # 'constant' after quailora_init(model, ...), else 'per_rank'
-    ```
+    Example: `resolve_rank_scaling(model)` is `'constant'` after `quailora_init(model, ...)`, else `'per_rank'`.
     """
     if rank_scaling is not None:
         check_choice("rank_scaling", rank_scaling, RANK_SCALINGS)
         return rank_scaling
-    if any(isinstance(callback, QuAILoRAInitCallback) for callback in callbacks or ()):
+    if quailora_will_initialise(callbacks or ()):
         return QUAILORA_RANK_SCALING
     facts = adapter_facts(model, adapter_name)
     if facts.get("rank_scaling") is not None:

@@ -32,7 +32,6 @@ from trl import SFTTrainer
 
 from .._io_utils import staged_folder
 from .._peft_utils import active_adapter_name, common_lora_rank, record_adapter_facts
-from ..quailora import QuAILoRAInitCallback
 from ..quantization import disable_bnb_cpu_fast_path
 from .config import DynamicRankConfig
 from .sampler import RankSampler, SubModel, step_plan
@@ -42,6 +41,7 @@ from .spec import (
     DynamicRankMetadata,
     check_rank_settings,
     default_eval_ranks,
+    quailora_will_initialise,
     resolve_rank_scaling,
 )
 from .truncation import find_dynamic_rank_layers, use_rank
@@ -132,6 +132,17 @@ class DynamicRankTrainer(SFTTrainer):
             min_rank=self.args.min_rank,
             adapter_name=self._adapter_name,
         )
+
+    def _warn_about_quailora_scaling(self) -> None:
+        """QuAILoRA solves for peft's scaling α/r: another scaling at rank b starts away from its optimum."""
+        with_quailora = quailora_will_initialise(self.callback_handler.callbacks)
+        if with_quailora and self.rank_scaling != QUAILORA_RANK_SCALING and self.is_world_process_zero():
+            logger.warning(
+                "QuAILoRA solves for the adapter's scaling α/r, but this trainer uses rank_scaling=%r: a truncated rank "
+                "b runs at a different scaling and starts away from its optimum (at small b worse than B = 0). Use "
+                "rank_scaling='constant' with QuAILoRA.",
+                self.rank_scaling,
+            )
 
     def _draw_rank(self) -> int:
         rank = self.rank_sampler.sample()
@@ -279,17 +290,6 @@ class DynamicRankTrainer(SFTTrainer):
         except ValueError as error:
             raise ValueError(f"Cannot resume from {checkpoint}: {error}") from None
         self.rank_history = [list(item) for item in state["rank_history"]]
-
-    def _warn_about_quailora_scaling(self) -> None:
-        """QuAILoRA solves for peft's scaling α/r: another scaling at rank b starts away from its optimum."""
-        with_quailora = any(isinstance(callback, QuAILoRAInitCallback) for callback in self.callback_handler.callbacks)
-        if with_quailora and self.rank_scaling != QUAILORA_RANK_SCALING and self.is_world_process_zero():
-            logger.warning(
-                "QuAILoRA solves for the adapter's scaling α/r, but this trainer uses rank_scaling=%r: a truncated rank "
-                "b runs at a different scaling and starts away from its optimum (at small b worse than B = 0). Use "
-                "rank_scaling='constant' with QuAILoRA.",
-                self.rank_scaling,
-            )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         if resume_from_checkpoint is True:
