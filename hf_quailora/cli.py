@@ -72,15 +72,13 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_adapter(args, ranks: list[int], name: str):
-    """The adapter folder, read and checked with the requested ranks before any model loads."""
+def _read_adapter(args):
+    """The adapter folder, read and checked before any model loads, with the ranks it was trained at."""
     from .dynamic_rank.saved_adapter import read_saved_adapter
-    from .dynamic_rank.spec import check_trained_ranks
+    from .dynamic_rank.truncation import TrainedRanks
 
     saved = read_saved_adapter(args.adapter)
-    if saved.metadata is not None:
-        check_trained_ranks(ranks, saved.lora_rank, saved.max_rank, name)
-    return saved
+    return saved, TrainedRanks.from_saved(saved)
 
 
 def _load(args, saved):
@@ -99,7 +97,9 @@ def _evaluate(args) -> None:
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     check_lm_eval_options(limit, args.batch_size, args.max_length, args.num_fewshot)
     check_output_dir(args.output_dir, args.overwrite)
-    saved = _read_adapter(args, ranks, "--ranks")
+    saved, trained = _read_adapter(args)
+    if saved.metadata is not None:  # a plain adapter is evaluated at its own rank only (below)
+        trained.check(ranks, "--ranks")
     resolve_tasks(args.tasks, args.include_path)  # seconds (lm-eval indexes its tasks), still before the model
     loaded = _load(args, saved)
     if loaded.metadata is None and ranks != [loaded.max_rank]:
@@ -118,11 +118,10 @@ def _evaluate(args) -> None:
 
 def _export(args) -> None:
     from .dynamic_rank.export import check_export_dir, export_rank
-    from .dynamic_rank.spec import check_ranks
 
     check_export_dir(args.output_dir, args.overwrite, source_dir=args.adapter)
-    saved = _read_adapter(args, [args.rank], "--rank")
-    check_ranks([args.rank], 1, saved.max_rank, "--rank", "this adapter's range")
+    saved, trained = _read_adapter(args)
+    trained.check([args.rank], "--rank")
     loaded = _load(args, saved)
     path = export_rank(loaded.model, args.rank, args.output_dir, rank_scaling=loaded.rank_scaling,
                        overwrite=args.overwrite)

@@ -26,10 +26,12 @@ from .spec import (
     UpdateRule,
     check_choice,
     check_integer,
-    check_rank_range,
-    check_uniform_ranks,
+    check_rank_sampling,
     check_weighted_ranks,
 )
+
+
+_NO_MAX_RANK = 1 << 30  # max_rank not set: the trainer checks the ranks against the model's LoRA r
 
 
 def _has_bf16_accelerator() -> bool:
@@ -63,8 +65,9 @@ class DynamicRankConfig(SFTConfig):
             component `≤ b` learns).
         rank_scaling (`str`, *optional*): scaling at rank b: `"per_rank"` `α/b` (DyLoRA), `"constant"` peft's `α/r`
             at every b (keeps QuAILoRA's sorted initialisation optimal at every rank), `"rslora"` `α/√b`. When not
-            set, the trainer picks `"constant"` if QuAILoRA initialises the adapter (a `QuAILoRAInitCallback`, or a
-            model `quailora_init` already ran on) and `"per_rank"` otherwise.
+            set, the trainer picks `"constant"` if a `QuAILoRAInitCallback` initialises the adapter, else the scaling
+            recorded for the adapter, else `"constant"` on a model `quailora_init` already ran on and `"per_rank"`
+            otherwise (`spec.resolve_rank_scaling`).
 
         > SoFT
 
@@ -123,15 +126,8 @@ class DynamicRankConfig(SFTConfig):
         super().__post_init__()
 
         # Rank sampling (max_rank=None: checked against the LoRA r by the trainer)
-        check_rank_range(self.min_rank, self.max_rank if self.max_rank is not None else self.min_rank)
-        upper = self.max_rank if self.max_rank is not None else 1 << 30
-        check_choice("rank_distribution", self.rank_distribution, RANK_DISTRIBUTIONS)
-        if self.rank_distribution == "weighted":
-            check_weighted_ranks(
-                self.rank_choices, self.rank_weights, self.min_rank, upper, "rank_choices", "rank_weights"
-            )
-        else:
-            check_uniform_ranks(self.rank_choices, self.rank_weights)
+        upper = self.max_rank if self.max_rank is not None else _NO_MAX_RANK
+        check_rank_sampling(self.min_rank, upper, self.rank_distribution, self.rank_choices, self.rank_weights)
         if self.rank_seed is not None:
             check_integer("rank_seed", self.rank_seed)
         # Update rule and scaling

@@ -1,31 +1,79 @@
-"""`RankSampler`: DyLoRA's draw of one LoRA rank per optimizer step, seeded and checkpointable.
+"""What each optimizer step trains: `RankSampler` (DyLoRA's draw of one LoRA rank per step, seeded and
+checkpointable) and `step_plan`, the one step rule of `DynamicRankTrainer`.
 
-Reference: DyLoRA (Valipour et al., EACL 2023): `b ~ p_B` over `{r_min … r_max}`, uniform in the paper.
+References: DyLoRA (Valipour et al., EACL 2023): `b ~ p_B` over `{r_min … r_max}`, uniform in the paper; SoFT
+(Kavehzadeh et al., 2023): the loss of a step sums the losses of a fixed set of nested sub-models.
 
 Example:
 
 ```python
-from hf_quailora import RankSampler
+from hf_quailora import DynamicRankConfig, RankSampler
+from hf_quailora.dynamic_rank.sampler import step_plan
 
 sampler = RankSampler(1, 8, seed=42)
 ranks = [sampler.sample() for _ in range(4)]
+step_plan(DynamicRankConfig("out", max_rank=8), sampler.sample)  # [SubModel(rank=b, weight=1.0)], b drawn
+step_plan(DynamicRankConfig("out", soft_ranks=[1, 8]), sampler.sample)  # [SubModel(1, 1.0), SubModel(8, 1.0)]
 ```
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from .spec import (
-    RANK_DISTRIBUTIONS,
-    RankDistribution,
-    check_choice,
-    check_rank_range,
-    check_uniform_ranks,
-    check_weighted_ranks,
-)
+from .spec import RankDistribution, check_rank_sampling
+
+
+@dataclass(frozen=True)
+class SubModel:
+    """One sub-model that a training step trains, and the weight of its loss in the step's loss `Σ weight · L`.
+
+    Attributes:
+        rank (`int`): the LoRA rank b it runs at (`use_rank`).
+        weight (`float`, defaults to 1.0): the weight of its loss.
+
+    Fields are read by name, so that further axes of a sub-model (e.g. a depth exit) can join with a default that
+    leaves the rank-only rules unchanged.
+
+    Example:
+
+    ```python
+    SubModel(rank=4)  # DyLoRA's drawn rank, weight 1
+    ```
+    """
+
+    rank: int
+    weight: float = 1.0
+
+
+def step_plan(config, draw_rank: Callable[[], int]) -> list[SubModel]:
+    """The sub-models one optimizer step trains: the one step rule of `DynamicRankTrainer`.
+
+    - DyLoRA / QDyLoRA: one rank drawn by `draw_rank`, with weight 1.
+    - SoFT (`config.soft_ranks` set): every rank of `soft_ranks` with its weight of `soft_weights` (1 each when
+      omitted); nothing is drawn.
+
+    Args:
+        config (`DynamicRankConfig`): the checked configuration.
+        draw_rank (`Callable[[], int]`): draws the step's rank (the trainer's seeded, process-checked draw).
+
+    Returns:
+        `list[SubModel]`: the sub-models, in the order their losses are back-propagated.
+
+    Example:
+
+    ```python
+    step_plan(DynamicRankConfig("out", soft_ranks=[1, 8], soft_weights=[2.0, 1.0]), sampler.sample)
+    # [SubModel(rank=1, weight=2.0), SubModel(rank=8, weight=1.0)]
+    ```
+    """
+    if config.soft_ranks is not None:
+        weights = config.soft_weights or [1.0] * len(config.soft_ranks)
+        return [SubModel(rank=b, weight=float(w)) for b, w in zip(config.soft_ranks, weights)]
+    return [SubModel(rank=draw_rank())]
 
 
 class RankSampler:
@@ -64,16 +112,34 @@ class RankSampler:
         weights: Sequence[float] | None = None,
         seed: int = 0,
     ):
-        check_rank_range(min_rank, max_rank)
-        check_choice("rank_distribution", distribution, RANK_DISTRIBUTIONS)
+        check_rank_sampling(min_rank, max_rank, distribution, choices, weights)
+        self._start(min_rank, max_rank, distribution, choices, weights, seed)
+
+    @classmethod
+    def from_config(cls, config, max_rank: int) -> RankSampler:
+        """The sampler of a `DynamicRankConfig` whose largest rank is `max_rank`, without checking again.
+
+        The values are trusted: `DynamicRankConfig.__post_init__` checked them, and `check_rank_settings` checked
+        them against `max_rank` (what `DynamicRankTrainer` does before it builds its sampler). The seed is
+        `rank_seed`, else `seed`.
+
+        Example:
+
+        ```python
+        sampler = RankSampler.from_config(args, max_rank=check_rank_settings(args, lora_r=16))
+        ```
+        """
+        sampler = cls.__new__(cls)
+        seed = config.rank_seed if config.rank_seed is not None else config.seed
+        sampler._start(config.min_rank, max_rank, config.rank_distribution, config.rank_choices, config.rank_weights,
+                       seed)
+        return sampler
+
+    def _start(self, min_rank, max_rank, distribution, choices, weights, seed) -> None:
+        """Set up checked settings: the uniform distribution over `[min_rank, max_rank]` or the weighted one."""
         if distribution == "uniform":
-            check_uniform_ranks(choices, weights)
-            choices = list(range(min_rank, max_rank + 1))
-            weights = [1.0] * len(choices)
-        else:
-            choices, weights = check_weighted_ranks(
-                choices, weights, min_rank, max_rank, "rank_choices", "rank_weights"
-            )
+            choices = range(min_rank, max_rank + 1)
+        weights = [1.0] * len(choices) if weights is None else weights
         self.min_rank, self.max_rank = int(min_rank), int(max_rank)
         self.distribution = distribution
         self.choices = [int(c) for c in choices]

@@ -34,6 +34,7 @@ from typing import Literal, get_args
 
 from .._io_utils import read_json_object
 from .._peft_utils import adapter_facts, require_lora_layers
+from ..quailora import QuAILoRAInitCallback
 
 
 UpdateRule = Literal["frozen", "nested"]
@@ -121,6 +122,21 @@ def check_uniform_ranks(choices, weights) -> None:
         )
 
 
+def check_rank_sampling(min_rank, max_rank, distribution, choices, weights) -> None:
+    """The checks of a rank distribution, in one place for `DynamicRankConfig` and `RankSampler`.
+
+    Raises:
+        TypeError / ValueError: `1 ≤ min_rank ≤ max_rank` fails, an unknown `rank_distribution`, `rank_choices` /
+            `rank_weights` given with the uniform distribution, or bad ones with the weighted one, naming the field.
+    """
+    check_rank_range(min_rank, max_rank)
+    check_choice("rank_distribution", distribution, RANK_DISTRIBUTIONS)
+    if distribution == "weighted":
+        check_weighted_ranks(choices, weights, min_rank, max_rank, "rank_choices", "rank_weights")
+    else:
+        check_uniform_ranks(choices, weights)
+
+
 def check_rank_settings(config, lora_r: int) -> int:
     """The largest rank of training (`config.max_rank`, else `lora_r`), after checking every rank of a
     `DynamicRankConfig` against it; the trainer checks the model's LoRA r, the recipes the `lora_r` they will use.
@@ -188,28 +204,55 @@ def rank_scaling_for(layer, adapter_name: str, b: int, rank_scaling: str) -> flo
     raise ValueError(f"`rank_scaling` must be one of {RANK_SCALINGS}; got {rank_scaling!r}.")
 
 
-def resolve_rank_scaling(model, rank_scaling: str | None, adapter_name: str = "default") -> str:
-    """The scaling to use: the explicit one, else the one the adapter was trained or loaded with, else the default.
+def quailora_will_initialise(callbacks: Sequence) -> bool:
+    """Whether a trainer's callbacks include a `QuAILoRAInitCallback` (QuAILoRA then initialises at train begin)."""
+    return any(isinstance(callback, QuAILoRAInitCallback) for callback in callbacks)
 
-    The default is `"constant"` for an adapter that `quailora_init` initialised (its sorted components are then
-    optimal at every rank), and DyLoRA's `"per_rank"` otherwise. Up to hf_quailora 0.1 it was always `"per_rank"`;
-    the QuAILoRA case warns for one release.
+
+def resolve_rank_scaling(
+    model, rank_scaling: str | None = None, adapter_name: str = "default", callbacks: Sequence | None = None
+) -> str:
+    """The scaling at truncated ranks, decided here only (`use_rank`, `export_rank`, the adapter loader,
+    `evaluate_ranks` and `DynamicRankTrainer` ask).
+
+    In order: the explicit `rank_scaling`; `"constant"` when a `QuAILoRAInitCallback` among a trainer's `callbacks`
+    will initialise the adapter; the scaling recorded for the adapter (by a trainer or the loader); `"constant"` for
+    an adapter that `quailora_init` initialised (its sorted components are optimal at every rank); else DyLoRA's
+    `"per_rank"`. The QuAILoRA default was `"per_rank"` up to hf_quailora 0.1, so outside a trainer it warns.
+
+    Args:
+        model (`nn.Module`): the model holding the adapter.
+        rank_scaling (`str`, *optional*): the explicit choice, one of `RANK_SCALINGS`.
+        adapter_name (`str`, defaults to `"default"`).
+        callbacks (`list`, *optional*): a trainer's callbacks, when a trainer asks (it logs its choice instead of
+            a warning); `None` otherwise.
+
+    Returns:
+        `str`: one of `RANK_SCALINGS`.
+
+    Raises:
+        ValueError: an explicit `rank_scaling` that is not one of `RANK_SCALINGS`.
+
+    Example: `resolve_rank_scaling(model)` is `'constant'` after `quailora_init(model, ...)`, else `'per_rank'`.
     """
     if rank_scaling is not None:
         check_choice("rank_scaling", rank_scaling, RANK_SCALINGS)
         return rank_scaling
+    if quailora_will_initialise(callbacks or ()):
+        return QUAILORA_RANK_SCALING
     facts = adapter_facts(model, adapter_name)
     if facts.get("rank_scaling") is not None:
         return facts["rank_scaling"]
-    if facts.get("quailora"):
+    if not facts.get("quailora"):
+        return DEFAULT_RANK_SCALING
+    if callbacks is None:
         warnings.warn(
             "This adapter was initialised by QuAILoRA, so `rank_scaling` now defaults to 'constant' (it was "
             "'per_rank' up to hf_quailora 0.1). Pass `rank_scaling` explicitly to silence this warning.",
             FutureWarning,
             stacklevel=3,
         )
-        return QUAILORA_RANK_SCALING
-    return DEFAULT_RANK_SCALING
+    return QUAILORA_RANK_SCALING
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -31,17 +31,18 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from trl import SFTTrainer
 
 from .._io_utils import staged_folder
-from .._peft_utils import active_adapter_name, adapter_facts, common_lora_rank, record_adapter_facts
+from .._peft_utils import active_adapter_name, common_lora_rank, record_adapter_facts
 from ..quantization import prepare_for_exact_weights
 from .config import DynamicRankConfig
-from .sampler import RankSampler
+from .sampler import RankSampler, SubModel, step_plan
 from .spec import (
-    DEFAULT_RANK_SCALING,
     METADATA_FILE,
     QUAILORA_RANK_SCALING,
     DynamicRankMetadata,
     check_rank_settings,
     default_eval_ranks,
+    quailora_will_initialise,
+    resolve_rank_scaling,
 )
 from .truncation import find_dynamic_rank_layers, use_rank
 
@@ -56,12 +57,14 @@ _NOT_PER_RANK = ("num_tokens",)  # trl's count of training tokens seen, logged w
 class DynamicRankTrainer(SFTTrainer):
     """An `SFTTrainer` that draws one LoRA rank per optimizer step (or sums the losses of a rank set, SoFT).
 
-    - The rank is drawn at the first micro-step of each gradient-accumulation cycle from a seeded `RankSampler`
-      (identical in every process; checked with a broadcast under `torch.distributed`), held during forward *and*
-      backward, so gradient checkpointing recomputes at the same rank, and logged as `rank` with the loss (the mean
-      over the logging window when `logging_steps > 1`; `trainer.rank_history` keeps every `[step, rank]`).
-    - SoFT mode (`soft_ranks`): each rank's weighted loss is back-propagated in turn within the step; the gradients sum
-      to those of the weighted sum of losses, and each recomputation under gradient checkpointing sees its own rank.
+    - One step rule: at the first micro-step of each gradient-accumulation cycle, `step_plan` gives the step's
+      sub-models (rank, weight); each one's weighted loss is back-propagated in turn under its rank, held during
+      forward *and* backward, so gradient checkpointing recomputes at the same rank, and the gradients sum to those
+      of `Σ weight · loss`. DyLoRA/QDyLoRA: one rank with weight 1; SoFT (`soft_ranks`): the fixed rank set.
+    - The DyLoRA rank is drawn from a seeded `RankSampler` (identical in every process; checked with a broadcast
+      under `torch.distributed`) and logged as `rank` with the loss (the mean over the logging window when
+      `logging_steps > 1`; `trainer.rank_history` keeps every `[step, rank]`).
+    - trl's `num_tokens` counts each batch once, however many sub-models a step trains.
     - `evaluate()` reports `eval_loss` at `max_rank` and `eval_loss@r{b}` for every `eval_ranks` b, in one call; so
       too trl's own metrics (`eval_mean_token_accuracy@r{b}`, `eval_entropy@r{b}`) and `eval_perplexity@r{b}`.
     - The sampler state is written to every checkpoint (`dynamic_rank_state.pt`) and restored by
@@ -96,45 +99,25 @@ class DynamicRankTrainer(SFTTrainer):
 
         # LoRA layers and the rank range, checked against the model before any training
         self._adapter_name = active_adapter_name(self.model)
-        self.max_rank = self._check_ranks_against_model(args)
+        lora_r = common_lora_rank(find_dynamic_rank_layers(self.model, self._adapter_name), self._adapter_name)
+        self.max_rank = check_rank_settings(args, lora_r)
         self.eval_ranks = sorted(args.eval_ranks or default_eval_ranks(args.min_rank, self.max_rank))
-        self.rank_scaling = self._resolve_rank_scaling(args)
+        self.rank_scaling = resolve_rank_scaling(self.model, args.rank_scaling, self._adapter_name,
+                                                 callbacks=self.callback_handler.callbacks)
+        logger.info("rank_scaling: %r%s.", self.rank_scaling, "" if args.rank_scaling else " (not set)")
         record_adapter_facts(self.model, self._adapter_name, rank_scaling=self.rank_scaling, min_rank=args.min_rank,
                              max_rank=self.max_rank, update_rule=args.update_rule)
         # The CPU fast path of bnb 4-bit layers repacks weights on the first no-grad eval pass (methods.md §5)
         prepare_for_exact_weights(self.model)
 
         # Rank state
-        self.rank_sampler = RankSampler(
-            args.min_rank,
-            self.max_rank,
-            distribution=args.rank_distribution,
-            choices=args.rank_choices,
-            weights=args.rank_weights,
-            seed=args.rank_seed if args.rank_seed is not None else args.seed,
-        )
-        self.current_rank: int | None = None
+        self.rank_sampler = RankSampler.from_config(args, self.max_rank)
+        self.current_rank: int | None = None  # the last rank drawn
         self.rank_history: list[list[int]] = []  # [global_step, rank] per optimizer step
-        self._rank_step: int | None = None
-        self._loss_weight = 1.0
-
-    def _check_ranks_against_model(self, args: DynamicRankConfig) -> int:
-        """The maximum rank (`max_rank`, else the LoRA r), after checking every configured rank against it."""
-        lora_r = common_lora_rank(find_dynamic_rank_layers(self.model, self._adapter_name), self._adapter_name)
-        return check_rank_settings(args, lora_r)
-
-    def _resolve_rank_scaling(self, args: DynamicRankConfig) -> str:
-        """`args.rank_scaling`, else `"constant"` when QuAILoRA initialises the adapter, else DyLoRA's `"per_rank"`."""
-        if args.rank_scaling is not None:
-            return args.rank_scaling
-        from ..quailora.callback import QuAILoRAInitCallback
-
-        with_quailora = adapter_facts(self.model, self._adapter_name).get("quailora") or any(
-            isinstance(callback, QuAILoRAInitCallback) for callback in self.callback_handler.callbacks
-        )
-        rank_scaling = QUAILORA_RANK_SCALING if with_quailora else DEFAULT_RANK_SCALING
-        logger.info("rank_scaling not set: using %r (%s QuAILoRA).", rank_scaling, "with" if with_quailora else "no")
-        return rank_scaling
+        self._plan: list[SubModel] | None = None  # the sub-models of the current optimizer step
+        self._plan_step: int | None = None
+        self._sub_model: SubModel | None = None  # the one whose loss compute_loss is computing
+        self._repeated_tokens = 0  # tokens trl counted more than once (one count per sub-model)
 
     # -----------------------------------------------------------------------------------------------------------------
     # Training
@@ -150,6 +133,17 @@ class DynamicRankTrainer(SFTTrainer):
             adapter_name=self._adapter_name,
         )
 
+    def _warn_about_quailora_scaling(self) -> None:
+        """QuAILoRA solves for peft's scaling α/r: another scaling at rank b starts away from its optimum."""
+        with_quailora = quailora_will_initialise(self.callback_handler.callbacks)
+        if with_quailora and self.rank_scaling != QUAILORA_RANK_SCALING and self.is_world_process_zero():
+            logger.warning(
+                "QuAILoRA solves for the adapter's scaling α/r, but this trainer uses rank_scaling=%r: a truncated rank "
+                "b runs at a different scaling and starts away from its optimum (at small b worse than B = 0). Use "
+                "rank_scaling='constant' with QuAILoRA.",
+                self.rank_scaling,
+            )
+
     def _draw_rank(self) -> int:
         rank = self.rank_sampler.sample()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -163,48 +157,53 @@ class DynamicRankTrainer(SFTTrainer):
                     f"Process {torch.distributed.get_rank()} drew rank {rank} but process 0 drew "
                     f"{int(reference.item())}: the processes' rank samplers differ (same `rank_seed` everywhere?)."
                 )
+        self.current_rank = rank
+        self.rank_history.append([self.state.global_step, rank])
+        self._metrics["train"]["rank"].append(float(rank))
         return rank
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self.args.soft_mode:
-            return self._soft_training_step(model, inputs, num_items_in_batch)
-        # One rank per optimizer step: micro-steps of one accumulation cycle share global_step.
-        if self._rank_step != self.state.global_step or self.current_rank is None:
-            self.current_rank = self._draw_rank()
-            self._rank_step = self.state.global_step
-            self.rank_history.append([self.state.global_step, self.current_rank])
-            self._metrics["train"]["rank"].append(float(self.current_rank))
-        with self.use_rank(self.current_rank):  # held through backward, so checkpoint recomputation sees it
-            return super().training_step(model, inputs, num_items_in_batch)
-
-    def _soft_training_step(self, model, inputs, num_items_in_batch):
-        # SoFT (Kavehzadeh et al. 2023): loss = Σ_b w_b L_b. One backward per rank gives the same gradient while
-        # keeping each rank active during its own backward (gradient checkpointing recomputes at the right rank).
-        weights = self.args.soft_weights or [1.0] * len(self.args.soft_ranks)
-        tokens_before = self._total_train_tokens
-        total, tokens_after_first = None, None
-        for b, weight in zip(self.args.soft_ranks, weights):
-            self._loss_weight = float(weight)
+        # One plan per optimizer step: the micro-steps of one accumulation cycle share global_step.
+        if self._plan is None or self._plan_step != self.state.global_step:
+            self._plan, self._plan_step = step_plan(self.args, self._draw_rank), self.state.global_step
+        total, counted = None, 0
+        for index, sub_model in enumerate(self._plan):
+            # Σ weight · loss, one backward per sub-model: the same gradient, with each rank active during its own
+            # backward (held through it, so gradient checkpointing recomputes at the right rank).
+            self._sub_model = sub_model
             try:
-                with self.use_rank(b):
+                with self.use_rank(sub_model.rank):
                     loss = super().training_step(model, inputs, num_items_in_batch)
             finally:
-                self._loss_weight = 1.0
-            if tokens_after_first is None:
-                tokens_after_first = self._total_train_tokens
+                self._sub_model = None
+            if index == 0:
+                counted = self._trl_token_count()
             total = loss if total is None else total + loss
-        self._total_train_tokens = tokens_after_first if tokens_after_first is not None else tokens_before
+        # trl counts the batch's tokens in each compute_loss call: every count after the first is a repeat.
+        self._repeated_tokens += self._trl_token_count() - counted
         return total
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
-        if self._loss_weight == 1.0:
+        weight = self._sub_model.weight if self._sub_model is not None else 1.0
+        if weight == 1.0:
             return result
         if return_outputs:
-            return result[0] * self._loss_weight, result[1]
-        return result * self._loss_weight
+            return result[0] * weight, result[1]
+        return result * weight
+
+    def _trl_token_count(self) -> int:
+        """trl's running count of training tokens, as its `compute_loss` last logged it (`num_tokens`)."""
+        return (self._metrics["train"].get("num_tokens") or [0])[-1]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Tokens seen, each batch once: trl's count less the repeats of multi-sub-model steps (SoFT)
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        if metrics.get("num_tokens"):
+            metrics["num_tokens"] = [metrics["num_tokens"][-1] - self._repeated_tokens]
+        super().log(logs, start_time)
 
     # -----------------------------------------------------------------------------------------------------------------
     # Evaluation
@@ -299,5 +298,7 @@ class DynamicRankTrainer(SFTTrainer):
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir}).")
         if resume_from_checkpoint:
             self._load_rank_state(resume_from_checkpoint)
-        self._rank_step, self.current_rank = None, None
+        self._plan, self._plan_step, self.current_rank = None, None, None
+        if not resume_from_checkpoint:
+            self._warn_about_quailora_scaling()
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)

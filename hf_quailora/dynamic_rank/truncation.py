@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,7 @@ from .spec import (
     RankScaling,
     UpdateRule,
     check_choice,
+    check_rank_range,
     check_trained_ranks,
     rank_scaling_for,
     resolve_rank_scaling,
@@ -136,18 +138,79 @@ def lora_rank_of(model: nn.Module, adapter_name: str = "default") -> int:
     return common_lora_rank(find_dynamic_rank_layers(model, adapter_name), adapter_name)
 
 
-def recorded_max_rank(model: nn.Module, adapter_name: str = "default") -> int | None:
-    """The largest rank the adapter was trained at, as recorded by the trainer or the adapter loader (else `None`)."""
-    return adapter_facts(model, adapter_name).get("max_rank")
+@dataclass(frozen=True)
+class TrainedRanks:
+    """The ranks an adapter can run at: its LoRA r and the range it was trained on, with the check of a rank.
+
+    Every place that checks a requested rank against an adapter builds one: from a model (`use_rank`,
+    `export_rank`, `evaluate_ranks`, `RankSweepCallback`) or from a saved adapter before any model loads
+    (`hf-dynrank`, `hf-quailora eval|export`).
+
+    Attributes:
+        lora_rank (`int`): the LoRA r (the smallest over layers, with a `rank_pattern`).
+        max_rank (`int`): the largest rank trained (`max_rank` recorded by the trainer, the loader or
+            `dynamic_rank.json`); the LoRA r when nothing was recorded. Never above `lora_rank`.
+        min_rank (`int`, defaults to 1): the smallest rank trained.
+
+    Raises:
+        TypeError / ValueError: not `1 ≤ min_rank ≤ max_rank ≤ lora_rank`.
+
+    Example:
+
+    ```python
+    ranks = TrainedRanks.from_saved(read_saved_adapter("outputs/alpaca/adapter"))
+    ranks.check([1, 4, 16], "--ranks")  # ValueError naming --ranks when 16 was never trained
+    ```
+    """
+
+    lora_rank: int
+    max_rank: int
+    min_rank: int = 1
+
+    def __post_init__(self):
+        check_rank_range(self.min_rank, self.max_rank)
+        if self.max_rank > self.lora_rank:
+            raise ValueError(f"`max_rank` ({self.max_rank}) exceeds the LoRA r ({self.lora_rank}).")
+
+    @classmethod
+    def from_model(cls, model: nn.Module, adapter_name: str = "default", layers: dict | None = None) -> TrainedRanks:
+        """The ranks of `model`'s adapter: the LoRA r of its (checked) layers and the range recorded on the model.
+
+        Args:
+            model (`nn.Module`): a model holding peft LoRA layers.
+            adapter_name (`str`, defaults to `"default"`).
+            layers (`dict`, *optional*): `find_dynamic_rank_layers(model, adapter_name)`, when already found.
+
+        Raises:
+            ValueError: no (supported) LoRA layers; see `find_dynamic_rank_layers`.
+        """
+        layers = find_dynamic_rank_layers(model, adapter_name) if layers is None else layers
+        lora_rank = common_lora_rank(layers, adapter_name)
+        facts = adapter_facts(model, adapter_name)
+        recorded = facts.get("max_rank")
+        max_rank = lora_rank if recorded is None else min(recorded, lora_rank)
+        return cls(lora_rank, max_rank, min(facts.get("min_rank", 1), max_rank))
+
+    @classmethod
+    def from_saved(cls, saved) -> TrainedRanks:
+        """The ranks of a saved adapter (`read_saved_adapter`'s `SavedAdapter`): the LoRA r of `adapter_config.json`
+        and the range of `dynamic_rank.json` (the LoRA r alone for a plain adapter)."""
+        min_rank = saved.metadata.min_rank if saved.metadata is not None else 1
+        return cls(saved.lora_rank, saved.max_rank, min_rank)
+
+    def check(self, ranks: Sequence[int], name: str) -> None:
+        """Raise unless every rank is an integer in `1..max_rank`, naming the option `name` (see
+        `spec.check_trained_ranks`: a rank above `max_rank` but within the LoRA r was never trained)."""
+        check_trained_ranks(ranks, self.lora_rank, self.max_rank, name)
 
 
 def checked_rank_layers(model: nn.Module, b, adapter_name: str = "default", name: str = "rank"):
     """The supported LoRA layers and their common LoRA r, after checking that rank `b` is within `1..r` and not
     above the recorded trained `max_rank`."""
     layers = find_dynamic_rank_layers(model, adapter_name)
-    lora_r = common_lora_rank(layers, adapter_name)
-    check_trained_ranks([b], lora_r, recorded_max_rank(model, adapter_name), name)
-    return layers, lora_r
+    ranks = TrainedRanks.from_model(model, adapter_name, layers)
+    ranks.check([b], name)
+    return layers, ranks.lora_rank
 
 
 def _resolve_update_rule(model: nn.Module, update_rule: str | None) -> str:

@@ -46,14 +46,8 @@ from .._import_utils import is_hub_offline
 from .._io_utils import check_not_a_file
 from ..dynamic_rank.export import load_dynamic_rank_adapter
 from ..dynamic_rank.saved_adapter import read_saved_adapter
-from ..dynamic_rank.spec import (
-    METADATA_FILE,
-    check_integer,
-    check_trained_ranks,
-    parse_ranks,
-    resolve_rank_scaling,
-)
-from ..dynamic_rank.truncation import lora_rank_of, recorded_max_rank, use_rank
+from ..dynamic_rank.spec import METADATA_FILE, check_integer, parse_ranks, resolve_rank_scaling
+from ..dynamic_rank.truncation import TrainedRanks, use_rank
 from ..quantization import prepare_for_exact_weights
 from .reporting import write_rank_report
 from .tasks import OFFLINE_TASKS, write_offline_tasks
@@ -263,7 +257,7 @@ def evaluate_ranks(
             "The tokenizer has no pad token; lm-eval batches need one: `tokenizer.pad_token = tokenizer.eos_token`."
         )
     rank_list = parse_ranks(ranks)
-    check_trained_ranks(rank_list, lora_rank_of(model, adapter_name), recorded_max_rank(model, adapter_name), "ranks")
+    TrainedRanks.from_model(model, adapter_name).check(rank_list, "ranks")
     rank_scaling = resolve_rank_scaling(model, rank_scaling, adapter_name)
     check_lm_eval_options(limit, batch_size, max_length, num_fewshot)
     task_names, manager = resolve_tasks(tasks, include_path)
@@ -354,8 +348,9 @@ class DynamicRankLM(HFLM):
                     stacklevel=2,
                 )
             rank = saved.lora_rank
-        rank = saved.max_rank if rank is None else rank
-        check_trained_ranks([rank], saved.lora_rank, saved.max_rank, "rank")
+        trained = TrainedRanks.from_saved(saved)
+        rank = trained.max_rank if rank is None else rank
+        trained.check([rank], "rank")
         loaded = load_dynamic_rank_adapter(pretrained, saved, quantization, rank_scaling, adapter_name,
                                            tokenizer=kwargs.pop("tokenizer", None))
         self.dynamic_rank = rank

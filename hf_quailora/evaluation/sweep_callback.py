@@ -16,8 +16,8 @@ import os
 from transformers import TrainerCallback
 
 from .._peft_utils import unwrap_model
-from ..dynamic_rank.spec import check_trained_ranks, parse_ranks
-from ..dynamic_rank.truncation import lora_rank_of, recorded_max_rank
+from ..dynamic_rank.spec import parse_ranks
+from ..dynamic_rank.truncation import TrainedRanks
 
 
 class RankSweepCallback(TrainerCallback):
@@ -54,8 +54,7 @@ class RankSweepCallback(TrainerCallback):
             raise ValueError(f"`every_n_evals` ({every_n_evals}) must be a positive integer or None.")
         self.trainer = trainer
         self.ranks = parse_ranks(ranks)
-        model = unwrap_model(trainer.model)
-        check_trained_ranks(self.ranks, lora_rank_of(model), recorded_max_rank(model), "ranks")
+        TrainedRanks.from_model(unwrap_model(trainer.model)).check(self.ranks, "ranks")
         options = ("limit", "batch_size", "max_length", "num_fewshot")
         check_lm_eval_options(**{key: evaluate_kwargs[key] for key in options if key in evaluate_kwargs})
         self.tasks, _ = resolve_tasks(tasks, evaluate_kwargs.get("include_path"))

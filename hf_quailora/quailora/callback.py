@@ -26,7 +26,6 @@ from transformers import TrainerCallback
 
 from .._io_utils import write_file_atomically
 from .._peft_utils import require_lora_layers, unwrap_model
-from ..dynamic_rank.spec import QUAILORA_RANK_SCALING
 from ..embedded.data import check_token_ids
 from .config import QuAILoRAConfig
 from .init import quailora_init
@@ -207,14 +206,6 @@ class QuAILoRAInitCallback(TrainerCallback):
         check_unsharded_training(args, model)  # before unwrapping: FSDP wraps the model itself
         model = unwrap_model(model)
         require_lora_layers(model, self.adapter_name)
-        scaling = getattr(args, "rank_scaling", None)
-        if scaling not in (None, QUAILORA_RANK_SCALING) and state.is_world_process_zero:
-            logger.warning(
-                "QuAILoRA solves for the adapter's scaling α/r, but this trainer uses rank_scaling=%r: a truncated rank "
-                "b runs at a different scaling and starts away from its optimum (at small b worse than B = 0). Use "
-                "rank_scaling='constant' with QuAILoRA.",
-                scaling,
-            )
         tokenizer = self.tokenizer if self.tokenizer is not None else processing_class
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # processors wrap their tokenizer
         calibration, config = self._calibration_for_this_process(train_dataloader)

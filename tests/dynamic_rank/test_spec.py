@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from hf_quailora import DynamicRankMetadata, export_rank, quailora_init, use_rank
+from hf_quailora import DynamicRankMetadata, QuAILoRAInitCallback, export_rank, quailora_init, use_rank
 from hf_quailora._peft_utils import record_adapter_facts
 from hf_quailora.dynamic_rank.spec import (
     METADATA_FILE,
@@ -126,6 +126,34 @@ def test_a_quailora_adapter_defaults_to_constant_scaling_and_says_so(tiny_model_
         with pytest.warns(FutureWarning, match="defaults to 'constant'"):
             with use_rank(model, 2):
                 torch.testing.assert_close(model(ids).logits, expected)
+
+
+def test_a_trainer_asks_the_same_resolver_with_its_callbacks(tiny_model_path):
+    model, _ = make_model(tiny_model_path)
+    callback = QuAILoRAInitCallback()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_rank_scaling(model, None, callbacks=[]) == "per_rank"
+        assert resolve_rank_scaling(model, None, callbacks=[object(), callback]) == "constant"  # QuAILoRA to come
+        assert resolve_rank_scaling(model, "rslora", callbacks=[callback]) == "rslora"
+        record_adapter_facts(model, quailora=True)
+        assert resolve_rank_scaling(model, None, callbacks=[]) == "constant"  # a trainer logs it, no warning
+    with pytest.warns(FutureWarning, match="defaults to 'constant'"):
+        assert resolve_rank_scaling(model, None) == "constant"
+    record_adapter_facts(model, rank_scaling="per_rank")  # recorded by an earlier trainer or the loader
+    assert resolve_rank_scaling(model, None, callbacks=[]) == "per_rank"
+    assert resolve_rank_scaling(model, None, callbacks=[callback]) == "constant"  # QuAILoRA initialises it again
+
+
+@require_bitsandbytes
+def test_the_trainer_warns_when_quailora_starts_at_another_scaling(tiny_model_path, tiny_texts, tmp_path, caplog):
+    callback = QuAILoRAInitCallback(calibration_dataset=tiny_texts, num_samples=4, max_length=32)
+    trainer = make_trainer(tiny_model_path, tiny_texts, tmp_path, quantization="nf4", callbacks=[callback],
+                           rank_scaling="per_rank", max_steps=1)
+    with caplog.at_level("WARNING", logger="hf_quailora"):
+        trainer.train()
+    assert "QuAILoRA solves for the adapter's scaling" in caplog.text and "rank_scaling='per_rank'" in caplog.text
+    assert callback.report is not None
 
 
 # Renamed argument and changed default of use_rank

@@ -1,4 +1,4 @@
-"""Truncation, use_rank, RankSampler and export_rank on the tiny Llama (unquantized, NF4 and int8 bases)."""
+"""Truncation, use_rank, TrainedRanks and export_rank on the tiny Llama (unquantized, NF4 and int8 bases)."""
 
 import math
 
@@ -7,11 +7,13 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from hf_quailora import RankSampler, export_rank, use_rank
-from hf_quailora.dynamic_rank.truncation import _TruncatedLoraLinear, find_dynamic_rank_layers
+from hf_quailora import export_rank, use_rank
+from hf_quailora._peft_utils import record_adapter_facts
+from hf_quailora.dynamic_rank.saved_adapter import read_saved_adapter
+from hf_quailora.dynamic_rank.truncation import TrainedRanks, _TruncatedLoraLinear, find_dynamic_rank_layers
 from hf_quailora.quantization import load_quantized_model
 
-from testing_utils import one_thread, require_bitsandbytes  # noqa: F401 (autouse fixture)
+from testing_utils import one_thread, require_bitsandbytes, save_adapter  # noqa: F401 (autouse fixture)
 
 
 R, ALPHA = 8, 16
@@ -254,55 +256,32 @@ def test_dora_is_rejected(tiny_model_path):
             pass
 
 
-# RankSampler
+# TrainedRanks: the ranks an adapter can run at, from a model or a saved adapter
 
 
-def test_rank_sampler_is_seeded_and_resumable():
-    first = RankSampler(1, 8, seed=3)
-    second = RankSampler(1, 8, seed=3)
-    assert [first.sample() for _ in range(20)] == [second.sample() for _ in range(20)]
-    state = first.state_dict()
-    continued = [first.sample() for _ in range(10)]
-    restored = RankSampler(1, 8, seed=999)
-    restored.load_state_dict(state)
-    assert [restored.sample() for _ in range(10)] == continued
-    ranks = [RankSampler(2, 5, seed=s).sample() for s in range(200)]
-    assert set(ranks) == {2, 3, 4, 5}
+def test_trained_ranks_from_a_model_read_its_lora_r_and_the_recorded_range(tiny_model_path):
+    model = make_peft_model(tiny_model_path)
+    assert TrainedRanks.from_model(model) == TrainedRanks(lora_rank=R, max_rank=R, min_rank=1)
+    record_adapter_facts(model, max_rank=4, min_rank=2)  # what DynamicRankTrainer(max_rank=4) records
+    ranks = TrainedRanks.from_model(model)
+    assert (ranks.lora_rank, ranks.max_rank, ranks.min_rank) == (R, 4, 2)
+    ranks.check([1, 4], "ranks")  # evaluation may go below min_rank
+    with pytest.raises(ValueError, match="`ranks` holds rank 6, above this adapter's max_rank 4"):
+        ranks.check([1, 6], "ranks")
+    with pytest.raises(ValueError, match=r"`ranks` holds rank 9, outside this adapter's range 1\.\.4"):
+        ranks.check([9], "ranks")
 
 
-def test_rank_sampler_weighted_draws_only_its_choices_in_proportion():
-    sampler = RankSampler(1, 16, distribution="weighted", choices=[1, 4, 16], weights=[1, 0.5, 2.5], seed=0)
-    draws = [sampler.sample() for _ in range(4000)]
-    assert set(draws) == {1, 4, 16}
-    for choice, weight in zip([1, 4, 16], [1, 0.5, 2.5]):
-        assert abs(draws.count(choice) / len(draws) - weight / 4) < 0.03
-
-
-@pytest.mark.parametrize(
-    "kwargs, error, match",
-    [
-        ({"min_rank": 0, "max_rank": 4}, ValueError, r"`min_rank` \(0\) must be at least 1"),
-        ({"min_rank": 5, "max_rank": 4}, ValueError, r"`min_rank` \(5\) exceeds `max_rank` \(4\)"),
-        ({"min_rank": 1, "max_rank": 4, "distribution": "zipf"}, ValueError, "rank_distribution"),
-        ({"min_rank": 1, "max_rank": 4, "distribution": "weighted"}, ValueError, "non-empty"),
-        ({"min_rank": 1, "max_rank": 4, "distribution": "weighted", "choices": [1, 9]}, ValueError, "outside"),
-        ({"min_rank": 1, "max_rank": 4, "distribution": "weighted", "choices": [1, 2], "weights": [1]}, ValueError,
-         "one weight per rank"),
-        ({"min_rank": 1, "max_rank": 4, "distribution": "weighted", "choices": [1, 2], "weights": [1, -1]}, ValueError,
-         "positive"),
-        ({"min_rank": 1, "max_rank": 4, "choices": [1, 2]}, ValueError, "only used with"),
-        ({"min_rank": 1.5, "max_rank": 4}, TypeError, "integer"),
-    ],
-)
-def test_rank_sampler_rejects_bad_settings(kwargs, error, match):
-    with pytest.raises(error, match=match):
-        RankSampler(**kwargs)
-
-
-def test_rank_sampler_refuses_a_state_with_another_range():
-    state = RankSampler(1, 8).state_dict()
-    with pytest.raises(ValueError, match="rank sampler was written with"):
-        RankSampler(1, 16).load_state_dict(state)
+def test_trained_ranks_from_a_saved_adapter_need_no_model(tiny_model_path, tmp_path):
+    dynamic = read_saved_adapter(save_adapter(tiny_model_path, tmp_path / "dynamic", max_rank=4, min_rank=2))
+    assert TrainedRanks.from_saved(dynamic) == TrainedRanks(lora_rank=R, max_rank=4, min_rank=2)
+    plain = TrainedRanks.from_saved(read_saved_adapter(save_adapter(tiny_model_path, tmp_path / "plain",
+                                                                    max_rank=None)))
+    assert plain == TrainedRanks(lora_rank=R, max_rank=R)
+    with pytest.raises(ValueError, match=r"`--rank` holds rank 9, outside this adapter's range 1\.\.8"):
+        plain.check([9], "--rank")
+    with pytest.raises(ValueError, match=r"`max_rank` \(9\) exceeds the LoRA r \(8\)"):
+        TrainedRanks(lora_rank=8, max_rank=9)
 
 
 @require_bitsandbytes

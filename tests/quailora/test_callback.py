@@ -133,3 +133,13 @@ def test_callback_takes_quailora_config_fields_as_overrides_and_no_defaults_of_i
     assert (callback.config.solver, callback.config.damping, callback.config.num_samples) == ("als", 1e-2, 4)
     with pytest.raises(TypeError, match="unknown settings \\['num_sample'\\]"):
         QuAILoRAInitCallback(num_sample=4)
+
+
+def test_the_quailora_subpackage_knows_nothing_of_dynamic_rank():
+    import hf_quailora.quailora as package
+
+    folder = os.path.dirname(package.__file__)
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), encoding="utf-8") as file:
+                assert "dynamic_rank" not in file.read(), f"quailora/{name} mentions dynamic_rank"
