@@ -17,12 +17,13 @@ import logging
 import sys
 
 from .dynamic_rank.spec import RANK_SCALINGS
+from .embedded.models import DEFAULT_MODEL
 from .quantization import QUANTIZATIONS
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m",
-                        help="base model: embedded name (smollm2-135m), local folder or Hub id (default: %(default)s)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="base model: embedded name (e.g. %(default)s), local folder or Hub id (default: %(default)s)")
     parser.add_argument("--adapter", required=True, help="folder of the saved (full-rank) dynamic-rank LoRA adapter")
     parser.add_argument("--quantization", default=None, choices=list(QUANTIZATIONS),
                         help="load the base quantized by bitsandbytes (default: what dynamic_rank.json records the "
