@@ -5,10 +5,10 @@
 - `write_results`, `write_json`, `write_text`, `write_file`: result files written atomically (`hf_quailora.io`),
   so that an interrupted run never leaves half a table or a JSON file that does not parse.
 
-The `bench.compare_init` package (run as `python -m bench.compare_init`) imports this module as `bench._common`;
-the scripts, run as `python bench/<script>.py`, have `bench/` itself on `sys.path` and import it as `_common` when
-`bench` is not importable. hf_quailora, torch and peft are imported where they are used: importing `gap_closed`
-imports no torch.
+Modules imported as part of the `bench` package (the tests, `python -m bench.compare_init`) import this one as
+`._common` (`.._common` from `bench.compare_init`); a script run as `python bench/<script>.py` has `bench/` itself
+on `sys.path` and imports it as `_common`. hf_quailora, torch and peft are imported where they are used: importing
+`gap_closed` imports no torch.
 """
 
 from __future__ import annotations

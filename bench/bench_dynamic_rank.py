@@ -36,6 +36,12 @@ from hf_quailora.dynamic_rank.spec import UPDATE_RULES
 from hf_quailora.quantization import QUANTIZATIONS
 
 
+if __package__:  # imported as `bench.<script>` or run with `python -m`
+    from ._common import peft_model
+else:  # run as `python bench/<script>.py`: bench/ itself is on sys.path
+    from _common import peft_model
+
+
 RANKS = (1, 2, 4, 8, 16)
 
 
@@ -95,7 +101,6 @@ def build(args, kind: str, rank: int, steps: int, output_dir: str, train_texts, 
     """kind: 'lora' (SFTTrainer + plain LoRA of `rank`), 'dyn-max' (DynamicRankTrainer pinned at `rank`),
     'dyn' (DynamicRankTrainer, uniform over 1..rank)."""
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
@@ -103,9 +108,7 @@ def build(args, kind: str, rank: int, steps: int, output_dir: str, train_texts, 
     from hf_quailora.quantization import load_quantized_model
 
     model, tokenizer = load_quantized_model(args.model, quantization=args.quantization)
-    torch.manual_seed(0)
-    lora = LoraConfig(r=rank, lora_alpha=args.lora_alpha, target_modules=args.targets.split(","))
-    model = get_peft_model(model, lora)
+    model = peft_model(model, rank=rank, alpha=args.lora_alpha, target_modules=args.targets, seed=0)
     common = dict(
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=8, learning_rate=args.learning_rate, max_length=args.max_length,
