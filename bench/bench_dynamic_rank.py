@@ -227,7 +227,8 @@ def quality(args, train_texts, eval_texts):
             if b > args.max_rank:
                 continue
             start = time.perf_counter()
-            trainer = build(args, "lora", b, args.quality_steps, os.path.join(tmp, f"lora{b}"), train_texts, eval_texts)
+            trainer = build(args, "lora", b, args.quality_steps, os.path.join(tmp, f"lora{b}"), train_texts,
+                            eval_texts)
             trainer.train()
             results["lora"][b] = trainer.evaluate()["eval_loss"]
             results["lora_seconds"] += time.perf_counter() - start
@@ -270,7 +271,8 @@ def main(argv=None):
         print(f"## Speed ({args.speed_rounds} rounds x {args.speed_steps} timed steps, median)\n")
         print("| trainer | step time (s) | ratio vs SFTTrainer+LoRA | autograd saved bytes (MiB) | ratio |")
         print("|---|---|---|---|---|")
-        labels = {"lora": f"SFTTrainer + LoRA r={args.max_rank}", "dyn-max": f"DynamicRankTrainer at b={args.max_rank}",
+        labels = {"lora": f"SFTTrainer + LoRA r={args.max_rank}",
+                  "dyn-max": f"DynamicRankTrainer at b={args.max_rank}",
                   "dyn": f"DynamicRankTrainer, b ~ U[1,{args.max_rank}]"}
         for kind in medians:
             print(f"| {labels[kind]} | {medians[kind]:.3f} | {medians[kind] / medians['lora']:.3f} | "

@@ -324,7 +324,8 @@ def to_markdown(rows: list[dict], args) -> str:
     gpu = next((row["gpu"] for row in rows if "gpu" in row), "a CUDA GPU")
     where = (f"on {gpu}: bf16 checkpoints, bf16 compute and activations, float32 adapters; peak = CUDA tensor bytes "
              "(max_memory_allocated during the init − memory_allocated before); CPU peak RSS of the same process "
-             "beside it" if cuda else "float32 adapters and activations; peak = extra peak RSS, a fresh process per case")
+             "beside it" if cuda else
+             "float32 adapters and activations; peak = extra peak RSS, a fresh process per case")
     lines = [
         f"Llama-shaped NF4 checkpoints (random weights), LoRA r={args.rank} on all linear layers, closed form, "
         f"{args.windows} × {args.window_length} calibration tokens in batches of {args.batch_size}, float32 Gram "

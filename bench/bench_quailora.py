@@ -60,7 +60,8 @@ def make_parser() -> argparse.ArgumentParser:
                         help="rank of the streamed / all-at-once / float32 comparison (default: the largest rank)")
     parser.add_argument("--streaming_repeats", type=int, default=2, help="alternating runs of each mode")
     parser.add_argument("--streaming_only", action="store_true",
-                        help="only the streaming comparison (writes quailora_streaming[-model].md|json), not the start table")
+                        help="only the streaming comparison (writes quailora_streaming[-model].md|json), not the "
+                             "start table")
     return parser
 
 
@@ -92,8 +93,8 @@ def solve_every_rank(args, model, stats, rows: Rows, held_out) -> dict:
         for solver in ["svd", "closed_form"] + (["als"] if rank in args.als_ranks else []):
             config = QuAILoRAConfig(solver=solver, show_progress=False)
             reports[solver] = quailora_init(model, stats if solver != "svd" else None, config, adapter_name=adapter)
-            rows.add(f"r={rank} {LABELS[solver]}", compute_perplexity(model, held_out, args.batch_size), rank=rank, solver=solver,
-                     solve_seconds=reports[solver].solve_seconds)
+            rows.add(f"r={rank} {LABELS[solver]}", compute_perplexity(model, held_out, args.batch_size), rank=rank,
+                     solver=solver, solve_seconds=reports[solver].solve_seconds)
         if "als" in reports:
             ratios = [a.calibrated_error_result / c.calibrated_error_result
                       for a, c in zip(reports["als"].layers, reports["closed_form"].layers)]
@@ -126,8 +127,8 @@ def compare_streaming(args, model, calibration, held_out) -> list[dict]:
             started = time.perf_counter()
             quailora_init(model, calibration, config, adapter_name=adapter)
             results[name]["seconds"].append(time.perf_counter() - started)
-            factors = {key: (layer.lora_B[adapter].weight.detach().clone(), layer.lora_A[adapter].weight.detach().clone())
-                       for key, layer in layers.items()}
+            factors = {key: (layer.lora_B[adapter].weight.detach().clone(),
+                             layer.lora_A[adapter].weight.detach().clone()) for key, layer in layers.items()}
             reference = reference or factors
             results[name]["max_factor_difference"] = max(
                 float((mine - ref).abs().max() / ref.abs().max().clamp_min(1e-30))

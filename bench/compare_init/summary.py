@@ -211,9 +211,10 @@ def _dynamic_ranks(records: list[dict]) -> list[str]:
                     values[arm].append(other and other["perplexity_end"])
     if not per:
         return []
-    lines = ["", "Dynamic-rank arm per truncated rank (held-out perplexity, constant scaling), and the fixed-rank arms "
-             "trained at that rank with the same seeds (– where none ran):", "",
-             "| model | r_max | rank | seeds | ppl start | ppl end | QuAILoRA at this rank, end | QLoRA at this rank, end |",
+    lines = ["", "Dynamic-rank arm per truncated rank (held-out perplexity, constant scaling), and the fixed-rank "
+             "arms trained at that rank with the same seeds (– where none ran):", "",
+             "| model | r_max | rank | seeds | ppl start | ppl end | QuAILoRA at this rank, end | "
+             "QLoRA at this rank, end |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for (model, rank, b), values in sorted(per.items()):
         lines.append(f"| {model} | {rank} | {b} | {len(values['end'])} | {_cell(mean_std(values['start']), '{:.3f}')} "
