@@ -26,7 +26,6 @@ import platform
 import time
 
 import torch
-from peft import LoraConfig, get_peft_model
 
 from hf_quailora import (
     QuAILoRAConfig,
@@ -37,6 +36,12 @@ from hf_quailora import (
     quailora_init,
 )
 from hf_quailora.embedded.models import EMBEDDED_MODELS, is_embedded_model
+
+
+if __package__:  # imported as `bench.<script>` or run with `python -m`
+    from ._common import format_gap, gap_closed, peft_model, write_results
+else:  # run as `python bench/<script>.py`: bench/ itself is on sys.path
+    from _common import format_gap, gap_closed, peft_model, write_results
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -117,8 +122,9 @@ def to_markdown(result: dict) -> str:
     ]
     for row in result["rows"]:
         lines.append(
-            f"| {row['tokens']} | {row['perplexity']:.3f} | {row['gap_closed']:.1%} | {row['fit_perplexity']:.3f} | "
-            f"{row['fit_gap_closed']:.1%} | {row['relative_calibrated_error']:.4f} | {row['init_seconds']:.1f} |"
+            f"| {row['tokens']} | {row['perplexity']:.3f} | {format_gap(row['gap_closed'])} | "
+            f"{row['fit_perplexity']:.3f} | {format_gap(row['fit_gap_closed'])} | "
+            f"{row['relative_calibrated_error']:.4f} | {row['init_seconds']:.1f} |"
         )
     lines += ["", "gap closed = (ppl_NF4 − ppl) / (ppl_NF4 − ppl_int8), on the same windows."]
     return "\n".join(lines) + "\n"
@@ -153,14 +159,6 @@ def measure_baselines(args, held_out, fit) -> dict:
     return out
 
 
-def write(result: dict, stem: str) -> None:
-    """`stem.json` and `stem.md`."""
-    with open(stem + ".json", "w") as handle:
-        json.dump(result, handle, indent=1)
-    with open(stem + ".md", "w") as handle:
-        handle.write(to_markdown(result))
-
-
 def main() -> None:
     """Baselines, then one closed-form init and its perplexities per calibration size; writes after every size."""
     args = make_parser().parse_args()
@@ -187,14 +185,11 @@ def main() -> None:
     counts = [count for count in counts if count * args.window not in done]
     result = {"settings": settings, "baselines": measure_baselines(args, held_out, fit), "rows": list(done.values())}
     # 2. NF4 + LoRA once; B = 0 first, then one closed-form init per size (each overwrites A and B completely)
-    model, _ = load_quantized_model(args.model, "nf4")
-    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules="all-linear",
-                                             lora_dropout=0.0))
+    model = peft_model(args.model, "nf4", rank=args.rank)
     base = result["baselines"]
     with model.disable_adapter():
         base["nf4"] = compute_perplexity(model, held_out, args.batch_size)
         base["nf4_fit"] = compute_perplexity(model, fit, args.batch_size)
-    gap = lambda ppl, nf4, int8: (nf4 - ppl) / (nf4 - int8)  # noqa: E731
     for count in counts:
         started = time.perf_counter()
         config = QuAILoRAConfig(solver="closed_form", num_samples=None, max_length=args.window,
@@ -205,13 +200,13 @@ def main() -> None:
         ppl = compute_perplexity(model, held_out, args.batch_size)
         fit_ppl = compute_perplexity(model, fit, args.batch_size)
         row = {"tokens": count * args.window, "windows": count, "perplexity": ppl,
-               "gap_closed": gap(ppl, base["nf4"], base["int8"]), "fit_perplexity": fit_ppl,
-               "fit_gap_closed": gap(fit_ppl, base["nf4_fit"], base["int8_fit"]),
+               "gap_closed": gap_closed(base["nf4"], ppl, base["int8"]), "fit_perplexity": fit_ppl,
+               "fit_gap_closed": gap_closed(base["nf4_fit"], fit_ppl, base["int8_fit"]),
                "relative_calibrated_error": totals["calibrated_error_result"] / totals["calibrated_error_qlora"],
                "init_seconds": seconds}
         result["rows"] = sorted(result["rows"] + [row], key=lambda entry: entry["tokens"])
         print(row, flush=True)
-        write(result, stem)  # after every size: an interrupted run keeps what it finished
+        write_results(stem, to_markdown(result), result)  # after every size: an interrupted run keeps what it finished
     print("\n" + to_markdown(result))
 
 

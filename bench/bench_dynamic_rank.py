@@ -36,6 +36,12 @@ from hf_quailora.dynamic_rank.spec import UPDATE_RULES
 from hf_quailora.quantization import QUANTIZATIONS
 
 
+if __package__:  # imported as `bench.<script>` or run with `python -m`
+    from ._common import peft_model
+else:  # run as `python bench/<script>.py`: bench/ itself is on sys.path
+    from _common import peft_model
+
+
 RANKS = (1, 2, 4, 8, 16)
 
 
@@ -95,7 +101,6 @@ def build(args, kind: str, rank: int, steps: int, output_dir: str, train_texts, 
     """kind: 'lora' (SFTTrainer + plain LoRA of `rank`), 'dyn-max' (DynamicRankTrainer pinned at `rank`),
     'dyn' (DynamicRankTrainer, uniform over 1..rank)."""
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
@@ -103,9 +108,7 @@ def build(args, kind: str, rank: int, steps: int, output_dir: str, train_texts, 
     from hf_quailora.quantization import load_quantized_model
 
     model, tokenizer = load_quantized_model(args.model, quantization=args.quantization)
-    torch.manual_seed(0)
-    lora = LoraConfig(r=rank, lora_alpha=args.lora_alpha, target_modules=args.targets.split(","))
-    model = get_peft_model(model, lora)
+    model = peft_model(model, rank=rank, alpha=args.lora_alpha, target_modules=args.targets, seed=0)
     common = dict(
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=8, learning_rate=args.learning_rate, max_length=args.max_length,
@@ -224,7 +227,8 @@ def quality(args, train_texts, eval_texts):
             if b > args.max_rank:
                 continue
             start = time.perf_counter()
-            trainer = build(args, "lora", b, args.quality_steps, os.path.join(tmp, f"lora{b}"), train_texts, eval_texts)
+            trainer = build(args, "lora", b, args.quality_steps, os.path.join(tmp, f"lora{b}"), train_texts,
+                            eval_texts)
             trainer.train()
             results["lora"][b] = trainer.evaluate()["eval_loss"]
             results["lora_seconds"] += time.perf_counter() - start
@@ -267,7 +271,8 @@ def main(argv=None):
         print(f"## Speed ({args.speed_rounds} rounds x {args.speed_steps} timed steps, median)\n")
         print("| trainer | step time (s) | ratio vs SFTTrainer+LoRA | autograd saved bytes (MiB) | ratio |")
         print("|---|---|---|---|---|")
-        labels = {"lora": f"SFTTrainer + LoRA r={args.max_rank}", "dyn-max": f"DynamicRankTrainer at b={args.max_rank}",
+        labels = {"lora": f"SFTTrainer + LoRA r={args.max_rank}",
+                  "dyn-max": f"DynamicRankTrainer at b={args.max_rank}",
                   "dyn": f"DynamicRankTrainer, b ~ U[1,{args.max_rank}]"}
         for kind in medians:
             print(f"| {labels[kind]} | {medians[kind]:.3f} | {medians[kind] / medians['lora']:.3f} | "

@@ -45,6 +45,12 @@ import sys
 import time
 
 
+if __package__:  # imported as `bench.<script>` or run with `python -m`
+    from ._common import peft_model, write_file, write_results
+else:  # run as `python bench/<script>.py`: bench/ itself is on sys.path
+    from _common import peft_model, write_file, write_results
+
+
 DEFAULT_SHAPES = "576x1536x30,1024x4096x16,2048x8192x8"
 VOCAB = 1024  # small: the blocks, not the embeddings, are what the initialisation works on
 HEAD_DIM = 64
@@ -192,7 +198,6 @@ def _return_free_heap() -> None:
 def run_case(path: str, streaming: str, args) -> dict:
     """One initialisation in this (fresh) process; its peak extra memory, time and the formula's terms."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from hf_quailora import QuAILoRAConfig, quailora_init
@@ -205,7 +210,7 @@ def run_case(path: str, streaming: str, args) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=make_bnb_config("nf4", compute_dtype=dtype),
                                                  device_map={"": 0} if cuda else "cpu", dtype=dtype)
     disable_bnb_cpu_fast_path(model)
-    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules="all-linear"))
+    model = peft_model(model, rank=args.rank)
     ids = torch.randint(0, VOCAB, (args.windows, args.window_length), generator=torch.Generator().manual_seed(0))
     config = QuAILoRAConfig(streaming=streaming, num_samples=None, batch_size=args.batch_size, show_progress=False)
     # Warm-up with small tensors: lazily loaded code (LAPACK/cuSOLVER kernels, bitsandbytes) and thread pools are
@@ -319,7 +324,8 @@ def to_markdown(rows: list[dict], args) -> str:
     gpu = next((row["gpu"] for row in rows if "gpu" in row), "a CUDA GPU")
     where = (f"on {gpu}: bf16 checkpoints, bf16 compute and activations, float32 adapters; peak = CUDA tensor bytes "
              "(max_memory_allocated during the init − memory_allocated before); CPU peak RSS of the same process "
-             "beside it" if cuda else "float32 adapters and activations; peak = extra peak RSS, a fresh process per case")
+             "beside it" if cuda else
+             "float32 adapters and activations; peak = extra peak RSS, a fresh process per case")
     lines = [
         f"Llama-shaped NF4 checkpoints (random weights), LoRA r={args.rank} on all linear layers, closed form, "
         f"{args.windows} × {args.window_length} calibration tokens in batches of {args.batch_size}, float32 Gram "
@@ -372,17 +378,13 @@ def plot(rows: list[dict], path: str, device: str = "cpu") -> None:
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    write_file(path, lambda temporary: figure.savefig(temporary, dpi=120))
 
 
 def write_outputs(rows: list[dict], args) -> str:
     """The Markdown table, the JSON (settings and rows) and the plot under `--output`; returns the table."""
     table = to_markdown(rows, args)
-    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    with open(args.output + ".md", "w") as handle:
-        handle.write(table + "\n")
-    with open(args.output + ".json", "w") as handle:
-        json.dump({"settings": vars(args), "rows": rows}, handle, indent=1)
+    write_results(args.output, table + "\n", {"settings": vars(args), "rows": rows})
     plot(rows, args.output + ".png", getattr(args, "device", "cpu"))
     return table
 

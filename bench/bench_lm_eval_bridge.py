@@ -14,17 +14,21 @@ Target (issue #4): sweep / (k × one evaluation) ≤ 1.05.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 
 import torch
 from lm_eval import simple_evaluate
-from peft import LoraConfig, get_peft_model
 
 from hf_quailora import DynamicRankMetadata, resolve
 from hf_quailora.evaluation.lm_eval_bridge import evaluate_ranks, resolve_tasks
 from hf_quailora.quantization import load_quantized_model
+
+
+if __package__:  # imported as `bench.<script>` or run with `python -m`
+    from ._common import peft_model, write_text
+else:  # run as `python bench/<script>.py`: bench/ itself is on sys.path
+    from _common import peft_model, write_text
 
 
 def main() -> None:
@@ -40,9 +44,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     path = resolve(args.model)
     model, tokenizer = load_quantized_model(path, args.quantization)
-    torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=max(args.ranks), lora_alpha=max(args.ranks), target_modules="all-linear",
-                                             init_lora_weights=False))
+    model = peft_model(model, rank=max(args.ranks), seed=0, init_lora_weights=False)
     adapter = tempfile.mkdtemp(prefix="bench-adapter-")
     model.save_pretrained(adapter)
     DynamicRankMetadata.for_model(model, max_rank=max(args.ranks), rank_scaling="per_rank").save(adapter)
@@ -81,9 +83,7 @@ def main() -> None:
     ]
     table = "\n".join(lines)
     print(table)
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as handle:
-        handle.write(table + "\n")
+    write_text(args.output, table + "\n")
 
 
 if __name__ == "__main__":

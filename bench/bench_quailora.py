@@ -14,13 +14,11 @@ held-out: Wikipedia windows (different sources). Gram matrices are collected onc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
 
 import torch
-from peft import LoraConfig, get_peft_model
 
 from hf_quailora import (
     QuAILoRAConfig,
@@ -33,6 +31,12 @@ from hf_quailora import (
 )
 from hf_quailora.embedded.models import EMBEDDED_MODELS, is_embedded_model
 from hf_quailora.quailora.calibration import collect_gram_matrices, make_calibration_batches
+
+
+if __package__:  # imported as `bench.<script>` or run with `python -m`
+    from ._common import format_gap, gap_closed, lora_config, peft_model, write_results
+else:  # run as `python bench/<script>.py`: bench/ itself is on sys.path
+    from _common import format_gap, gap_closed, lora_config, peft_model, write_results
 
 
 LABELS = {"svd": "SVD start (uncalibrated)", "closed_form": "QuAILoRA closed form", "als": "QuAILoRA ALS (20 it.)"}
@@ -56,7 +60,8 @@ def make_parser() -> argparse.ArgumentParser:
                         help="rank of the streamed / all-at-once / float32 comparison (default: the largest rank)")
     parser.add_argument("--streaming_repeats", type=int, default=2, help="alternating runs of each mode")
     parser.add_argument("--streaming_only", action="store_true",
-                        help="only the streaming comparison (writes quailora_streaming[-model].md|json), not the start table")
+                        help="only the streaming comparison (writes quailora_streaming[-model].md|json), not the "
+                             "start table")
     return parser
 
 
@@ -70,11 +75,9 @@ class Rows(list):
 
 def load_adapters(args, rows: Rows, held_out):
     """The NF4 model with one LoRA adapter per rank (all-linear, alpha = r); adds the B = 0 row."""
-    model, _ = load_quantized_model(args.model, "nf4")
-    model = get_peft_model(model, LoraConfig(r=args.ranks[0], lora_alpha=args.ranks[0], target_modules="all-linear",
-                                             lora_dropout=0.0), adapter_name=f"r{args.ranks[0]}")
+    model = peft_model(args.model, "nf4", rank=args.ranks[0], adapter_name=f"r{args.ranks[0]}")
     for rank in args.ranks[1:]:
-        model.add_adapter(f"r{rank}", LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear", lora_dropout=0.0))
+        model.add_adapter(f"r{rank}", lora_config(rank))
     with model.disable_adapter():
         rows.add("NF4 (B = 0, QLoRA start)", compute_perplexity(model, held_out, args.batch_size))
     return model
@@ -90,8 +93,8 @@ def solve_every_rank(args, model, stats, rows: Rows, held_out) -> dict:
         for solver in ["svd", "closed_form"] + (["als"] if rank in args.als_ranks else []):
             config = QuAILoRAConfig(solver=solver, show_progress=False)
             reports[solver] = quailora_init(model, stats if solver != "svd" else None, config, adapter_name=adapter)
-            rows.add(f"r={rank} {LABELS[solver]}", compute_perplexity(model, held_out, args.batch_size), rank=rank, solver=solver,
-                     solve_seconds=reports[solver].solve_seconds)
+            rows.add(f"r={rank} {LABELS[solver]}", compute_perplexity(model, held_out, args.batch_size), rank=rank,
+                     solver=solver, solve_seconds=reports[solver].solve_seconds)
         if "als" in reports:
             ratios = [a.calibrated_error_result / c.calibrated_error_result
                       for a, c in zip(reports["als"].layers, reports["closed_form"].layers)]
@@ -124,8 +127,8 @@ def compare_streaming(args, model, calibration, held_out) -> list[dict]:
             started = time.perf_counter()
             quailora_init(model, calibration, config, adapter_name=adapter)
             results[name]["seconds"].append(time.perf_counter() - started)
-            factors = {key: (layer.lora_B[adapter].weight.detach().clone(), layer.lora_A[adapter].weight.detach().clone())
-                       for key, layer in layers.items()}
+            factors = {key: (layer.lora_B[adapter].weight.detach().clone(),
+                             layer.lora_A[adapter].weight.detach().clone()) for key, layer in layers.items()}
             reference = reference or factors
             results[name]["max_factor_difference"] = max(
                 float((mine - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
@@ -173,10 +176,9 @@ def to_markdown(args, rows: Rows, stats, held_out, calibration_seconds: float, a
         "|---|---:|---:|---:|",
     ]
     for row in rows:
-        gap = (nf4 - row["perplexity"]) / (nf4 - int8) if nf4 != int8 else float("nan")
-        row["gap_closed"] = gap
+        row["gap_closed"] = gap_closed(nf4, row["perplexity"], int8)
         solve = f"{row['solve_seconds']:.1f}" if "solve_seconds" in row else ""
-        lines.append(f"| {row['start']} | {row['perplexity']:.3f} | {100 * gap:.1f}% | {solve} |")
+        lines.append(f"| {row['start']} | {row['perplexity']:.3f} | {format_gap(row['gap_closed'])} | {solve} |")
     lines += ["", f"Calibration forward passes with Gram accumulation: {calibration_seconds:.1f} s."]
     for rank, check in als_check.items():
         lines.append(
@@ -199,12 +201,8 @@ def streaming_only(args, tokenizer, held_out, calibration) -> None:
     streaming = compare_streaming(args, model, calibration, held_out)
     table = "\n".join(streaming_markdown(streaming, args.threads)).strip()
     print("\n" + table)
-    os.makedirs(args.output, exist_ok=True)
     stem = os.path.join(args.output, results_stem(args).replace("quailora", "quailora_streaming", 1))
-    with open(stem + ".md", "w") as handle:
-        handle.write(table + "\n")
-    with open(stem + ".json", "w") as handle:
-        json.dump({"args": vars(args), "streaming": streaming}, handle, indent=1)
+    write_results(stem, table + "\n", {"args": vars(args), "streaming": streaming})
 
 
 def main() -> None:
@@ -243,14 +241,9 @@ def main() -> None:
     if streaming:
         table += "\n" + "\n".join(streaming_markdown(streaming, args.threads))
     print("\n" + table)
-    os.makedirs(args.output, exist_ok=True)
-    stem = results_stem(args)
-    with open(os.path.join(args.output, f"{stem}.md"), "w") as handle:
-        handle.write(table + "\n")
-    with open(os.path.join(args.output, f"{stem}.json"), "w") as handle:
-        json.dump({"args": vars(args), "rows": rows, "calibration_seconds": calibration_seconds,
-                   "calibration_tokens": int(calibration.numel()), "als_check": als_check,
-                   "streaming": streaming}, handle, indent=1)
+    write_results(os.path.join(args.output, results_stem(args)), table + "\n",
+                  {"args": vars(args), "rows": rows, "calibration_seconds": calibration_seconds,
+                   "calibration_tokens": int(calibration.numel()), "als_check": als_check, "streaming": streaming})
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from .dynamic_rank import (
 from .embedded import ensure_embedded_data, load_alpaca_sft, load_dataset_any, resolve
 from .evaluation.perplexity import compute_perplexity
 from .evaluation.sweep_callback import RankSweepCallback
+from .io import write_file_atomically
 from .quailora import QuAILoRAConfig, QuAILoRAInitCallback, QuAILoRAReport, quailora_init
 from .quantization import disable_bnb_cpu_fast_path, load_quantized_model, quiet_bnb_warnings
 from .tokens import make_token_windows
@@ -50,6 +51,7 @@ __all__ = [
     "quiet_bnb_warnings",
     "resolve",
     "use_rank",
+    "write_file_atomically",
 ]
 
 # lm-eval is heavy to import: its names resolve on first use (importing the bridge registers "hf-dynrank").

@@ -82,7 +82,29 @@ def staged_folder(target: str | os.PathLike, last: str = ADAPTER_CONFIG) -> Iter
 
 
 def write_file_atomically(path: str | os.PathLike, write: Callable[[str], object]) -> str:
-    """Call `write(temporary_path)`, then rename the temporary file to `path` (one atomic step); return `path`."""
+    """Call `write(temporary_path)`, then rename the temporary file to `path` (one atomic step); return `path`.
+
+    A reader of `path` sees the old file or the new one, never a part of the new one. On an exception in `write`
+    nothing is published and the temporary file is removed. Public as `hf_quailora.write_file_atomically`.
+
+    Args:
+        path (`str` or `os.PathLike`): the file to create or replace; its folder must exist.
+        write (`Callable[[str], object]`): writes the whole file to the path it is given, a hidden file beside
+            `path` with the same suffix (so that writers which pick the format from it, such as matplotlib's
+            `savefig`, still do).
+
+    Returns:
+        `str`: `path`.
+
+    Example:
+
+    ```python
+    >>> from pathlib import Path
+    >>> from hf_quailora import write_file_atomically
+    >>> write_file_atomically("notes.txt", lambda tmp: Path(tmp).write_text("done"))
+    'notes.txt'
+    ```
+    """
     path = Path(path)
     tmp = str(_temporary_name(path)) + path.suffix  # keep the suffix: writers may pick the format from it
     try:

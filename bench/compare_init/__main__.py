@@ -42,7 +42,6 @@ Modules: `arms` (the arms, `CompareScriptArguments` and their checks), `run` (da
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -55,9 +54,10 @@ from transformers import AutoTokenizer, HfArgumentParser
 
 from hf_quailora import load_dataset_any, make_token_windows, resolve
 
+from .._common import write_json, write_results
 from .arms import ARMS, CompareScriptArguments, RunPlan, check_arguments, needs_bos
 from .run import load_alpaca_split, run_arm
-from .store import arm_path, check_compatible, load_finished, model_slug, resume_settings, start_path, write_json
+from .store import arm_path, check_compatible, load_finished, model_slug, resume_settings, start_path
 from .summary import plot_summary, summarize, summary_markdown
 
 
@@ -116,14 +116,11 @@ def write_summary(args: CompareScriptArguments, records: list[dict]) -> list[dic
              f"{'/'.join(map(str, meta['threads']))} thread(s); arm wall time {meta['arm_seconds'] / 60:.1f} min "
              f"in all. Command(s):\n\n" + "".join(f"    {command}\n" for command in meta["commands"]) + "\n"
              + summary_markdown(summary, records, meta))
-    paths = {name: os.path.join(args.output_dir, name) for name in ("results.md", "results.json", "convergence.png")}
-    with open(paths["results.md"], "w") as handle:
-        handle.write(table)
-    with open(paths["results.json"], "w") as handle:
-        json.dump({"settings": meta, "summary": summary, "arms": records}, handle, indent=1)
-    plot_summary(records, summary, paths["convergence.png"])
+    paths = write_results(os.path.join(args.output_dir, "results"), table,
+                          {"settings": meta, "summary": summary, "arms": records})
+    paths += (plot_summary(records, summary, os.path.join(args.output_dir, "convergence.png")),)
     print("\n" + table)
-    print("Wrote " + ", ".join(paths.values()))
+    print("Wrote " + ", ".join(paths))
     return summary
 
 

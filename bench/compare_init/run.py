@@ -8,7 +8,6 @@ import os
 import time
 
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
@@ -17,14 +16,14 @@ from hf_quailora import (
     DynamicRankTrainer,
     QuAILoRAConfig,
     compute_perplexity,
-    load_quantized_model,
     quailora_init,
     use_rank,
 )
 from hf_quailora.embedded.data import load_alpaca_sft, split_holdout
 
+from .._common import peft_model, write_json
 from .arms import ARM_LABELS, ARMS, CompareScriptArguments
-from .store import resume_settings, write_json
+from .store import resume_settings
 
 
 logger = logging.getLogger(__name__)
@@ -86,17 +85,6 @@ def _too_few(args: CompareScriptArguments, size: int, train_examples: int) -> st
         f"{args.train_data!r} has {size} examples: too few for --train_examples {train_examples} plus a "
         f"held-out tail of --holdout_examples {args.holdout_examples}; lower one of them."
     )
-
-
-def build_peft_model(args: CompareScriptArguments, quantization: str):
-    """The base model in `quantization` with a fresh LoRA (r = `lora_alpha` = `--rank`; the same random A)."""
-    model, _ = load_quantized_model(args.model_name_or_path, quantization)
-    targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
-    torch.manual_seed(args.seed)  # the same random A in every arm
-    lora = LoraConfig(
-        r=args.rank, lora_alpha=args.rank, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM"
-    )
-    return get_peft_model(model, lora)
 
 
 def training_settings(args: CompareScriptArguments, arm: str) -> dict:
@@ -251,7 +239,9 @@ def run_arm(arm, args, tokenizer, train, held_out, windows, calibration, dynamic
     `start_cache`: see `train_and_evaluate` (the evaluations at step 0 shared across seeds)."""
     quantization, solver, dynamic = ARMS[arm]
     started = time.perf_counter()
-    model = build_peft_model(args, quantization)
+    # the base in the arm's quantization with a fresh LoRA, r = lora_alpha = --rank; the seed: the same A in every arm
+    model = peft_model(args.model_name_or_path, quantization, rank=args.rank, target_modules=args.target_modules,
+                       seed=args.seed, task_type="CAUSAL_LM")
     trainer, perplexity, full = build_trainer(arm, args, model, tokenizer, train, held_out, windows, dynamic_ranks)
     init_seconds = initialize_adapter(trainer, solver, calibration, args.window_length)
 

@@ -1,4 +1,5 @@
-"""Finished arms on disk: one JSON per (model, rank, seed, arm), written atomically, so a run resumes per arm."""
+"""Finished arms on disk: one JSON per (model, rank, seed, arm), written atomically (`bench._common.write_json`),
+so a run resumes per arm."""
 
 from __future__ import annotations
 
@@ -33,17 +34,6 @@ def start_path(output_dir: str, model: str, rank: int, arm: str) -> str | None:
         return None
     name = f"{arm}.json" if solver is None else f"{arm}-r{rank}.json"
     return os.path.join(output_dir, "runs", model_slug(model), "start", name)
-
-
-def write_json(path: str, record) -> None:
-    """Write `record` to `path` as JSON, atomically (a temporary file, then `os.replace`)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "w") as handle:
-        json.dump(record, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def load_finished(output_dir: str) -> list[dict]:

@@ -8,18 +8,12 @@ import os
 import statistics
 from collections import defaultdict
 
+from .._common import gap_closed, write_file
 from .arms import ARM_LABELS, ARMS
 
 
 METRICS = ("perplexity_start", "perplexity_end", "eval_loss_start", "eval_loss_end")
 GAPS = ("gap_start", "gap_end", "loss_gap_start", "loss_gap_end", "alpaca_ppl_gap_start", "alpaca_ppl_gap_end")
-
-
-def gap_closed(qlora: float | None, value: float | None, int8: float | None) -> float | None:
-    """The fraction of the NF4 → int8 gap closed, `(qlora − value) / (qlora − int8)`; None if undefined."""
-    if None in (qlora, value, int8) or qlora == int8:
-        return None
-    return (qlora - value) / (qlora - int8)
 
 
 def mean_std(values: list[float]) -> dict:
@@ -217,9 +211,10 @@ def _dynamic_ranks(records: list[dict]) -> list[str]:
                     values[arm].append(other and other["perplexity_end"])
     if not per:
         return []
-    lines = ["", "Dynamic-rank arm per truncated rank (held-out perplexity, constant scaling), and the fixed-rank arms "
-             "trained at that rank with the same seeds (– where none ran):", "",
-             "| model | r_max | rank | seeds | ppl start | ppl end | QuAILoRA at this rank, end | QLoRA at this rank, end |",
+    lines = ["", "Dynamic-rank arm per truncated rank (held-out perplexity, constant scaling), and the fixed-rank "
+             "arms trained at that rank with the same seeds (– where none ran):", "",
+             "| model | r_max | rank | seeds | ppl start | ppl end | QuAILoRA at this rank, end | "
+             "QLoRA at this rank, end |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for (model, rank, b), values in sorted(per.items()):
         lines.append(f"| {model} | {rank} | {b} | {len(values['end'])} | {_cell(mean_std(values['start']), '{:.3f}')} "
@@ -299,8 +294,7 @@ def plot_summary(records: list[dict], summary: list[dict], path: str) -> str:
             axis.grid(alpha=0.3)
             axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    return path
+    return write_file(path, lambda temporary: figure.savefig(temporary, dpi=110))
 
 
 def _band(axis, steps: list, mean: list, std: list, index: int, label: str, scale: float = 1.0) -> None:

@@ -181,7 +181,8 @@ def test_compare_init_summary_math_and_plot(tmp_path):
     assert f"| {qlora_ppl[0]:.2f} / 1.000 | {qlora_ppl[1]:.2f} / 0.920 | – / – |" in table
     mean_ppl = {arm: np.mean([values[(seed, arm)] for seed in (1, 2, 3)], axis=0) for arm in ("quailora", "int8")}
     step_gaps = (qlora_ppl - mean_ppl["quailora"]) / (qlora_ppl - mean_ppl["int8"])  # the loss gap is 0 / 0 here
-    assert f"| gap closed: QuAILoRA (NF4, closed form) | {step_gaps[0]:.1%} / – | {step_gaps[1]:.1%} / – | – |" in table
+    row = f"| gap closed: QuAILoRA (NF4, closed form) | {step_gaps[0]:.1%} / – | {step_gaps[1]:.1%} / – | – |"
+    assert row in table
     assert "gap closed: QLoRA" not in table and "gap closed: LLM.int8" not in table
     steps, mean, std = gap_bands(records, "m", 8, "quailora")  # per seed and step, then mean ± std
     per_seed = [(values[(s, "qlora")] - values[(s, "quailora")]) / (values[(s, "qlora")] - values[(s, "int8")])
@@ -235,8 +236,8 @@ def test_dynamic_rank_table_sets_each_truncated_rank_beside_the_fixed_rank_arms(
     from bench.compare_init.summary import _dynamic_ranks
 
     def per_rank(offset):
-        return {when: {b: {"perplexity": 30.0 - int(b) - offset - (when == "end"), "eval_loss": 1.0} for b in ("2", "8")}
-                for when in ("start", "end")}
+        return {when: {b: {"perplexity": 30.0 - int(b) - offset - (when == "end"), "eval_loss": 1.0}
+                       for b in ("2", "8")} for when in ("start", "end")}
 
     records = [{"model": "m", "rank": 8, "seed": seed, "arm": "dynamic", "result": {"per_rank": per_rank(seed)}}
                for seed in (1, 2)]

@@ -47,7 +47,8 @@ def test_init_scaling_measures_both_modes_and_writes_table_json_and_plot(tmp_pat
     rerendered = json.loads((output.with_suffix(".json")).read_text())
     assert rerendered["settings"]["shapes"] == "128x256x2" and rerendered["settings"]["rank"] == 2  # the run's own
     again = rerendered["rows"]
-    assert [(row["peak_extra"], row["formula"]) for row in again] == [(row["peak_extra"], row["formula"]) for row in rows]
+    measured = [(row["peak_extra"], row["formula"]) for row in rows]
+    assert [(row["peak_extra"], row["formula"]) for row in again] == measured
 
 
 def test_memory_contract_covers_the_readme_models_and_streaming_fits_where_all_at_once_does_not():
