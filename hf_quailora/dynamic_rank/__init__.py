@@ -2,12 +2,15 @@
 
 | module | holds |
 |---|---|
-| `spec` | choice lists, defaults, rank checks, scalings, `DynamicRankMetadata` (`dynamic_rank.json`) |
-| `sampler` | `RankSampler`: one seeded rank per optimizer step |
-| `truncation` | `use_rank`: peft's LoRA factors sliced to rank b |
+| `spec` | the vocabulary: choice lists, defaults, rank checks, scalings and their one resolver (`resolve_rank_scaling`), `DynamicRankMetadata` (`dynamic_rank.json`) |
+| `sampler` | `RankSampler` (one seeded rank per optimizer step) and `step_plan`: the step's `SubModel(rank, weight)` list |
+| `truncation` | `use_rank` (peft's LoRA factors at rank b) and `TrainedRanks` (the ranks an adapter may be used at) |
+| `saved_adapter` | `read_saved_adapter`: an adapter folder read and checked before any model loads |
 | `export` | `export_rank` (a rank as a plain peft adapter), `load_dynamic_rank_adapter` |
 | `config` | `DynamicRankConfig(SFTConfig)` |
-| `trainer` | `DynamicRankTrainer(SFTTrainer)` |
+| `trainer` | `DynamicRankTrainer(SFTTrainer)`: one loop over the step plan, evaluation at every eval rank |
+
+This subpackage builds on `hf_quailora.quailora` (it recognises a QuAILoRA start); the start never imports it.
 """
 
 from .config import DynamicRankConfig
