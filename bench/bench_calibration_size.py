@@ -197,8 +197,8 @@ def main() -> None:
     gap = lambda ppl, nf4, int8: (nf4 - ppl) / (nf4 - int8)  # noqa: E731
     for count in counts:
         started = time.perf_counter()
-        config = QuAILoRAConfig(solver="closed_form", num_samples=None, max_length=args.window,
-                                batch_size=args.batch_size, show_progress=False)
+        config = QuAILoRAConfig(solver="closed_form", calibration_samples=None, calibration_length=args.window,
+                                calibration_batch_size=args.batch_size, show_progress=False)
         report = quailora_init(model, all_calibration[:count], config)
         seconds = time.perf_counter() - started
         totals = report.totals()

@@ -39,8 +39,8 @@ from ..quantization import dequantize_weight, disable_bnb_cpu_fast_path, quantiz
 from .calibration import GramStatistics, check_dtype, make_calibration_batches
 from .config import QuAILoRAConfig
 from .report import LayerReport, QuAILoRAReport
-from .solvers import calibrated_error, frobenius_error, solve_als, solve_closed_form, solve_svd, split_for_lora
 from .schedule import Schedule, plan_schedule
+from .solvers import calibrated_error, frobenius_error, solve_als, solve_closed_form, solve_svd, split_for_lora
 from .streaming import stream_statistics
 from .weights import FullPrecisionWeights
 

@@ -27,8 +27,8 @@ def quantized_lora(path, r=4, targets="all-linear"):
 
 def init_factors(path, texts, **settings):
     model, tokenizer = quantized_lora(path)
-    config = QuAILoRAConfig(show_progress=False, calibration_samples=12, calibration_batch_size=5, calibration_length=24,
-                            **settings)
+    config = QuAILoRAConfig(show_progress=False, calibration_samples=12, calibration_batch_size=5,
+                            calibration_length=24, **settings)
     report = quailora_init(model, texts, config, tokenizer=tokenizer)
     return snapshot(model), report
 
