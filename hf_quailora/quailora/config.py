@@ -173,7 +173,7 @@ class QuAILoRAConfig:
         default=False, metadata={"help": "Also report the uncalibrated SVD start's errors (doubles closed-form work)."}
     )
     # Output
-    show_progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+    show_progress: bool = field(default=True, metadata={"help": "Progress bars of the calibration and the solves."})
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
