@@ -192,8 +192,8 @@ def main() -> None:
         base["nf4_fit"] = compute_perplexity(model, fit, args.batch_size)
     for count in counts:
         started = time.perf_counter()
-        config = QuAILoRAConfig(solver="closed_form", num_samples=None, max_length=args.window,
-                                batch_size=args.batch_size, show_progress=False)
+        config = QuAILoRAConfig(solver="closed_form", calibration_samples=None, calibration_length=args.window,
+                                calibration_batch_size=args.batch_size, show_progress=False)
         report = quailora_init(model, all_calibration[:count], config)
         seconds = time.perf_counter() - started
         totals = report.totals()

@@ -244,7 +244,8 @@ def quailora_scaling(args, eval_texts):
         trainer = build(args, "dyn", args.max_rank, 1, tmp, alpaca_texts(0, 8), eval_texts)
         before = trainer.evaluate()["eval_loss"]
         c4 = list(load_dataset_any("c4")["text"])[:32]
-        quailora_init(trainer.model, c4, QuAILoRAConfig(num_samples=32, max_length=128, show_progress=False),
+        quailora_init(trainer.model, c4,
+                      QuAILoRAConfig(calibration_samples=32, calibration_length=128, show_progress=False),
                       tokenizer=trainer.processing_class)
         rows = {}
         for scaling in ("constant", "per_rank"):

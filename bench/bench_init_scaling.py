@@ -212,7 +212,8 @@ def run_case(path: str, streaming: str, args) -> dict:
     disable_bnb_cpu_fast_path(model)
     model = peft_model(model, rank=args.rank)
     ids = torch.randint(0, VOCAB, (args.windows, args.window_length), generator=torch.Generator().manual_seed(0))
-    config = QuAILoRAConfig(streaming=streaming, num_samples=None, batch_size=args.batch_size, show_progress=False)
+    config = QuAILoRAConfig(streaming=streaming, calibration_samples=None, calibration_batch_size=args.batch_size,
+                            show_progress=False)
     # Warm-up with small tensors: lazily loaded code (LAPACK/cuSOLVER kernels, bitsandbytes) and thread pools are
     # paid here, so the measured peak is the initialisation's data, not the first call's code pages. (Not a warm-up
     # init: its full-size Gram matrices would stay in the allocator and hide the real init's peak.)

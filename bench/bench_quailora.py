@@ -122,8 +122,8 @@ def compare_streaming(args, model, calibration, held_out) -> list[dict]:
     reference = None
     for repeat in range(args.streaming_repeats):
         for name, settings in STREAMING_CASES.items():
-            config = QuAILoRAConfig(solver="closed_form", num_samples=None, batch_size=8, show_progress=False,
-                                    **settings)
+            config = QuAILoRAConfig(solver="closed_form", calibration_samples=None, calibration_batch_size=8,
+                                    show_progress=False, **settings)
             started = time.perf_counter()
             quailora_init(model, calibration, config, adapter_name=adapter)
             results[name]["seconds"].append(time.perf_counter() - started)

@@ -21,7 +21,9 @@ data format are checked before the model loads. The output folder holds `adapter
 `results.md|json|png` and `summary.json`.
 
 Every option: `python recipes/alpaca.py --help` (trl's model and dataset options, the recipe's, every
-`DynamicRankConfig` / `SFTConfig` / `TrainingArguments` option, and `--config FILE.yaml`).
+`DynamicRankConfig` / `SFTConfig` / `TrainingArguments` option, every `QuAILoRAConfig` option (`--calibration_samples`,
+`--solver`, ...), and `--config FILE.yaml`). The former `--quailora_*` flags (`--quailora_solver`, ...) still work,
+with a FutureWarning.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ import time
 from pathlib import Path
 
 import torch
-from trl import TrlParser
 
 from hf_quailora import (
     DynamicRankConfig,
@@ -47,8 +48,17 @@ from hf_quailora import (
 )
 from hf_quailora._io_utils import check_not_a_file, write_file_atomically
 from hf_quailora.dynamic_rank.spec import check_rank_settings, check_ranks, parse_ranks
-from hf_quailora.recipe_args import RecipeArguments, RecipeDataArguments, RecipeModelConfig, check_recipe_arguments
-from hf_quailora.sft_data import is_conversational_dataset, load_sft_splits
+from hf_quailora.scripts import (
+    RecipeArguments,
+    RecipeDataArguments,
+    RecipeModelConfig,
+    RecipeParser,
+    RecipeQuAILoRAConfig,
+    check_recipe_arguments,
+    is_conversational_dataset,
+    load_recipe_model,
+    load_sft_splits,
+)
 
 
 logger = logging.getLogger("recipes.alpaca")
@@ -106,12 +116,12 @@ def _load_data(recipe_args, training_args, model_args, data_args):
     return train, held_out, calibration
 
 
-def _train(recipe_args, training_args, model, tokenizer, data):
+def _train(recipe_args, quailora_args, training_args, model, tokenizer, data):
     """Step 3: QuAILoRA start, then dynamic-rank training; returns the trainer and the start/end evaluations."""
     train, evaluation, calibration = data
     callbacks = []
     if recipe_args.quailora:
-        callbacks.append(QuAILoRAInitCallback(calibration_dataset=calibration, config=recipe_args.quailora_config()))
+        callbacks.append(QuAILoRAInitCallback(calibration_dataset=calibration, config=quailora_args))
     trainer = DynamicRankTrainer(model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                                  processing_class=tokenizer, callbacks=callbacks)
     initial = None
@@ -191,15 +201,15 @@ def _sweep_and_export(args, trainer, tokenizer, initial, final, summary, started
 
 
 def main(data_args: RecipeDataArguments, training_args: DynamicRankConfig, model_args: RecipeModelConfig,
-         recipe_args: RecipeArguments) -> dict:
+         recipe_args: RecipeArguments, quailora_args: RecipeQuAILoRAConfig) -> dict:
     """Run the recipe; the arguments are what `parse_args_and_config()` returns, in trl's order."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_bnb_warnings()
     _check(recipe_args, training_args, model_args)
     started = time.perf_counter()
     data = _load_data(recipe_args, training_args, model_args, data_args)  # 1.
-    model, tokenizer = model_args.load_model(trust_remote_code=training_args.trust_remote_code)  # 2.
-    trainer, initial, final = _train(recipe_args, training_args, model, tokenizer, data)  # 3.
+    model, tokenizer = load_recipe_model(model_args, trust_remote_code=training_args.trust_remote_code)  # 2.
+    trainer, initial, final = _train(recipe_args, quailora_args, training_args, model, tokenizer, data)  # 3.
     adapter_dir = os.path.join(training_args.output_dir, "adapter")  # 4. save, sweep, export
     trainer.save_model(adapter_dir)
     summary: dict = {"output_dir": training_args.output_dir, "adapter": adapter_dir, "eval_ranks": trainer.eval_ranks,
@@ -210,16 +220,18 @@ def main(data_args: RecipeDataArguments, training_args: DynamicRankConfig, model
     return summary
 
 
-def make_parser() -> TrlParser:
-    """trl's dataset and model arguments, the training config and the recipe's own options (trl's order)."""
-    return TrlParser((RecipeDataArguments, DynamicRankConfig, RecipeModelConfig, RecipeArguments))
+def make_parser() -> RecipeParser:
+    """trl's dataset and model arguments, the training config, the recipe's own options (trl's order), and the
+    QuAILoRA settings; the former `--quailora_*` flags are renamed with a FutureWarning."""
+    return RecipeParser((RecipeDataArguments, DynamicRankConfig, RecipeModelConfig, RecipeArguments,
+                         RecipeQuAILoRAConfig))
 
 
-def parse_args_and_config(parser: TrlParser | None = None, args: list[str] | None = None):
+def parse_args_and_config(parser: RecipeParser | None = None, args: list[str] | None = None):
     """Parse `--config FILE.yaml` (optional) plus command-line overrides, as trl's scripts do.
 
     Returns:
-        `(data_args, training_args, model_args, recipe_args)`.
+        `(data_args, training_args, model_args, recipe_args, quailora_args)`.
     """
     parser = parser or make_parser()
     return parser.parse_args_and_config(args=list(args if args is not None else sys.argv[1:]))

@@ -1,16 +1,18 @@
 """QuAILoRA initialisation of a quantized model, with a per-layer report and held-out perplexity before/after.
 
-The same model, LoRA and QuAILoRA flags as `recipes/alpaca.py` (trl's `ModelConfig` names and the shared
-`RecipeArguments`). On a CPU, with the defaults (SmolLM2-135M-Instruct in NF4, LoRA r = 16 on all linear layers,
-32 C4 calibration windows of 256 tokens, held-out Wikipedia windows) it takes a few minutes:
+The same model, LoRA and QuAILoRA flags as `recipes/alpaca.py` (trl's `ModelConfig` names, `QuAILoRAConfig`'s
+field names, and the shared `RecipeArguments`). On a CPU, with the defaults (SmolLM2-135M-Instruct in NF4, LoRA
+r = 16 on all linear layers, 32 C4 calibration windows of 256 tokens, held-out Wikipedia windows) it takes a few
+minutes:
 
     python recipes/quailora_init.py
-    python recipes/quailora_init.py --lora_r 64 --quailora_solver als --calibration_samples 128 \
-        --calibration_length 512
+    python recipes/quailora_init.py --lora_r 64 --solver als --calibration_samples 128 --calibration_length 512
     python recipes/quailora_init.py --load_in_8bit --lora_target_modules q_proj v_proj     # LLM.int8, two modules
     python recipes/quailora_init.py --model_name_or_path meta-llama/Llama-3.1-8B --load_in_4bit  # with the Hub
 
-Every option: `python recipes/quailora_init.py --help`.
+Every option: `python recipes/quailora_init.py --help`. This recipe's former flags (`--rank`, `--target_modules`,
+`--calibration_data`, `--num_samples`, `--max_length`, `--batch_size`, `--quailora_solver`, ...) still work, with a
+FutureWarning (`LEGACY_FLAGS`).
 """
 
 from __future__ import annotations
@@ -18,23 +20,30 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from trl import TrlParser
 
 from hf_quailora import compute_perplexity, load_dataset_any, make_token_windows, quailora_init, quiet_bnb_warnings
 from hf_quailora._io_utils import write_file_atomically
-from hf_quailora.recipe_args import QUAILORA_FLAGS, RecipeArguments, RecipeModelConfig, check_recipe_arguments
+from hf_quailora.quailora.config import RENAMED_OPTIONS
+from hf_quailora.scripts import (
+    RENAMED_FLAGS,
+    RecipeArguments,
+    RecipeModelConfig,
+    RecipeParser,
+    RecipeQuAILoRAConfig,
+    check_recipe_arguments,
+    load_recipe_model,
+)
 
 
-# This recipe's flags before it took trl's and the shared names: still accepted, with a FutureWarning
-RENAMED_FLAGS = {"rank": "lora_r", "target_modules": "lora_target_modules", "calibration_data": "calibration_dataset",
-                 **{old: new for new, old in QUAILORA_FLAGS.items()}}
+# This recipe's former flags, still accepted with a FutureWarning: its own names before it took trl's, the
+# QuAILoRAConfig fields' former names, and the recipes' former `--quailora_*` flags
+LEGACY_FLAGS = {"rank": "lora_r", "target_modules": "lora_target_modules", "calibration_data": "calibration_dataset",
+                **RENAMED_OPTIONS, **RENAMED_FLAGS}
 
 
 @dataclass
@@ -69,18 +78,19 @@ def _print_and_write(script_args: InitScriptArguments, results: dict, report, wi
     print(f"Report written to {script_args.output_dir}/quailora_report.json and quailora_report.md")
 
 
-def main(script_args: InitScriptArguments, model_args: RecipeModelConfig, recipe_args: RecipeArguments) -> dict:
+def main(script_args: InitScriptArguments, model_args: RecipeModelConfig, recipe_args: RecipeArguments,
+         quailora_args: RecipeQuAILoRAConfig) -> dict:
     """Run the recipe; the arguments are what `make_parser().parse_args_and_config()` returns."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_bnb_warnings()
     check_recipe_arguments(model_args, recipe_args, trains=False)
-    quailora_args = recipe_args.quailora_config()
     if script_args.num_threads:
         torch.set_num_threads(script_args.num_threads)
     calibration_text = load_dataset_any(recipe_args.calibration_dataset)["text"]  # before the model: fails fast
     eval_text = load_dataset_any(script_args.eval_data)["text"] if script_args.eval_windows > 0 else None
-    model, tokenizer = model_args.load_model(trust_remote_code=script_args.trust_remote_code)
-    calibration = make_token_windows(tokenizer, calibration_text, quailora_args.max_length, quailora_args.num_samples)
+    model, tokenizer = load_recipe_model(model_args, trust_remote_code=script_args.trust_remote_code)
+    calibration = make_token_windows(tokenizer, calibration_text, quailora_args.calibration_length,
+                                     quailora_args.calibration_samples)
     results: dict = {"model": model_args.model_name_or_path, "quantization": model_args.quantization,
                      "rank": model_args.lora_r, "solver": quailora_args.solver}
     windows = None
@@ -98,30 +108,12 @@ def main(script_args: InitScriptArguments, model_args: RecipeModelConfig, recipe
     return results
 
 
-def make_parser() -> TrlParser:
-    """This recipe's settings, trl's model arguments and the shared recipe options (`--config FILE.yaml` works)."""
-    return TrlParser((InitScriptArguments, RecipeModelConfig, RecipeArguments))
-
-
-def rename_legacy_flags(argv: list[str], renamed: dict[str, str]) -> list[str]:
-    """`argv` with each old flag name (`--rank`) replaced by its new one (`--lora_r`), with a `FutureWarning`.
-
-    Example:
-
-    ```python
-    rename_legacy_flags(["--rank", "8"], {"rank": "lora_r"})  # ["--lora_r", "8"], and a FutureWarning
-    ```
-    """
-    out = []
-    for arg in argv:
-        flag, sep, value = arg.partition("=")
-        old = flag[2:].replace("-", "_") if flag.startswith("--") else None
-        if old in renamed:
-            warnings.warn(f"`--{old}` is deprecated; use `--{renamed[old]}`.", FutureWarning, stacklevel=2)
-            arg = f"--{renamed[old]}{sep}{value}"
-        out.append(arg)
-    return out
+def make_parser() -> RecipeParser:
+    """This recipe's settings, trl's model arguments, the shared recipe options and the QuAILoRA settings
+    (`--config FILE.yaml` works); the former flags of `LEGACY_FLAGS` are renamed with a FutureWarning."""
+    return RecipeParser((InitScriptArguments, RecipeModelConfig, RecipeArguments, RecipeQuAILoRAConfig),
+                        renamed_flags=LEGACY_FLAGS)
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config(rename_legacy_flags(sys.argv[1:], RENAMED_FLAGS)))
+    main(*make_parser().parse_args_and_config())

@@ -17,7 +17,8 @@ def test_bf16_compute_calibration_init_and_one_training_step(tiny_model_path, ti
     model, tokenizer = load_quantized_model(tiny_model_path, "nf4", compute_dtype=torch.bfloat16)
     q_proj = model.model.layers[0].self_attn.q_proj
     assert q_proj.compute_dtype == torch.bfloat16 and model.model.norm.weight.dtype == torch.bfloat16
-    callback = QuAILoRAInitCallback(calibration_dataset=tiny_texts, num_samples=8, max_length=24, show_progress=False)
+    callback = QuAILoRAInitCallback(calibration_dataset=tiny_texts, calibration_samples=8, calibration_length=24,
+                                    show_progress=False)
     args = DynamicRankConfig(
         output_dir=str(tmp_path), bf16=True, use_cpu=True, max_steps=1, per_device_train_batch_size=4,
         learning_rate=1e-2, logging_steps=1, max_length=32, save_strategy="no", report_to="none", rank_scaling="constant",

@@ -57,8 +57,8 @@ def test_quailora_start_on_the_gpu_matches_the_cpus(tiny_model_path, tiny_texts)
         model, tokenizer = load_quantized_model(tiny_model_path, "nf4", compute_dtype=dtype,
                                                 device_map={"": 0} if device == "cuda" else "cpu")
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules="all-linear"))
-        reports[device] = quailora_init(model, _calibration(tokenizer, tiny_texts),
-                                        QuAILoRAConfig(num_samples=None, batch_size=4, show_progress=False))
+        config = QuAILoRAConfig(calibration_samples=None, calibration_batch_size=4, show_progress=False)
+        reports[device] = quailora_init(model, _calibration(tokenizer, tiny_texts), config)
         lora_B = model.get_submodule("base_model.model." + LAYERS[0]).lora_B["default"].weight
         assert lora_B.device.type == device and lora_B.abs().sum() > 0
     gpu = {layer.name: layer for layer in reports["cuda"].layers}
@@ -75,7 +75,8 @@ def test_dynamic_rank_training_with_quailora_paged_8bit_adam_and_checkpointing_t
     tiny_model_path, tiny_texts, tmp_path
 ):
     model, tokenizer = load_quantized_model(tiny_model_path, "nf4")
-    callback = QuAILoRAInitCallback(calibration_dataset=tiny_texts, num_samples=8, max_length=24, show_progress=False)
+    callback = QuAILoRAInitCallback(calibration_dataset=tiny_texts, calibration_samples=8, calibration_length=24,
+                                    show_progress=False)
     args = DynamicRankConfig(
         output_dir=str(tmp_path / "run"), bf16=True, max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
         logging_steps=1, max_length=32, save_strategy="no", report_to="none", rank_scaling="constant",
@@ -115,7 +116,7 @@ def test_int8_base_on_the_gpu_takes_the_quailora_start(tiny_model_path, tiny_tex
     model, tokenizer = load_quantized_model(tiny_model_path, "int8")
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules="all-linear"))
     report = quailora_init(model, _calibration(tokenizer, tiny_texts),
-                           QuAILoRAConfig(num_samples=None, batch_size=4, show_progress=False))
+                           QuAILoRAConfig(calibration_samples=None, calibration_batch_size=4, show_progress=False))
     assert len(report.layers) == TINY_LINEAR_LAYERS
     for layer in report.layers:
         assert layer.calibrated_error_result < layer.calibrated_error_qlora, layer.name

@@ -5,8 +5,8 @@ import json
 import datasets
 import pytest
 
-from hf_quailora.recipe_args import RecipeDataArguments
-from hf_quailora.sft_data import detect_sft_format, load_sft_splits
+from hf_quailora.scripts import RecipeDataArguments
+from hf_quailora.scripts.sft_data import detect_sft_format, load_sft_splits
 
 
 MESSAGES = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]

@@ -157,7 +157,8 @@ def initialize_adapter(trainer, solver: str | None, calibration, window_length: 
     quailora_init(
         trainer.model,
         calibration if solver != "svd" else None,
-        QuAILoRAConfig(solver=solver, num_samples=None, max_length=window_length, show_progress=False),
+        QuAILoRAConfig(solver=solver, calibration_samples=None, calibration_length=window_length,
+                       show_progress=False),
     )
     return time.perf_counter() - init_started
 

@@ -6,7 +6,7 @@ Example:
 from trl import SFTConfig, SFTTrainer
 from hf_quailora import QuAILoRAInitCallback
 
-callback = QuAILoRAInitCallback(calibration_dataset=c4_texts, num_samples=64, max_length=256)
+callback = QuAILoRAInitCallback(calibration_dataset=c4_texts, calibration_samples=64, calibration_length=256)
 trainer = SFTTrainer(model=peft_model, args=SFTConfig(...), train_dataset=data, callbacks=[callback])
 trainer.train()  # LoRA factors are set by QuAILoRA before the first step
 print(callback.report.summary())
@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 from .._io_utils import write_file_atomically
 from .._peft_utils import require_lora_layers, unwrap_model
 from ..embedded.data import check_token_ids
-from .config import QuAILoRAConfig
+from .config import QuAILoRAConfig, rename_options
 from .init import quailora_init
 from .report import QuAILoRAReport
 
@@ -118,8 +118,9 @@ class QuAILoRAInitCallback(TrainerCallback):
         adapter_name (`str`, defaults to `"default"`).
         report_file (`str`, *optional*, defaults to `"quailora_report.json"`): written into `output_dir` by the main
             process (`None`: not written).
-        **config_overrides: fields of `QuAILoRAConfig` to change, e.g. `num_samples=64, max_length=256,
-            solver="als"` (the number of calibration sequences counts over all processes).
+        **config_overrides: fields of `QuAILoRAConfig` to change, e.g. `calibration_samples=64,
+            calibration_length=256, solver="als"` (the number of calibration sequences counts over all processes);
+            the former names (`num_samples`, ...) are taken with a `FutureWarning`.
 
     Attributes:
         report (`QuAILoRAReport` or `None`): the report of the last initialisation.
@@ -149,6 +150,7 @@ class QuAILoRAInitCallback(TrainerCallback):
         # Hyperparameters (QuAILoRAConfig's own defaults and checks; nothing re-declared here)
         if config is not None and not isinstance(config, QuAILoRAConfig):
             raise TypeError(f"`config` must be a QuAILoRAConfig, got {type(config).__name__}.")
+        config_overrides = rename_options(config_overrides)
         fields = {f.name for f in dataclasses.fields(QuAILoRAConfig)}
         unknown = sorted(set(config_overrides) - fields)
         if unknown:
@@ -178,14 +180,15 @@ class QuAILoRAInitCallback(TrainerCallback):
         if self.calibration_dataset is None:
             if train_dataloader is None:
                 raise ValueError("QuAILoRAInitCallback has no calibration_dataset and the trainer no train dataloader.")
-            # Already sharded per process by accelerate: take this process's share of num_samples.
-            per_process = None if self.config.num_samples is None else -(-self.config.num_samples // world)
-            return train_dataloader, dataclasses.replace(self.config, num_samples=per_process)
+            # Already sharded per process by accelerate: take this process's share of calibration_samples.
+            samples = self.config.calibration_samples
+            per_process = None if samples is None else -(-samples // world)
+            return train_dataloader, dataclasses.replace(self.config, calibration_samples=per_process)
         data = self.calibration_dataset
         indexable = isinstance(data, torch.Tensor) or hasattr(data, "select") or (
             isinstance(data, list) and all(isinstance(item, str) for item in data)
         )
-        total = min(self.config.num_samples or len(data), len(data)) if indexable else 0
+        total = min(self.config.calibration_samples or len(data), len(data)) if indexable else 0
         # Shard only when every process gets at least one sample; otherwise every process calibrates on all of it,
         # which gives the same normalised H (matrices and token counts are both summed) and keeps every process in
         # the collectives (a process raising "empty" alone would leave the others waiting in all_reduce).

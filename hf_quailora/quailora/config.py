@@ -5,13 +5,20 @@ Example:
 ```python
 from hf_quailora import QuAILoRAConfig
 
-config = QuAILoRAConfig(num_samples=32, max_length=256, solver="closed_form")
+config = QuAILoRAConfig(calibration_samples=32, calibration_length=256, solver="closed_form")
 ```
+
+The calibration fields carry a `calibration_` prefix so that a recipe can parse this dataclass itself next to trl's
+`SFTConfig` (whose `max_length` is the training length) in one `TrlParser`. Their former names (`num_samples`,
+`max_length`, `batch_size`) are still accepted as keywords and attributes, with a `FutureWarning`
+(`RENAMED_OPTIONS`); they are not fields, so they never reach a parser.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -26,8 +33,55 @@ SOLVERS: tuple[str, ...] = get_args(Solver)
 DTYPES: tuple[str, ...] = get_args(Dtype)
 STREAMING_MODES: tuple[str, ...] = get_args(Streaming)
 GRAM_DEVICES: tuple[str, ...] = get_args(GramDevice)
+# Options renamed when the recipes began parsing this dataclass itself: former name -> field
+RENAMED_OPTIONS = {
+    "num_samples": "calibration_samples", "max_length": "calibration_length", "batch_size": "calibration_batch_size",
+}
 
 
+def rename_options(options: dict, stacklevel: int = 3) -> dict:
+    """`options` with each former name of `RENAMED_OPTIONS` replaced by its field, with a `FutureWarning`.
+
+    Raises:
+        TypeError: a former name and its field are both given.
+
+    Example:
+
+    ```python
+    rename_options({"num_samples": 8})  # {"calibration_samples": 8}, and a FutureWarning
+    ```
+    """
+    renamed = dict(options)
+    for old, new in RENAMED_OPTIONS.items():
+        if old in renamed:
+            if new in renamed:
+                raise TypeError(f"`{old}` and `{new}` were both given; `{old}` is the former name: give `{new}` only.")
+            warnings.warn(f"`{old}` is deprecated; use `{new}`.", FutureWarning, stacklevel=stacklevel)
+            renamed[new] = renamed.pop(old)
+    return renamed
+
+
+def accept_renamed_options(cls):
+    """Class decorator, applied after `@dataclass`: the generated `__init__` also takes `RENAMED_OPTIONS`."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **rename_options(kwargs))
+
+    cls.__init__ = __init__
+    return cls
+
+
+def _renamed_attribute(old: str, new: str) -> property:
+    def read(self):
+        warnings.warn(f"`{old}` is deprecated; use `{new}`.", FutureWarning, stacklevel=2)
+        return getattr(self, new)
+
+    return property(read, doc=f"Deprecated, read-only: `{new}`.")
+
+
+@accept_renamed_options
 @dataclass
 class QuAILoRAConfig:
     """Settings of QuAILoRA initialisation, shared by `quailora_init`, `QuAILoRAInitCallback` and the recipes.
@@ -35,9 +89,12 @@ class QuAILoRAConfig:
     Parameters:
         > Calibration
 
-        num_samples (`int`, defaults to 128): calibration sequences to run.
-        max_length (`int`, defaults to 512): tokens per calibration sequence (text is truncated to it).
-        batch_size (`int`, defaults to 8): calibration sequences per forward pass.
+        calibration_samples (`int`, defaults to 128): calibration sequences to run (`None`: all that are given).
+            Formerly `num_samples`.
+        calibration_length (`int`, defaults to 512): tokens per calibration sequence (text is truncated to it).
+            Formerly `max_length`.
+        calibration_batch_size (`int`, defaults to 8): calibration sequences per forward pass. Formerly
+            `batch_size`.
         gram_dtype (`str`, defaults to `"float32"`): accumulation dtype of the Gram matrices. float32 halves their
             bytes and was measured to give the same start as float64 (README, "Streamed initialisation": the same
             held-out perplexity on SmolLM2-135M and Gemma-3-270m, the product BA within 6e-6); the per-batch products
@@ -83,9 +140,9 @@ class QuAILoRAConfig:
     """
 
     # Calibration
-    num_samples: int | None = field(default=128, metadata={"help": "Calibration sequences to run."})
-    max_length: int = field(default=512, metadata={"help": "Tokens per calibration sequence."})
-    batch_size: int = field(default=8, metadata={"help": "Calibration sequences per forward pass."})
+    calibration_samples: int | None = field(default=128, metadata={"help": "Calibration sequences to run."})
+    calibration_length: int = field(default=512, metadata={"help": "Tokens per calibration sequence."})
+    calibration_batch_size: int = field(default=8, metadata={"help": "Calibration sequences per forward pass."})
     gram_dtype: Dtype = field(
         default="float32", metadata={"help": "Accumulation dtype of Gram matrices.", "choices": list(DTYPES)}
     )
@@ -116,17 +173,17 @@ class QuAILoRAConfig:
         default=False, metadata={"help": "Also report the uncalibrated SVD start's errors (doubles closed-form work)."}
     )
     # Output
-    show_progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+    show_progress: bool = field(default=True, metadata={"help": "Progress bars of the calibration and the solves."})
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
             raise ValueError(f"`solver` must be one of {SOLVERS}; got {self.solver!r}.")
-        if self.num_samples is not None and (not isinstance(self.num_samples, int) or self.num_samples < 1):
-            raise ValueError(f"`num_samples` ({self.num_samples}) must be a positive integer or None (all).")
-        if not isinstance(self.max_length, int) or self.max_length < 1:
-            raise ValueError(f"`max_length` ({self.max_length}) must be a positive integer.")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"`batch_size` ({self.batch_size}) must be a positive integer.")
+        samples = self.calibration_samples
+        if samples is not None and (not isinstance(samples, int) or samples < 1):
+            raise ValueError(f"`calibration_samples` ({samples}) must be a positive integer or None (all).")
+        for name in ("calibration_length", "calibration_batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"`{name}` ({getattr(self, name)}) must be a positive integer.")
         if not isinstance(self.als_iterations, int) or self.als_iterations < 0:
             raise ValueError(f"`als_iterations` ({self.als_iterations}) must be a non-negative integer.")
         if not (isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping >= 0):
@@ -141,4 +198,22 @@ class QuAILoRAConfig:
                 f"`gram_device` must be one of {GRAM_DEVICES} (the layer's own device, or the CPU); got "
                 f"{self.gram_device!r}."
             )
-        parse_memory_budget(self.memory_budget)  # raises on a bad budget, before any work
+        self.memory_budget_bytes  # parsed here, so that a bad budget fails before any work
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        """`memory_budget` in bytes (`None` for `"auto"`), parsed once and kept while `memory_budget` is unchanged.
+
+        Raises:
+            ValueError / TypeError: a budget `parse_memory_budget` refuses.
+        """
+        parsed = self.__dict__.get("_parsed_memory_budget")
+        if parsed is None or parsed[0] is not self.memory_budget:
+            parsed = (self.memory_budget, parse_memory_budget(self.memory_budget))
+            self.__dict__["_parsed_memory_budget"] = parsed
+        return parsed[1]
+
+    # Former names, read-only (not fields: a parser never sees them)
+    num_samples = _renamed_attribute("num_samples", "calibration_samples")
+    max_length = _renamed_attribute("max_length", "calibration_length")
+    batch_size = _renamed_attribute("batch_size", "calibration_batch_size")

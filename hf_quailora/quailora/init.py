@@ -17,7 +17,8 @@ from hf_quailora import load_quantized_model
 
 model, tokenizer = load_quantized_model("smollm2-135m", quantization="nf4")
 model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules="all-linear"))
-report = quailora_init(model, c4_texts, QuAILoRAConfig(num_samples=32, max_length=256), tokenizer=tokenizer)
+report = quailora_init(model, c4_texts, QuAILoRAConfig(calibration_samples=32, calibration_length=256),
+                       tokenizer=tokenizer)
 print(report.to_markdown())
 ```
 """
@@ -44,8 +45,9 @@ from ..quantization import (
 from .calibration import GramStatistics, check_dtype, make_calibration_batches
 from .config import QuAILoRAConfig
 from .report import LayerReport, QuAILoRAReport
+from .schedule import Schedule, plan_schedule
 from .solvers import calibrated_error, frobenius_error, solve_als, solve_closed_form, solve_svd, split_for_lora
-from .streaming import Schedule, plan_schedule, stream_statistics
+from .streaming import stream_statistics
 from .weights import FullPrecisionWeights
 
 
@@ -172,18 +174,12 @@ def _check_calibration(model, calibration, plans: list[_Plan], tokenizer, config
         # an id beyond the vocabulary would fail deep inside the embedding lookup: checked here, with the model's size
         vocab_size = getattr(model.get_input_embeddings(), "num_embeddings", None)
         return make_calibration_batches(
-            calibration, tokenizer, config.num_samples, config.max_length, config.batch_size, vocab_size=vocab_size
+            calibration, tokenizer, config.calibration_samples, config.calibration_length,
+            config.calibration_batch_size, vocab_size=vocab_size,
         )
     if config.solver != "svd":
         raise ValueError(f"The {config.solver!r} solver needs calibration data; pass `calibration` or use 'svd'.")
     return None
-
-
-def _gram_devices(model, config: QuAILoRAConfig) -> tuple[torch.device | None, torch.device]:
-    """Where Gram matrices accumulate (None: each layer's device) and the device whose free memory counts."""
-    if config.gram_device == "cpu":
-        return torch.device("cpu"), torch.device("cpu")
-    return None, next(model.parameters()).device
 
 
 def _prepare(model, calibration, config, tokenizer, full_precision_weights, adapter_name):
@@ -202,7 +198,7 @@ def _prepare(model, calibration, config, tokenizer, full_precision_weights, adap
     schedule = Schedule("off", [[plan.name for plan in plans]])
     if calibration is not None and not isinstance(calibration, GramStatistics):
         in_features = {plan.name: plan.shape[1] for plan in plans}
-        schedule = plan_schedule(model, in_features, config, _gram_devices(model, config)[1])
+        schedule = plan_schedule(model, in_features, config)  # the budget, the check and the devices, once
     return weights, plans, skipped, calibration, schedule
 
 
@@ -228,8 +224,7 @@ def _statistics_per_group(model, calibration, plans: list[_Plan], schedule: Sche
     check_dtype(dtype)
     modules = {plan.name: plan.module for plan in plans}
     with _calibration_mode(model):
-        groups = stream_statistics(model, calibration, modules, schedule, dtype, _gram_devices(model, config)[0],
-                                   config.show_progress)
+        groups = stream_statistics(model, calibration, modules, schedule, dtype, config.show_progress)
         while True:
             started = time.perf_counter()
             stats = next(groups, None)

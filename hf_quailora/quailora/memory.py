@@ -1,5 +1,7 @@
 """The memory of QuAILoRA initialisation: the budget option, how blocks are grouped, and the README's formula.
 
+This module estimates and measures; `quailora/schedule.py` decides (the groups, the checks) from these numbers.
+
 The peak *extra* memory of `quailora_init` (beyond the quantized model and its adapter) is
 
     Gram bytes of one group  +  (replay only) the cached hidden states  +  the factors solved so far
@@ -17,7 +19,8 @@ The peak *extra* memory of `quailora_init` (beyond the quantized model and its a
   (a failure leaves the model untouched): `r × Σ (in + out) × b_adapter` at the end, one adapter's size.
 - The hidden-state cache of replay: the current block's inputs for every calibration token, replaced batch by batch
   by its outputs, `tokens × h × b_act` (b_act: the compute dtype's bytes, e.g. 2 in bf16).
-- One calibration step (one batch of `T_b = batch_size × max_length` tokens through one block, with the hooks):
+- One calibration step (one batch of `T_b = batch_size × max_length` tokens through one block, with the hooks;
+  `QuAILoRAConfig`'s `calibration_batch_size` and `calibration_length`):
   the block's activations, about `T_b × (4·i + 6·h) × b_act`, with `attn_implementation="eager"` its scores and
   probabilities `2 × batch_size × heads × max_length² × b_act` (SDPA, transformers' default, does not hold them),
   and the hook's rows and product in at least float32,
@@ -104,19 +107,18 @@ def free_memory(device: torch.device) -> int:
         return int(fields["MemAvailable"].split()[0]) * 1024
 
 
-def group_blocks(block_bytes: list[int], budget: int, block_names: list[str]) -> list[list[int]]:
+def group_blocks(block_bytes: list[int], budget: int) -> list[list[int]]:
     """Consecutive blocks in groups whose Gram bytes (`block_bytes`, an upper bound per block) fit in `budget`.
 
-    Raises:
-        ValueError: one block alone needs more than `budget`, naming the block and the minimum budget.
+    The caller checks first that every block fits (`quailora.schedule` does, naming the block); a block larger than
+    `budget` would get a group of its own.
+
+    Example:
+
+    ```python
+    group_blocks([3, 3, 3], budget=6)  # [[0, 1], [2]]
+    ```
     """
-    largest = max(range(len(block_bytes)), key=block_bytes.__getitem__)
-    if block_bytes[largest] > budget:
-        raise ValueError(
-            f"`memory_budget` ({format_bytes(budget)}) is smaller than one block: {block_names[largest]} needs "
-            f"{format_bytes(block_bytes[largest])} ({block_bytes[largest]} bytes) of Gram matrices. Give at least "
-            f"that, 'auto', or gram_dtype='float32' (half the bytes)."
-        )
     groups, current, used = [], [], 0
     for index, size in enumerate(block_bytes):
         if current and used + size > budget:
@@ -168,7 +170,8 @@ def estimate_init_memory(config, num_samples: int = 128, max_length: int = 512, 
     Args:
         config: a transformers `PretrainedConfig` (or anything with `hidden_size`, `intermediate_size`,
             `num_hidden_layers`, `num_attention_heads`, `vocab_size`; optional `num_key_value_heads`, `head_dim`).
-        num_samples / max_length / batch_size (`int`, default 128 / 512 / 8): as in `QuAILoRAConfig`.
+        num_samples / max_length / batch_size (`int`, default 128 / 512 / 8): `QuAILoRAConfig`'s
+            `calibration_samples` / `calibration_length` / `calibration_batch_size`.
         gram_bytes / solve_bytes (`int`, default 4 / 8): bytes per element of `gram_dtype` / `solve_dtype`.
         activation_bytes (`int`, defaults to 2): bytes per element of the compute dtype (bf16).
         rank (`int`, defaults to 16): the LoRA rank r.

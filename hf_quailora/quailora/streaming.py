@@ -1,6 +1,7 @@
 """Streamed calibration: the decoder blocks a group at a time, so that only one group's Gram matrices are alive.
 
-Two ways, chosen by `QuAILoRAConfig.streaming`:
+This module executes a `Schedule` that `quailora/schedule.py` planned (the groups, the mode, the Gram device); it
+decides nothing. Two ways, chosen by `QuAILoRAConfig.streaming`:
 
 - *replay* (as GPTQ implementations do): one recording pass stores, per calibration batch, the hidden states
   entering the first block and the forward arguments of every block (attention masks and position embeddings
@@ -17,124 +18,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from .calibration import GramCollector, GramStatistics, collect_gram_matrices, finish_statistics
-from .memory import format_bytes, free_memory, group_blocks, parse_memory_budget
+from .schedule import Schedule
 
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Schedule:
-    """Which layers are calibrated together, and how.
-
-    Attributes:
-        mode: `"replay"`, `"passes"` or `"off"` (one group of everything).
-        groups: layer names per group, in the order the model runs them.
-        blocks: the decoder blocks (replay and passes); `block_of[name]` is the block index of a layer.
-        outside: layers in no block (calibrated by one whole-model pass after the blocks).
-    """
-
-    mode: str
-    groups: list[list[str]]
-    blocks: list[torch.nn.Module] = field(default_factory=list)
-    block_of: dict[str, int] = field(default_factory=dict)
-    outside: list[str] = field(default_factory=list)
-
-
-def find_decoder_blocks(model: torch.nn.Module, layer_names: list[str]):
-    """The `nn.ModuleList` holding the most of `layer_names` (the decoder blocks), or None.
-
-    Returns:
-        `(list_name, blocks, block_of)`: the list's name, its modules and layer name → block index.
-    """
-    best = None
-    for name, module in model.named_modules():  # outer lists first: a tie keeps the outer one
-        if not isinstance(module, torch.nn.ModuleList) or len(module) == 0:
-            continue
-        prefix = f"{name}."
-        inside = {
-            layer: int(layer[len(prefix):].split(".", 1)[0]) for layer in layer_names if layer.startswith(prefix)
-        }
-        if inside and (best is None or len(inside) > len(best[2])):
-            best = (name, list(module), inside)
-    return best
-
-
-def _block_bytes(names_per_block: list[list[str]], in_features: Mapping[str, int], element_bytes: int) -> list[int]:
-    """Upper bound of each block's Gram bytes: `in²` per LoRA layer (not subtracting shared inputs)."""
-    return [sum(in_features[name] ** 2 * element_bytes for name in names) for names in names_per_block]
-
-
-def plan_schedule(model, in_features: Mapping[str, int], config, gram_device: torch.device) -> Schedule:
-    """Decide the mode and the groups from the config and the model, before any forward pass.
-
-    Raises:
-        ValueError: the budget is smaller than one block (naming the block and the minimum), or replay was asked
-            for a model whose LoRA layers lie in no list of blocks.
-    """
-    names = list(in_features)
-    budget = parse_memory_budget(config.memory_budget)
-    found = find_decoder_blocks(model, names) if config.streaming != "off" else None
-    if found is None:
-        if config.streaming == "replay":
-            raise ValueError(
-                "streaming='replay' needs the LoRA layers inside a list of decoder blocks (an nn.ModuleList); this "
-                "model has none. Use streaming='passes' or 'auto'."
-            )
-        return Schedule("off", [names])
-    list_name, blocks, block_of = found
-    mode = "passes" if config.streaming == "passes" else "replay"
-    per_block = [[name for name in names if block_of.get(name) == index] for index in range(len(blocks))]
-    element_bytes = torch.finfo(getattr(torch, config.gram_dtype)).bits // 8
-    sizes = _block_bytes(per_block, in_features, element_bytes)
-    block_names = [f"{list_name}.{index}" for index in range(len(blocks))]
-    if budget is None:  # "auto": one block's Gram matrices must fit in what the Gram device has free
-        free = _smallest_over_processes(free_memory(gram_device), gram_device)
-        _check_one_block_fits(sizes, block_names, free, gram_device, element_bytes)
-        if mode == "passes":
-            budget = max(free // 2, max(sizes))
-    if budget is None:  # replay: one block at a time costs no extra compute
-        index_groups = [[index] for index in range(len(blocks)) if per_block[index]]
-    else:
-        used = [index for index in range(len(blocks)) if per_block[index]]
-        index_groups = [[used[i] for i in group] for group in
-                        group_blocks([sizes[i] for i in used], budget, [block_names[i] for i in used])]
-    groups = [[name for index in group for name in per_block[index]] for group in index_groups]
-    outside = [name for name in names if name not in block_of]
-    logger.info(
-        "QuAILoRA streams %d blocks of %s by %s in %d groups (at most %s of Gram matrices per block)%s.",
-        len(blocks), list_name, mode, len(groups), format_bytes(max(sizes)),
-        f", plus one pass for {len(outside)} layers outside the blocks" if outside else "",
-    )
-    return Schedule(mode, groups, blocks, block_of, outside)
-
-
-def _check_one_block_fits(sizes: list[int], block_names: list[str], free: int, gram_device: torch.device,
-                          element_bytes: int) -> None:
-    largest = max(range(len(sizes)), key=sizes.__getitem__)
-    if sizes[largest] > free:
-        advice = ["free memory"] + (["gram_device='cpu'"] if gram_device.type != "cpu" else [])
-        advice += ["gram_dtype='float32' (half the bytes)"] if element_bytes > 4 else []
-        raise ValueError(
-            f"QuAILoRA cannot stream even one block: {block_names[largest]} needs {format_bytes(sizes[largest])} of "
-            f"Gram matrices and {gram_device} has {format_bytes(free)} free. Use {', '.join(advice)}, or fewer "
-            "LoRA target modules."
-        )
-
-
-def _smallest_over_processes(value: int, device: torch.device) -> int:
-    """The smallest `value` over processes, so that every process plans the same groups (the same collectives)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN)
-    return int(tensor.item())
 
 
 class _StopForward(Exception):
@@ -232,12 +124,13 @@ def arguments_of(arguments: list, index: int) -> Iterator[tuple]:
 
 
 def stream_statistics(model, batches: list[dict], modules: Mapping[str, torch.nn.Module], schedule: Schedule,
-                      dtype: torch.dtype, gram_device: torch.device | None,
-                      show_progress: bool) -> Iterator[GramStatistics]:
-    """Yield the Gram statistics of each group of `schedule` in turn (summed over processes).
+                      dtype: torch.dtype, show_progress: bool) -> Iterator[GramStatistics]:
+    """Yield the Gram statistics of each group of `schedule` in turn (summed over processes), accumulated in `dtype`
+    on `schedule.gram_device`.
 
     Drop each group's statistics before asking for the next: only then is one group alive at a time.
     """
+    gram_device = schedule.gram_device
     if schedule.mode == "passes" or schedule.mode == "off":
         one_pass = len(schedule.groups) < 2  # a bar over batches; else a bar over groups
         for group in tqdm(schedule.groups, desc="QuAILoRA passes", disable=not show_progress or one_pass, unit="group"):

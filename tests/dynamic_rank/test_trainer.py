@@ -367,7 +367,8 @@ def test_quailora_init_callback_runs_inside_the_dynamic_rank_trainer(tiny_model_
 
     model, tokenizer = load_quantized_model(tiny_model_path, quantization="nf4")
     model = get_peft_model(model, LoraConfig(r=R, lora_alpha=16, target_modules="all-linear"))
-    callback = QuAILoRAInitCallback(calibration_dataset=tiny_texts, num_samples=len(tiny_texts), max_length=32)
+    callback = QuAILoRAInitCallback(calibration_dataset=tiny_texts, calibration_samples=len(tiny_texts),
+                                    calibration_length=32)
     trainer = make_trainer(tiny_model_path, tiny_texts, tmp_path, model=(model, tokenizer), callbacks=[callback],
                            rank_scaling="constant", max_steps=1, learning_rate=0.0, eval_ranks=[1, 2, 4, 8])
     before = trainer.evaluate()  # B = 0: the NF4 model at every rank
@@ -384,7 +385,7 @@ def test_rank_scaling_defaults_to_constant_with_quailora_and_to_per_rank_without
 
     plain = make_trainer(tiny_model_path, tiny_texts, tmp_path / "plain", max_steps=1)
     assert plain.args.rank_scaling is None and plain.rank_scaling == "per_rank"
-    callback = QuAILoRAInitCallback(calibration_dataset=tiny_texts, num_samples=4, max_length=32)
+    callback = QuAILoRAInitCallback(calibration_dataset=tiny_texts, calibration_samples=4, calibration_length=32)
     with_quailora = make_trainer(tiny_model_path, tiny_texts, tmp_path / "q", quantization="nf4", callbacks=[callback],
                                  max_steps=1)
     assert with_quailora.rank_scaling == "constant"

@@ -292,7 +292,7 @@ def test_quailora_init_gives_every_truncated_rank_its_own_optimum_under_constant
     def initialised(r):
         model, tokenizer = load_quantized_model(tiny_model_path, quantization="nf4")
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=ALPHA, target_modules="all-linear"))
-        config = QuAILoRAConfig(num_samples=len(tiny_texts), max_length=32, show_progress=False)
+        config = QuAILoRAConfig(calibration_samples=len(tiny_texts), calibration_length=32, show_progress=False)
         quailora_init(model, tiny_texts, config, tokenizer=tokenizer)
         return find_dynamic_rank_layers(model)
 

@@ -79,7 +79,8 @@ def initialised(request, family_path) -> Initialised:
         return Initialised(family.name, path, model, tokenizer, None, {})
     ids = calibration_ids(len(tokenizer))
     grams = collect_grams(model, ids)
-    report = quailora_init(model, ids, QuAILoRAConfig(solver="closed_form", show_progress=False, batch_size=8))
+    config = QuAILoRAConfig(solver="closed_form", show_progress=False, calibration_batch_size=8)
+    report = quailora_init(model, ids, config)
     return Initialised(family.name, path, model, tokenizer, report, grams)
 
 

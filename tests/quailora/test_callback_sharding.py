@@ -41,7 +41,7 @@ def test_a_trainer_launched_for_fsdp_is_refused_before_calibration(tiny_model_pa
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     model, tokenizer = lora_model(tiny_model_path)
     before = snapshot(model)
-    callback = QuAILoRAInitCallback(calibration_dataset=tiny_texts, num_samples=4, max_length=16)
+    callback = QuAILoRAInitCallback(calibration_dataset=tiny_texts, calibration_samples=4, calibration_length=16)
     trainer = SFTTrainer(model=model, args=sft_args(tmp_path), processing_class=tokenizer, callbacks=[callback],
                          train_dataset=datasets.Dataset.from_dict({"text": tiny_texts}))
     with pytest.raises(ValueError, match=REFUSAL.format("FSDP")):

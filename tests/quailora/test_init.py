@@ -147,8 +147,8 @@ def test_error_bad_config():
         QuAILoRAConfig(solver="magic")
     with pytest.raises(ValueError, match="damping"):
         QuAILoRAConfig(damping=float("nan"))
-    with pytest.raises(ValueError, match="num_samples"):
-        QuAILoRAConfig(num_samples=0)
+    with pytest.raises(ValueError, match=r"`calibration_samples` \(0\)"):
+        QuAILoRAConfig(calibration_samples=0)
 
 
 def test_error_empty_calibration_and_padding_only(tiny_model_path, tiny_texts):
@@ -201,3 +201,29 @@ def test_no_partial_writes_on_error(tiny_model_path, tiny_texts):
         quailora_init(model, tiny_texts, tokenizer=tokenizer, full_precision_weights=state_dict)
     for name, value in snapshot(model).items():
         assert torch.equal(value, before[name]), name
+
+
+def test_former_calibration_names_are_deprecated_aliases_not_fields():
+    import dataclasses
+
+    from hf_quailora import QuAILoRAInitCallback
+
+    with pytest.warns(FutureWarning) as record:
+        config = QuAILoRAConfig(num_samples=8, max_length=32, batch_size=2)
+    assert [str(warning.message) for warning in record] == [
+        f"`{old}` is deprecated; use `{new}`." for old, new in
+        (("num_samples", "calibration_samples"), ("max_length", "calibration_length"),
+         ("batch_size", "calibration_batch_size"))
+    ]
+    assert (config.calibration_samples, config.calibration_length, config.calibration_batch_size) == (8, 32, 2)
+    with pytest.warns(FutureWarning, match="`max_length` is deprecated; use `calibration_length`"):
+        assert config.max_length == 32  # read-only attribute
+    with pytest.raises(AttributeError):
+        config.num_samples = 4
+    with pytest.raises(TypeError, match="`num_samples` and `calibration_samples` were both given"):
+        QuAILoRAConfig(num_samples=8, calibration_samples=8)
+    names = {field.name for field in dataclasses.fields(QuAILoRAConfig)}
+    assert not names & {"num_samples", "max_length", "batch_size"}  # a parser never sees them (SFTConfig's max_length)
+    with pytest.warns(FutureWarning, match="`num_samples` is deprecated"):
+        callback = QuAILoRAInitCallback(config=QuAILoRAConfig(solver="als"), num_samples=4)
+    assert (callback.config.solver, callback.config.calibration_samples) == ("als", 4)

@@ -68,7 +68,7 @@ def test_callback_in_sfttrainer_lowers_the_first_step_loss_and_trains(smollm2_pa
     qlora_losses, _ = _first_losses(smollm2_path, tmp_path / "qlora", None)
     # QuAILoRA's start was chosen before training begins; trl then trains those very Parameters.
     callback = QuAILoRAInitCallback(calibration_dataset=datasets.Dataset.from_dict({"text": embedded_texts["c4"]}),
-                                    num_samples=8, max_length=128)
+                                    calibration_samples=8, calibration_length=128)
     quailora_losses, moved = _first_losses(smollm2_path, tmp_path / "quailora", callback)
     # The same first batch (same seed): a start closer to full precision gives a lower loss.
     assert quailora_losses[0] < qlora_losses[0], (qlora_losses, quailora_losses)

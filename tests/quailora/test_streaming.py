@@ -7,7 +7,8 @@ from peft import LoraConfig, get_peft_model
 
 from hf_quailora import QuAILoRAConfig, quailora_init
 from hf_quailora.quailora.memory import estimate_init_memory, parse_memory_budget
-from hf_quailora.quailora.streaming import find_decoder_blocks, record_block_inputs
+from hf_quailora.quailora.schedule import find_decoder_blocks
+from hf_quailora.quailora.streaming import record_block_inputs
 from hf_quailora.quantization import load_quantized_model
 
 from testing_utils import TINY_LINEAR_LAYERS, TINY_NUM_BLOCKS, require_bitsandbytes, snapshot, tensor_bytes
@@ -26,7 +27,8 @@ def quantized_lora(path, r=4, targets="all-linear"):
 
 def init_factors(path, texts, **settings):
     model, tokenizer = quantized_lora(path)
-    config = QuAILoRAConfig(show_progress=False, num_samples=12, batch_size=5, max_length=24, **settings)
+    config = QuAILoRAConfig(show_progress=False, calibration_samples=12, calibration_batch_size=5,
+                            calibration_length=24, **settings)
     report = quailora_init(model, texts, config, tokenizer=tokenizer)
     return snapshot(model), report
 
@@ -66,33 +68,33 @@ def test_the_budget_groups_blocks_and_a_budget_below_one_block_fails_before_any_
     model, tokenizer = quantized_lora(tiny_model_path)
     forwards = []
     model.register_forward_pre_hook(lambda module, args: forwards.append(1))
-    config = QuAILoRAConfig(show_progress=False, num_samples=4, streaming="passes",
+    config = QuAILoRAConfig(show_progress=False, calibration_samples=4, streaming="passes",
                             memory_budget=TINY_BLOCK_GRAM_BYTES - 1)
-    message = rf"smaller than one block: .*layers\.\d+ needs .*\({TINY_BLOCK_GRAM_BYTES} bytes\)"
+    message = rf"cannot stream even one block: .*layers\.\d+ needs .*\({TINY_BLOCK_GRAM_BYTES} bytes\).*memory_budget"
     with pytest.raises(ValueError, match=message):
         quailora_init(model, tiny_texts, config, tokenizer=tokenizer)
     assert not forwards
-    two_blocks = QuAILoRAConfig(show_progress=False, num_samples=4, streaming="passes",
+    two_blocks = QuAILoRAConfig(show_progress=False, calibration_samples=4, streaming="passes",
                                 memory_budget=TINY_BLOCK_GRAM_BYTES * TINY_NUM_BLOCKS)
     quailora_init(model, tiny_texts, two_blocks, tokenizer=tokenizer)
     assert len(forwards) == 1  # both blocks in one group: one pass (4 samples, one batch)
 
 
 def test_auto_refuses_when_one_block_does_not_fit_in_free_memory(tiny_model_path, tiny_texts, monkeypatch):
-    import hf_quailora.quailora.streaming as streaming
+    import hf_quailora.quailora.schedule as schedule
 
     model, tokenizer = quantized_lora(tiny_model_path)
     forwards = []
     model.register_forward_pre_hook(lambda module, args: forwards.append(1))
     # The machine's free memory is the input here; pretend the Gram device has less than one block's matrices.
-    monkeypatch.setattr(streaming, "free_memory", lambda device: TINY_BLOCK_GRAM_BYTES - 1)
+    monkeypatch.setattr(schedule, "free_memory", lambda device: TINY_BLOCK_GRAM_BYTES - 1)
     for mode in ("replay", "passes"):
-        config = QuAILoRAConfig(show_progress=False, num_samples=4, streaming=mode)
-        with pytest.raises(ValueError, match=r"cannot stream even one block: .*layers\.\d+ needs .* free"):
+        config = QuAILoRAConfig(show_progress=False, calibration_samples=4, streaming=mode)
+        with pytest.raises(ValueError, match=r"cannot stream even one block: .*layers\.\d+ needs .* free memory of"):
             quailora_init(model, tiny_texts, config, tokenizer=tokenizer)
     assert not forwards
-    monkeypatch.setattr(streaming, "free_memory", lambda device: TINY_BLOCK_GRAM_BYTES)
-    quailora_init(model, tiny_texts, QuAILoRAConfig(show_progress=False, num_samples=4), tokenizer=tokenizer)
+    monkeypatch.setattr(schedule, "free_memory", lambda device: TINY_BLOCK_GRAM_BYTES)
+    quailora_init(model, tiny_texts, QuAILoRAConfig(show_progress=False, calibration_samples=4), tokenizer=tokenizer)
     assert forwards
 
 

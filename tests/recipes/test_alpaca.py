@@ -7,6 +7,9 @@ import sys
 
 import pytest
 
+from hf_quailora import QuAILoRAConfig
+from hf_quailora.scripts import build_quantization_config
+
 from testing_utils import REPO_ROOT, require_bitsandbytes
 
 
@@ -110,17 +113,33 @@ def test_conversational_data_without_a_chat_template_fail_before_the_model_loads
 def test_configs_parse(name, tmp_path):
     recipe = load_recipe()
     extra = [] if name == "alpaca.yaml" else ["--bf16", "false"]  # CI has no GPU; bf16 needs one
-    data_args, training_args, model_args, recipe_args = recipe["parse_args_and_config"](
+    data_args, training_args, model_args, recipe_args, quailora_args = recipe["parse_args_and_config"](
         args=["--config", os.path.join(CONFIGS, name), "--output_dir", str(tmp_path), *extra]
     )
     assert model_args.lora_r >= max(training_args.eval_ranks)
     assert training_args.update_rule in ("nested", "frozen")
-    assert model_args.quantization == "nf4" and model_args.quantization_config().bnb_4bit_use_double_quant
+    assert model_args.quantization == "nf4" and build_quantization_config(model_args).bnb_4bit_use_double_quant
+    assert quailora_args.solver == "closed_form" and quailora_args.calibration_samples in (32, 128)
+
+
+def test_demo_config_gives_the_quailora_settings_it_gave_before(tmp_path):
+    """alpaca.yaml, unchanged, keeps every QuAILoRA setting: 32 × 256 calibration tokens, batches of 8, closed form,
+    the library's other defaults; the training length (`max_length: 192`) stays SFTConfig's."""
+    import dataclasses
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # its `quailora_solver` is the former name of `solver`
+        _, training_args, _, recipe_args, quailora_args = load_recipe()["parse_args_and_config"](
+            args=["--config", os.path.join(CONFIGS, "alpaca.yaml"), "--output_dir", str(tmp_path)])
+    expected = dataclasses.asdict(QuAILoRAConfig(calibration_samples=32, calibration_length=256))
+    assert dataclasses.asdict(quailora_args) == expected and training_args.max_length == 192
+    assert recipe_args.quailora and recipe_args.calibration_dataset == "c4"
 
 
 def test_no_arguments_means_the_dataclass_defaults_not_the_demo_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # TrainingArguments' default output_dir is relative
-    data_args, training_args, model_args, recipe_args = load_recipe()["parse_args_and_config"](args=[])
+    data_args, training_args, model_args, recipe_args, quailora_args = load_recipe()["parse_args_and_config"](args=[])
     assert model_args.model_name_or_path == "smollm2-135m" and data_args.dataset_name == "alpaca"  # offline-safe
     assert model_args.quantization == "nf4" and model_args.use_peft and model_args.lora_target_modules == "all-linear"
     assert training_args.max_steps == -1 and training_args.output_dir != "outputs/alpaca"  # not alpaca.yaml's 20
@@ -142,11 +161,12 @@ def test_no_arguments_means_the_dataclass_defaults_not_the_demo_config(tmp_path,
     (["--dataset_name", "{tmp}/empty.json"], "Could not read .*empty.json as a dataset"),
     (["--calibration_dataset", "c44"], "'c44' is neither an embedded dataset"),
     (["--quantization", "none"], "quantized base"),
-    (["--quailora_damping", "-1"], "damping"),
-    (["--calibration_samples", "0"], r"`--calibration_samples` \(0\) must be a positive integer"),
+    (["--damping", "-1"], r"`damping` \(-1.0\)"),
+    (["--quailora_damping", "-1"], "damping"),  # the former flag, renamed
+    (["--calibration_samples", "0"], r"`calibration_samples` \(0\) must be a positive integer"),
     (["--sweep_tasks", "quailora_wiki_ppl", "--sweep_limit", "0"], "`limit` must be a positive number"),
     (["--sweep_tasks", "hellaswag_offline_nope"], "Unknown lm-eval task"),
-    (["--quailora_memory_budget", "0"], "memory_budget"),
+    (["--memory_budget", "0"], "memory_budget"),
     (["--output_dir", "{tmp}/a_file"], "is an existing file, not a folder"),
     # trl's ModelConfig flags
     (["--load_in_4bit", "--load_in_8bit"], "`--load_in_4bit` and `--load_in_8bit` were both given"),
@@ -159,7 +179,7 @@ def test_no_arguments_means_the_dataclass_defaults_not_the_demo_config(tmp_path,
     (["--lora_modules_to_save", "lm_head"], "`--lora_modules_to_save`"),
     (["--lora_task_type", "SEQ_CLS"], "`--lora_task_type` must be CAUSAL_LM"),
     (["--lora_target_modules", ","], "`--lora_target_modules` is empty"),
-    (["--quailora_solver", "als", "--quailora_als_iterations", "-1"], "`--quailora_als_iterations` \\(-1\\)"),
+    (["--solver", "als", "--als_iterations", "-1"], "`als_iterations` \\(-1\\)"),
     # trl's ScriptArguments flags and the data's shape
     (["--dataset_name", "{tmp}/qa.json"], r"has the columns \['answer', 'question'\].*Expected one of: 'messages'"),
     (["--dataset_name", "{tmp}/flat_messages.json"], "`messages` column does not hold a list of messages"),

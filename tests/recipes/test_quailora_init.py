@@ -18,7 +18,7 @@ def test_quailora_init_recipe_runs_and_writes_its_report(tiny_model_path, tmp_pa
     out = tmp_path / "out"
     argv = ["quailora_init.py", "--model_name_or_path", tiny_model_path, "--lora_r", "4", "--calibration_samples", "4",
             "--window_length", "32", "--calibration_length", "32", "--eval_windows", "2", "--output_dir", str(out),
-            "--quailora_show_progress", "false"]
+            "--show_progress", "false"]
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(os.path.join(RECIPES, "quailora_init.py"), run_name="__main__")
     printed = capsys.readouterr().out
@@ -34,11 +34,12 @@ def test_quailora_init_recipe_takes_trl_flags(tiny_model_path, tmp_path, monkeyp
     out = tmp_path / "out"
     argv = ["quailora_init.py", "--model_name_or_path", tiny_model_path, "--load_in_8bit", "--lora_r", "2",
             "--lora_target_modules", "q_proj", "v_proj", "--calibration_samples", "2", "--calibration_length", "32",
-            "--eval_windows", "0", "--output_dir", str(out), "--quailora_show_progress", "false"]
+            "--eval_windows", "0", "--output_dir", str(out), "--show_progress", "false", "--solver", "als",
+            "--als_iterations", "2"]
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(os.path.join(RECIPES, "quailora_init.py"), run_name="__main__")
     saved = json.loads((out / "quailora_report.json").read_text())
-    assert saved["quantization"] == "int8" and saved["rank"] == 2
+    assert saved["quantization"] == "int8" and saved["rank"] == 2 and saved["solver"] == "als"
     assert len(saved["report"]["layers"]) == 2 * TINY_NUM_BLOCKS  # q_proj and v_proj of each block
 
 
@@ -47,16 +48,22 @@ def test_quailora_init_recipe_still_takes_its_old_flag_names(tiny_model_path, tm
     out = tmp_path / "out"
     argv = ["quailora_init.py", "--model_name_or_path", tiny_model_path, "--rank", "2", "--target_modules", "k_proj",
             "--num_samples=2", "--max_length", "32", "--eval_windows", "0", "--output_dir", str(out),
-            "--show_progress", "false"]
+            "--quailora_show_progress", "false", "--quailora_solver", "svd"]
     monkeypatch.setattr(sys, "argv", argv)
-    with pytest.warns(FutureWarning, match="`--rank` is deprecated; use `--lora_r`"):
+    with pytest.warns(FutureWarning) as record:
         runpy.run_path(os.path.join(RECIPES, "quailora_init.py"), run_name="__main__")
+    renamed = {("rank", "lora_r"), ("target_modules", "lora_target_modules"), ("num_samples", "calibration_samples"),
+               ("max_length", "calibration_length"), ("quailora_show_progress", "show_progress"),
+               ("quailora_solver", "solver")}
+    assert {f"`--{old}` is deprecated; use `--{new}`." for old, new in renamed} <= {str(w.message) for w in record}
     saved = json.loads((out / "quailora_report.json").read_text())
     assert saved["rank"] == 2 and len(saved["report"]["layers"]) == TINY_NUM_BLOCKS  # k_proj only
+    assert saved["solver"] == "svd"
 
 
 @pytest.mark.parametrize("argv, error, match", [
-    (["--quailora_solver", "magic"], SystemExit, None),  # argparse rejects a value outside `choices`
+    (["--solver", "magic"], SystemExit, None),  # argparse rejects a value outside `choices`
+    (["--calibration_length", "0"], ValueError, r"`calibration_length` \(0\) must be a positive integer"),
     (["--lora_r", "0"], ValueError, r"`--lora_r` \(0\) must be at least 1"),
     (["--load_in_4bit", "--load_in_8bit"], ValueError, "`--load_in_4bit` and `--load_in_8bit` were both given"),
     (["--use_dora"], ValueError, "`--use_dora` is not supported"),

@@ -26,7 +26,7 @@ def main(model_dir: str, out_dir: str) -> None:
     data = datasets.Dataset.from_dict({"prompt": [t[:20] for t in texts], "completion": [t[20:] for t in texts]})
     args = SFTConfig(output_dir=out_dir, max_steps=1, per_device_train_batch_size=2, max_length=64, bf16=False,
                      use_cpu=True, report_to="none", save_strategy="no", learning_rate=0.0, ddp_backend="gloo")
-    callback = QuAILoRAInitCallback(calibration_dataset=texts, num_samples=8, max_length=32)
+    callback = QuAILoRAInitCallback(calibration_dataset=texts, calibration_samples=8, calibration_length=32)
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[callback])
     trainer.train()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
