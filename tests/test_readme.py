@@ -12,7 +12,6 @@ from testing_utils import REPO_ROOT, require_bitsandbytes
 
 README = os.path.join(REPO_ROOT, "README.md")
 SMALLER = {"max_steps=20": "max_steps=2", "limit=50": "limit=1", "limit=20": "limit=1", "num_windows=32": "num_windows=4",
-           "num_samples=64": "num_samples=4",  # the former name of calibration_samples
            "calibration_samples=64": "calibration_samples=4"}
 
 

@@ -2,13 +2,18 @@
 
 | module | holds |
 |---|---|
-| `config` | `QuAILoRAConfig` |
+| `config` | `QuAILoRAConfig` (its calibration fields are prefixed, so trl's parser takes it beside `SFTConfig`) |
 | `calibration` | calibration batches, padding-masked Gram matrices `H = XᵀX` from forward hooks |
-| `weights` | `FullPrecisionWeights`: W streamed from a checkpoint or taken from a state dict |
+| `weights`, `key_mapping` | `FullPrecisionWeights`: W streamed from a checkpoint (through the model's key mapping) or a state dict |
 | `solvers` | pure tensor math: closed form, ALS, SVD start, component sorting (torch only) |
+| `schedule` | the plan of the streamed init: which blocks are calibrated together, on which devices, checked once |
+| `streaming` | the plan executed: block replay or one pass per group |
+| `memory` | the estimate: the memory formula, the budget option, free memory |
 | `init` | `quailora_init`: plan → calibrate → solve → write |
 | `report` | `QuAILoRAReport`, `LayerReport` |
 | `callback` | `QuAILoRAInitCallback`, for any Trainer |
+
+The start knows nothing of dynamic-rank training, which builds on it (never the reverse).
 """
 
 from .callback import QuAILoRAInitCallback

@@ -1,4 +1,5 @@
-"""The memory of QuAILoRA initialisation: the budget option, how blocks are grouped, and the README's formula.
+"""The memory of QuAILoRA initialisation: the budget option, how blocks are grouped, and the formula of docs/memory.md,
+term by term.
 
 This module estimates and measures; `quailora/schedule.py` decides (the groups, the checks) from these numbers.
 

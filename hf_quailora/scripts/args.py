@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, fields
 from trl import ModelConfig, ScriptArguments
 
 from ..embedded.data import ALPACA_HOLDOUT
+from ..embedded.models import DEFAULT_MODEL
 from ..quailora.config import QuAILoRAConfig, accept_renamed_options
 from ..quantization import QUANTIZATIONS
 
@@ -88,7 +89,7 @@ class RecipeModelConfig(ModelConfig):
 
     # Defaults that differ from trl's ModelConfig
     model_name_or_path: str | None = field(
-        default="smollm2-135m", metadata={"help": "Embedded name (smollm2-135m, gemma3-270m), folder or Hub id."}
+        default=DEFAULT_MODEL, metadata={"help": "Embedded name (smollm2-135m, gemma3-270m), folder or Hub id."}
     )
     dtype: str | None = field(
         default=None,

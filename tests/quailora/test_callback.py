@@ -38,13 +38,13 @@ def sft_args(tmp_path, **kwargs):
 def test_callback_initialises_then_trains_the_same_parameters(tiny_model_path, tiny_texts, tmp_path):
     # Reference: quailora_init on an identical fresh model with the same calibration data.
     reference_model, tokenizer = lora_model(tiny_model_path)
-    quailora_init(reference_model, tiny_texts, QuAILoRAConfig(num_samples=8, max_length=32, show_progress=False),
+    quailora_init(reference_model, tiny_texts, QuAILoRAConfig(calibration_samples=8, calibration_length=32, show_progress=False),
                   tokenizer=tokenizer)
     reference = snapshot(reference_model)
 
     # learning rate 0: after "training" the weights are exactly the callback's initialisation
     model, tokenizer = lora_model(tiny_model_path)
-    callback = QuAILoRAInitCallback(calibration_dataset=tiny_texts, num_samples=8, max_length=32)
+    callback = QuAILoRAInitCallback(calibration_dataset=tiny_texts, calibration_samples=8, calibration_length=32)
     trainer = SFTTrainer(model=model, args=sft_args(tmp_path / "lr0", learning_rate=0.0),
                          train_dataset=sft_data(tiny_texts), processing_class=tokenizer, callbacks=[callback])
     trainer.train()
@@ -59,7 +59,7 @@ def test_callback_initialises_then_trains_the_same_parameters(tiny_model_path, t
     model, tokenizer = lora_model(tiny_model_path)
     trainer = SFTTrainer(model=model, args=sft_args(tmp_path / "lr"), train_dataset=sft_data(tiny_texts),
                          processing_class=tokenizer,
-                         callbacks=[QuAILoRAInitCallback(calibration_dataset=tiny_texts, num_samples=8, max_length=32)])
+                         callbacks=[QuAILoRAInitCallback(calibration_dataset=tiny_texts, calibration_samples=8, calibration_length=32)])
     trainer.train()
     optimizer_params = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     after = snapshot(model)
@@ -74,7 +74,7 @@ def test_callback_initialises_then_trains_the_same_parameters(tiny_model_path, t
 def test_callback_calibrates_from_the_train_dataloader(tiny_model_path, tiny_texts, tmp_path):
     model, tokenizer = lora_model(tiny_model_path)
     before = snapshot(model)
-    callback = QuAILoRAInitCallback(num_samples=4, report_file=None)
+    callback = QuAILoRAInitCallback(calibration_samples=4, report_file=None)
     trainer = SFTTrainer(model=model, args=sft_args(tmp_path, learning_rate=0.0), train_dataset=sft_data(tiny_texts),
                          processing_class=tokenizer, callbacks=[callback])
     trainer.train()
@@ -129,8 +129,8 @@ def test_callback_refuses_a_dataset_name_or_float_calibration_when_made():
 def test_callback_takes_quailora_config_fields_as_overrides_and_no_defaults_of_its_own():
     default = QuAILoRAInitCallback().config
     assert default == QuAILoRAConfig()  # the config's own defaults, not a second copy
-    callback = QuAILoRAInitCallback(config=QuAILoRAConfig(solver="als", damping=1e-2), num_samples=4)
-    assert (callback.config.solver, callback.config.damping, callback.config.num_samples) == ("als", 1e-2, 4)
+    callback = QuAILoRAInitCallback(config=QuAILoRAConfig(solver="als", damping=1e-2), calibration_samples=4)
+    assert (callback.config.solver, callback.config.damping, callback.config.calibration_samples) == ("als", 1e-2, 4)
     with pytest.raises(TypeError, match="unknown settings \\['num_sample'\\]"):
         QuAILoRAInitCallback(num_sample=4)
 
