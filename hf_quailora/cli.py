@@ -67,7 +67,9 @@ def make_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true",
                         help="replace another adapter in --output_dir (an earlier export is replaced without it)")
 
-    # Listed for --help only: main() hands everything after `lm-eval` to lm-eval's own parser, untouched.
+    # Listed for --help only: main() hands everything after `init` / `lm-eval` to their own parsers, untouched.
+    commands.add_parser("init", add_help=False, help="write a QuAILoRA start as a peft adapter folder "
+                        "(`hf-quailora init --help`: the recipes' model, LoRA and calibration flags)")
     commands.add_parser("lm-eval", add_help=False, help="lm-eval's own command line, with hf-dynrank and the "
                         "offline tasks (`hf-quailora lm-eval --help` shows lm-eval's options)")
     return parser
@@ -134,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     quiet_bnb_warnings()
+    if argv[:1] == ["init"]:
+        from .scripts.init_adapter import main as init_main
+
+        return init_main(argv[1:])
     if argv[:1] == ["lm-eval"]:
         from .evaluation.lm_eval_cli import run_lm_eval_cli
 

@@ -3,7 +3,8 @@
 The same model, LoRA and QuAILoRA flags as `recipes/alpaca.py` (trl's `ModelConfig` names, `QuAILoRAConfig`'s
 field names, and the shared `RecipeArguments`). On a CPU, with the defaults (SmolLM2-135M-Instruct in NF4, LoRA
 r = 16 on all linear layers, 32 C4 calibration windows of 256 tokens, held-out Wikipedia windows) it takes a few
-minutes:
+minutes. It writes a report and, in `output_dir/adapter`, the initialised adapter (the folder `hf-quailora init`
+writes; `--save_adapter false` skips it):
 
     python recipes/quailora_init.py
     python recipes/quailora_init.py --lora_r 64 --solver als --calibration_samples 128 --calibration_length 512
@@ -38,6 +39,7 @@ from hf_quailora.scripts import (
     check_recipe_arguments,
     load_recipe_model,
 )
+from hf_quailora.scripts.init_adapter import calibration_record, save_quailora_start
 
 
 # This recipe's former flags, still accepted with a FutureWarning: its own names before it took trl's, the
@@ -54,6 +56,10 @@ class InitScriptArguments:
     eval_windows: int = field(default=16, metadata={"help": "Held-out windows for perplexity (0: skip)."})
     window_length: int = field(default=256, metadata={"help": "Tokens per held-out eval window."})
     output_dir: str = field(default="outputs/quailora_init", metadata={"help": "Where the report is written."})
+    save_adapter: bool = field(
+        default=True, metadata={"help": "Also write the initialised adapter to output_dir/adapter, as `hf-quailora "
+                                        "init` does (train it from there with any launcher)."}
+    )
     num_threads: int | None = field(default=None, metadata={"help": "torch threads (default: torch's)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run the model's own code from the Hub."})
 
@@ -105,6 +111,11 @@ def main(script_args: InitScriptArguments, model_args: RecipeModelConfig, recipe
         results["perplexity_quailora_start"] = compute_perplexity(model, windows, show_progress=True)
 
     _print_and_write(script_args, results, report, windows)
+    if script_args.save_adapter:
+        calibration = calibration_record(recipe_args.calibration_dataset, quailora_args, report,
+                                         int(calibration.shape[0]))
+        path = save_quailora_start(model, os.path.join(script_args.output_dir, "adapter"), calibration, report)
+        print(f"Initialised adapter written to {path} (hf-quailora init writes the same folder)")
     return results
 
 

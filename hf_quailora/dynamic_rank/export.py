@@ -31,7 +31,7 @@ from typing import NamedTuple
 from torch import nn
 
 from .._io_utils import ADAPTER_CONFIG, check_not_a_file, staged_folder
-from .._peft_utils import adapter_facts, record_adapter_facts
+from .._peft_utils import adapter_facts, record_adapter_facts, store_config_facts
 from .saved_adapter import SavedAdapter, read_saved_adapter
 from .spec import (
     DEFAULT_UPDATE_RULE,
@@ -200,6 +200,8 @@ def export_rank(
         model, adapter_name, max_rank=b, min_rank=min(facts.get("min_rank", 1), b), rank_scaling=rank_scaling,
         update_rule=facts.get("update_rule", DEFAULT_UPDATE_RULE), exported_rank=b,
     )
+    store_config_facts(config, quailora=metadata.quailora, rank_scaling=rank_scaling, min_rank=metadata.min_rank,
+                       max_rank=b, update_rule=metadata.update_rule)  # what a plain from_pretrained brings back
 
     # 2. Written together: a temporary folder, then published (adapter_config.json last).
     with staged_folder(output_dir) as tmp:

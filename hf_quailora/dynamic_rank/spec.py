@@ -281,6 +281,8 @@ class DynamicRankMetadata:
         quailora (`bool`): whether QuAILoRA initialised it.
         exported_rank (`int`, *optional*): set by `export_rank`: the adapter holds the first `exported_rank`
             components of a larger one.
+        calibration (`dict`, *optional*): a QuAILoRA start's calibration (data, samples, length, tokens, solver),
+            set by `hf-quailora init`; `None` otherwise, and for files written before it existed.
 
     Raises:
         TypeError / ValueError: a field of the wrong type or out of range, naming it.
@@ -300,6 +302,7 @@ class DynamicRankMetadata:
     quantization: str | None = None
     quailora: bool = False
     exported_rank: int | None = None
+    calibration: dict | None = None
 
     def __post_init__(self):
         from ..quantization import recorded_quantizations
@@ -318,6 +321,8 @@ class DynamicRankMetadata:
                     f"`exported_rank` ({self.exported_rank}) must equal `max_rank` ({self.max_rank}): an export "
                     "of rank b holds ranks 1..b."
                 )
+        if self.calibration is not None and not isinstance(self.calibration, dict):
+            raise TypeError(f"`calibration` must be a JSON object (a dict) or null; got {self.calibration!r}.")
 
     @classmethod
     def for_model(cls, model, adapter_name: str = "default", **fields) -> DynamicRankMetadata:

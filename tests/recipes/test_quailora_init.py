@@ -26,6 +26,11 @@ def test_quailora_init_recipe_runs_and_writes_its_report(tiny_model_path, tmp_pa
     saved = json.loads((out / "quailora_report.json").read_text())
     assert saved["perplexity_quailora_start"] > 0 and len(saved["report"]["layers"]) == TINY_LINEAR_LAYERS
     assert (out / "quailora_report.md").read_text().startswith("| layer |")
+    # the initialised adapter, as `hf-quailora init` writes it
+    metadata = json.loads((out / "adapter" / "dynamic_rank.json").read_text())
+    assert (metadata["quailora"], metadata["rank_scaling"], metadata["max_rank"]) == (True, "constant", 4)
+    assert metadata["calibration"]["dataset"] == "c4" and metadata["calibration"]["samples"] == 4
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
 @require_bitsandbytes
