@@ -9,5 +9,28 @@
 | `reporting` | result rows → JSON, Markdown, a PNG of each metric against rank |
 | `sweep_callback` | `RankSweepCallback`: the lm-eval sweep during and after training |
 
-This package's `__init__` imports nothing heavy: lm-eval loads only with `lm_eval_bridge`.
+This package's `__init__` imports nothing heavy: lm-eval loads only with `lm_eval_bridge`. lm-eval is the `eval`
+extra (`pip install 'hf_quailora[eval]'`); without it, every lm-eval piece raises `require_lm_eval`'s `ImportError`.
 """
+
+LM_EVAL_INSTALL = "pip install 'hf_quailora[eval]'"
+
+
+def require_lm_eval(what: str = "This") -> None:
+    """Raise an `ImportError` naming the `eval` extra unless lm-evaluation-harness can be imported.
+
+    Args:
+        what (`str`): the piece that needs it, for the message (e.g. `"hf-quailora lm-eval"`).
+
+    Raises:
+        ImportError: lm-eval is not installed (or fails to import; its own error is chained).
+
+    Example: `require_lm_eval("evaluate_ranks")` → `ImportError: evaluate_ranks needs lm-evaluation-harness ...`.
+    """
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            f"{what} needs lm-evaluation-harness (lm-eval>=0.4.13,<0.5), which is not installed: run "
+            f"`{LM_EVAL_INSTALL}`. Initialisation, training and export work without it."
+        ) from err

@@ -28,6 +28,11 @@ rows = evaluate_ranks(model, tokenizer, ranks=[1, 2, 4, 8], tasks=["quailora_wik
 
 from __future__ import annotations
 
+from . import require_lm_eval  # first: without lm-eval, an ImportError that names the `eval` extra
+
+
+require_lm_eval("hf_quailora's lm-eval bridge (evaluate_ranks, hf-dynrank, RankSweepCallback, hf-quailora eval)")
+
 import contextlib
 import logging
 import os

@@ -72,9 +72,13 @@ def run_lm_eval_cli(argv: list[str]) -> int:
         `int`: 0 once lm-eval has finished.
 
     Raises:
+        ImportError: lm-eval is not installed (the message names `pip install 'hf_quailora[eval]'`).
         ValueError: `--model` (or `model` in the `--config` YAML) names no registered model, checked before any task
             index or model loads; an `--include_path` that is not a folder.
     """
+    from . import require_lm_eval
+
+    require_lm_eval("hf-quailora lm-eval")
     from lm_eval._cli.harness import HarnessCLI  # what lm-eval's `cli_evaluate` runs, minus its own sys.argv read
     from lm_eval.utils import setup_logging
 
