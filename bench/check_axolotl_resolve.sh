@@ -32,5 +32,5 @@ PY
     exit 0
 fi
 echo "DOES NOT RESOLVE; pip says:"
-grep -iE "conflict|requires|because|cannot install|ResolutionImpossible|error" "$work/log" | head -30 || tail -30 "$work/log"
+grep -iE "conflict|depends on|requested|because|cannot install|ResolutionImpossible|error" "$work/log" | head -30 || tail -30 "$work/log"
 exit 1

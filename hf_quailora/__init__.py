@@ -11,6 +11,8 @@ from ._peft_utils import find_lora_layers
 from .dynamic_rank import (
     DynamicRankConfig,
     DynamicRankMetadata,
+    DynamicRankMixin,
+    DynamicRankSettings,
     DynamicRankTrainer,
     RankSampler,
     export_rank,
@@ -30,6 +32,8 @@ __all__ = [
     "DynamicRankConfig",
     "DynamicRankLM",
     "DynamicRankMetadata",
+    "DynamicRankMixin",
+    "DynamicRankSettings",
     "DynamicRankTrainer",
     "QuAILoRAConfig",
     "QuAILoRAInitCallback",

@@ -8,13 +8,15 @@
 | `saved_adapter` | `read_saved_adapter`: an adapter folder read and checked before any model loads |
 | `export` | `export_rank` (a rank as a plain peft adapter), `load_dynamic_rank_adapter` |
 | `config` | `DynamicRankConfig(SFTConfig)` |
-| `trainer` | `DynamicRankTrainer(SFTTrainer)`: one loop over the step plan, evaluation at every eval rank |
+| `mixin` | `DynamicRankMixin` (any transformers `Trainer`): one loop over the step plan, evaluation at every eval rank; `DynamicRankSettings` |
+| `trainer` | `DynamicRankTrainer(DynamicRankMixin, SFTTrainer)` |
 
 This subpackage builds on `hf_quailora.quailora` (it recognises a QuAILoRA start); the start never imports it.
 """
 
 from .config import DynamicRankConfig
 from .export import export_rank, load_dynamic_rank_adapter
+from .mixin import DynamicRankMixin, DynamicRankSettings
 from .sampler import RankSampler
 from .spec import DynamicRankMetadata
 from .trainer import DynamicRankTrainer
@@ -24,6 +26,8 @@ from .truncation import use_rank
 __all__ = [
     "DynamicRankConfig",
     "DynamicRankMetadata",
+    "DynamicRankMixin",
+    "DynamicRankSettings",
     "DynamicRankTrainer",
     "RankSampler",
     "export_rank",
