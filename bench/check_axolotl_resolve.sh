@@ -20,11 +20,12 @@ trap 'rm -rf "$work"' EXIT
 "$work/venv/bin/python" -m pip install -q --upgrade pip
 echo "python: $("$work/venv/bin/python" --version), pip: $("$work/venv/bin/python" -m pip --version | cut -d' ' -f2)"
 echo "resolving: $AXOLOTL + $TARGET"
-if "$work/venv/bin/python" -m pip install --dry-run --ignore-installed --quiet --report "$work/report.json" \
+if "$work/venv/bin/python" -m pip install --dry-run --ignore-installed --report "$work/report.json" \
         "$AXOLOTL" "$TARGET" >"$work/log" 2>&1; then
     "$work/venv/bin/python" - "$work/report.json" <<'PY'
-import json, sys
-installs = {item["metadata"]["name"].lower(): item["metadata"]["version"] for item in json.load(open(sys.argv[1]))["install"]}
+import json, re, sys
+report = json.load(open(sys.argv[1]))["install"]
+installs = {re.sub(r"[-_.]+", "-", item["metadata"]["name"]).lower(): item["metadata"]["version"] for item in report}
 print(f"RESOLVES: {len(installs)} packages")
 for name in ("axolotl", "hf-quailora", "lm-eval", "torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate"):
     print(f"  {name}=={installs.get(name, '(not installed)')}")

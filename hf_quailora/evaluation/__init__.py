@@ -34,3 +34,20 @@ def require_lm_eval(what: str = "This") -> None:
             f"{what} needs lm-evaluation-harness (lm-eval>=0.4.13,<0.5), which is not installed: run "
             f"`{LM_EVAL_INSTALL}`. Initialisation, training and export work without it."
         ) from err
+    _warn_about_an_older_lm_eval()
+
+
+def _warn_about_an_older_lm_eval() -> None:
+    # axolotl 0.21 pins lm_eval==0.4.11, so an environment shared with it has an lm-eval this bridge was not tested on.
+    import warnings
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        installed = version("lm_eval")
+    except PackageNotFoundError:
+        return
+    if Version(installed) < Version("0.4.13"):
+        warnings.warn(f"lm-eval {installed} is installed; hf_quailora's lm-eval pieces are tested with >=0.4.13 "
+                      "(axolotl pins 0.4.11: run `hf-quailora eval` in an environment of its own).", stacklevel=3)
