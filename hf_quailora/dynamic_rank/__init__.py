@@ -6,12 +6,14 @@
 | `sampler` | `RankSampler`: one seeded rank per optimizer step |
 | `truncation` | `use_rank`: peft's LoRA factors sliced to rank b |
 | `export` | `export_rank` (a rank as a plain peft adapter), `load_dynamic_rank_adapter` |
+| `merge` | `export_merged` (a rank merged into the dequantized base, as a plain transformers model) |
 | `config` | `DynamicRankConfig(SFTConfig)` |
 | `trainer` | `DynamicRankTrainer(SFTTrainer)` |
 """
 
 from .config import DynamicRankConfig
 from .export import export_rank, load_dynamic_rank_adapter
+from .merge import export_merged
 from .sampler import RankSampler
 from .spec import DynamicRankMetadata
 from .trainer import DynamicRankTrainer
@@ -23,6 +25,7 @@ __all__ = [
     "DynamicRankMetadata",
     "DynamicRankTrainer",
     "RankSampler",
+    "export_merged",
     "export_rank",
     "load_dynamic_rank_adapter",
     "use_rank",
