@@ -32,6 +32,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "adapter was trained on, else none)")
     parser.add_argument("--rank_scaling", default=None, choices=list(RANK_SCALINGS),
                         help="scaling the adapter was trained with (default: read from dynamic_rank.json, else per_rank)")
+    parser.add_argument("--allow_other_base", action="store_true",
+                        help="load a QuAILoRA adapter on a base quantized otherwise than dynamic_rank.json records "
+                        "(refused without it: on the full-precision base its correction is applied twice)")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -94,7 +97,8 @@ def _read_adapter(args):
 def _load(args, saved):
     from .dynamic_rank.export import load_dynamic_rank_adapter
 
-    return load_dynamic_rank_adapter(args.model, saved, args.quantization, args.rank_scaling)
+    return load_dynamic_rank_adapter(args.model, saved, args.quantization, args.rank_scaling,
+                                     allow_other_base=args.allow_other_base)
 
 
 def _evaluate(args) -> None:
