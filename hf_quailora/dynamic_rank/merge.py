@@ -218,14 +218,20 @@ def _value(entry: _Entry, lora_bases: dict, weights, adapter_name: str, b: int, 
     return value.to(entry.dtype).contiguous()
 
 
-def _merged_config(base: nn.Module, dtype: torch.dtype):
+def _write_config(folder: Path, base: nn.Module, dtype: torch.dtype) -> None:
+    """The base's config without its quantization, in `dtype`; `torch_dtype` is kept beside transformers 5's
+    `dtype` for readers on older transformers (vLLM and llama.cpp's converter read config.json through theirs)."""
     config = copy.deepcopy(base.config)
     for attribute in ("quantization_config", "_pre_quantization_dtype"):
         config.__dict__.pop(attribute, None)
     if "_is_quantized" in config.__dict__:
         config._is_quantized = False
     config.dtype = dtype
-    return config
+    config.save_pretrained(str(folder))
+    path = folder / MODEL_CONFIG
+    payload = json.loads(path.read_text())
+    payload.setdefault("torch_dtype", str(dtype).removeprefix("torch."))
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def _write_shards(folder: Path, entries: list[_Entry], max_shard_size: int, compute, show_progress: bool) -> None:
@@ -348,7 +354,7 @@ def export_merged(
         if getattr(base, "generation_config", None) is not None:
             base.generation_config.save_pretrained(str(tmp))
         (tmp / "README.md").write_text(card)
-        _merged_config(base, dtype).save_pretrained(str(tmp))
+        _write_config(tmp, base, dtype)
     return str(output_dir)
 
 

@@ -59,7 +59,7 @@ def test_merged_logits_equal_the_nf4_base_plus_adapter_at_each_rank(nf4_model, t
         error = (got - expected).abs().max().item()
         assert error < TOLERANCE[dtype], (b, dtype, error)
     config = json.load(open(tmp_path / f"r{R}" / "config.json"))
-    assert "quantization_config" not in config and config["dtype"] == dtype
+    assert "quantization_config" not in config and config["dtype"] == config["torch_dtype"] == dtype
 
 
 @require_bitsandbytes
