@@ -143,7 +143,19 @@ def _plan(base: nn.Module, lora_bases: dict, adapter_name: str, dtype: torch.dty
             source, shape = "plain", tuple(tensor.shape)
         out_dtype = dtype if source != "plain" or tensor.is_floating_point() else tensor.dtype
         entries.append(_Entry(out, module, attribute, source, shape, out_dtype))
+    merged = {id(entry.module) for entry in entries if entry.source == "merged"}
+    tied = [name for name, layer in _named_lora_bases(base, lora_bases) if id(layer) not in merged]
+    if tied:  # e.g. LoRA on an lm_head whose weight is the input embedding's: one tensor cannot hold both
+        raise ValueError(f"LoRA layers {tied[:4]} share their weight with another layer (tied embeddings), so the "
+                         "merged weight has nowhere to go. Untie them (`tie_word_embeddings=False`) before training, "
+                         "or serve the 4-bit base + adapter.")
     return entries
+
+
+def _named_lora_bases(base: nn.Module, lora_bases: dict):
+    for name, module in base.named_modules():
+        if id(module) in lora_bases:
+            yield name, module
 
 
 def _shards(entries: list[_Entry], max_shard_size: int) -> list[list[_Entry]]:

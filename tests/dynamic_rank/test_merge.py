@@ -190,3 +190,17 @@ def test_cli_export_merged_writes_the_rank_merged_into_the_recorded_base(nf4_mod
         cli_main([*args, "--merged", "--output_dir", str(tmp_path / "adapter")])
     with pytest.raises(SystemExit, match="--dtype is only used with --merged"):
         cli_main([*args, "--dtype", "float16", "--output_dir", str(tmp_path / "r3")])
+
+
+def test_lora_on_a_tied_lm_head_is_refused(tiny_model_path, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path, tie_word_embeddings=True)
+    base.tie_weights()
+    if base.lm_head.weight is not base.model.embed_tokens.weight:
+        pytest.skip("this transformers version does not tie the weights here")
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
+    with pytest.raises(ValueError, match="share their weight with another layer"):
+        export_merged(model, 2, tmp_path / "m", show_progress=False)
+    assert not (tmp_path / "m").exists()
