@@ -218,7 +218,8 @@ def main() -> None:
     memory = run_memory_case(model_path, start, args.shard_mb, args.threads, workdir) if args.memory else None
     markdown = to_markdown(rows, memory, args)
     print(markdown)
-    write_results(args.output, markdown, dict(rows=rows, memory=memory, args=vars(args)))
+    settings = {key: value for key, value in vars(args).items() if not key.endswith(("adapter", "_case", "_path", "_out"))}
+    write_results(args.output, markdown, dict(rows=rows, memory=memory, adapters=list(adapters), args=settings))
 
 
 if __name__ == "__main__":
