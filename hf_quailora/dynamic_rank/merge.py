@@ -62,7 +62,7 @@ class _Entry(NamedTuple):
     name: str
     module: nn.Module  # the module owning the parameter (for a LoRA layer: its base layer)
     attribute: str
-    source: str  # "merged" (a LoRA layer), "quantized" (Q alone) or "plain" (the original tensor)
+    source: str  # "merged" (a LoRA layer), "quantized" (Q alone), "trained" (`modules_to_save`) or "plain"
     shape: tuple[int, ...]
     dtype: torch.dtype
 
@@ -139,9 +139,11 @@ def _plan(base: nn.Module, lora_bases: dict, adapter_name: str, dtype: torch.dty
             shape = (layer.out_features, layer.in_features) if quantized else tuple(tensor.shape)
         elif quantized:
             source, shape = "quantized", (module.out_features, module.in_features)
+        elif "modules_to_save" in name.split("."):  # trained with the adapter: the checkpoint holds the old one
+            source, shape = "trained", tuple(tensor.shape)
         else:
             source, shape = "plain", tuple(tensor.shape)
-        out_dtype = dtype if source != "plain" or tensor.is_floating_point() else tensor.dtype
+        out_dtype = dtype if tensor.is_floating_point() or source in ("merged", "quantized") else tensor.dtype
         entries.append(_Entry(out, module, attribute, source, shape, out_dtype))
     merged = {id(entry.module) for entry in entries if entry.source == "merged"}
     tied = [name for name, layer in _named_lora_bases(base, lora_bases) if id(layer) not in merged]
@@ -214,8 +216,9 @@ def _value(entry: _Entry, lora_bases: dict, weights, adapter_name: str, b: int, 
     from ..quantization import dequantize_weight, quantization_kind
 
     tensor = getattr(entry.module, entry.attribute)
-    if entry.source == "plain":
-        return _read_original(weights, entry, tensor).to("cpu", entry.dtype).contiguous()
+    if entry.source in ("plain", "trained"):
+        value = _read_original(weights, entry, tensor) if entry.source == "plain" else tensor.detach()
+        return value.to("cpu", entry.dtype).contiguous()
     if quantization_kind(entry.module) is not None:
         value = dequantize_weight(entry.module)  # Q, exactly as the forward pass uses it (float32)
     else:

@@ -204,3 +204,22 @@ def test_lora_on_a_tied_lm_head_is_refused(tiny_model_path, tmp_path):
     with pytest.raises(ValueError, match="share their weight with another layer"):
         export_merged(model, 2, tmp_path / "m", show_progress=False)
     assert not (tmp_path / "m").exists()
+
+
+@require_bitsandbytes
+def test_a_trained_modules_to_save_copy_is_written_not_the_checkpoints(tiny_model_path, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from hf_quailora import load_quantized_model
+
+    base, tokenizer = load_quantized_model(tiny_model_path, "nf4")
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"],
+                                            init_lora_weights=False)).eval()
+    with torch.no_grad():
+        model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)  # "trained"
+    folder = export_merged(model, 4, tmp_path / "m", dtype="float32", rank_scaling="constant", show_progress=False)
+    ids = torch.randint(0, len(tokenizer), (1, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), use_rank(model, 4, rank_scaling="constant", update_rule="frozen"):
+        expected = model(ids).logits
+    with torch.no_grad():
+        assert (load_merged(folder)(ids).logits - expected).abs().max() < TOLERANCE["float32"]
