@@ -61,7 +61,7 @@ def build_quailora_start(model_path: str, tokenizer, texts: list[str], rank: int
     return folder
 
 
-def measure_adapter(model_path: str, folder: str, held_out, workdir: str) -> list[dict]:
+def measure_adapter(model_path: str, folder: str, held_out, workdir: str, tag: str) -> list[dict]:
     """The four routes for one saved adapter."""
     from transformers import AutoModelForCausalLM
 
@@ -78,7 +78,7 @@ def measure_adapter(model_path: str, folder: str, held_out, workdir: str) -> lis
                          files_mb=base_mb + adapter_mb, load_s=seconds))
     merged = {}
     for dtype in ("bfloat16", "float32"):
-        merged[dtype] = os.path.join(workdir, f"merged-{os.path.basename(folder)}-{dtype}")
+        merged[dtype] = os.path.join(workdir, f"merged-{tag}-{dtype}")
         _, merged[f"{dtype}_export_s"] = _timed(lambda: export_merged(
             loaded.model, b, merged[dtype], dtype=dtype, tokenizer=loaded.tokenizer, show_progress=False))
     loaded = None  # free the NF4 model before the next one loads
@@ -212,8 +212,8 @@ def main() -> None:
         if folder is not None:
             adapters[label] = folder
     rows = [dict(row, adapter="none") for row in measure_baselines(model_path, held_out)]
-    for label, folder in adapters.items():
-        rows += [dict(row, adapter=label) for row in measure_adapter(model_path, folder, held_out, workdir)]
+    for index, (label, folder) in enumerate(adapters.items()):
+        rows += [dict(row, adapter=label) for row in measure_adapter(model_path, folder, held_out, workdir, str(index))]
         print(to_markdown(rows, None, args), flush=True)
     memory = run_memory_case(model_path, start, args.shard_mb, args.threads, workdir) if args.memory else None
     markdown = to_markdown(rows, memory, args)
