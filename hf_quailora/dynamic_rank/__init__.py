@@ -7,6 +7,7 @@
 | `truncation` | `use_rank`: peft's LoRA factors sliced to rank b |
 | `export` | `export_rank` (a rank as a plain peft adapter), `load_dynamic_rank_adapter` |
 | `merge` | `export_merged` (a rank merged into the dequantized base, as a plain transformers model) |
+| `model_card` | the deployment section of every adapter folder's README.md |
 | `config` | `DynamicRankConfig(SFTConfig)` |
 | `trainer` | `DynamicRankTrainer(SFTTrainer)` |
 """

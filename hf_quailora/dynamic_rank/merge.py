@@ -8,7 +8,8 @@ correction a second time (SmolLM2-135M: 34.2 perplexity instead of 30.3). The fa
 
 with Q the exact dequantized weight (`hf_quailora.quantization.dequantize_weight`) and s_b the trained scaling at
 rank b (`spec.rank_scaling_for`). `export_merged` writes it, shard by shard, as a standard model folder that
-`AutoModelForCausalLM.from_pretrained` (and vLLM, llama.cpp's converter) load without hf_quailora or peft:
+`AutoModelForCausalLM.from_pretrained` loads without hf_quailora, peft or bitsandbytes (the layout vLLM and llama.cpp's
+converter read, docs/deployment.md):
 
 | layer | written weight |
 | --- | --- |
@@ -50,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 MERGED_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16,
                                          "float32": torch.float32}
-DEFAULT_SHARD_SIZE = 2 * 1024**3  # bytes per safetensors shard, as transformers' `max_shard_size` default order
+DEFAULT_SHARD_SIZE = 2 * 1024**3  # bytes per safetensors shard
 MODEL_CONFIG = "config.json"  # transformers' marker of a model folder: published last
 SAFE_INDEX = "model.safetensors.index.json"
 _MODEL_FILES = (MODEL_CONFIG, "adapter_config.json", SAFE_INDEX, "model.safetensors", "pytorch_model.bin")
