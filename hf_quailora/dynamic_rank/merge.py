@@ -281,7 +281,7 @@ def _merged_card(b: int, dtype: torch.dtype, quantization: str, quailora: bool, 
         f"Written by `hf_quailora.dynamic_rank.merge.export_merged`: every {quantization} layer holds its exact "
         f"dequantized weight Q plus the adapter's rank-{b} update s·B·A ({rank_scaling} scaling), every other layer "
         f"its original weight, in {str(dtype).removeprefix('torch.')}. It reproduces the {quantization} base + "
-        "adapter that was trained and evaluated, and loads with plain `AutoModelForCausalLM.from_pretrained` (no "
+        "adapter that was trained and evaluated (up to the rounding of that dtype), and loads with plain `AutoModelForCausalLM.from_pretrained` (no "
         "quantization, no adapter). Do not apply the adapter to it again.\n"
     )
 
