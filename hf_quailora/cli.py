@@ -4,6 +4,7 @@ command line with the `hf-dynrank` model and the offline tasks.
     hf-quailora eval --model smollm2-135m --adapter outputs/alpaca/adapter --ranks 1,2,4,8,16 \\
         --tasks quailora_wiki_ppl,quailora_alpaca_loss --limit 50 --output_dir outputs/rank_sweep
     hf-quailora export --model smollm2-135m --adapter outputs/alpaca/adapter --rank 4 --output_dir adapter-r4
+    hf-quailora export --merged --dtype bfloat16 --adapter outputs/alpaca/adapter --rank 4 --output_dir merged-r4
     hf-quailora lm-eval --model hf-dynrank --model_args pretrained=smollm2-135m,peft=outputs/alpaca/adapter,rank=4 \\
         --tasks quailora_wiki_ppl --limit 20
 
@@ -16,6 +17,7 @@ import argparse
 import logging
 import sys
 
+from .dynamic_rank.merge import MERGED_DTYPES
 from .dynamic_rank.spec import RANK_SCALINGS
 from .embedded.models import DEFAULT_MODEL
 from .quantization import QUANTIZATIONS
@@ -30,6 +32,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "adapter was trained on, else none)")
     parser.add_argument("--rank_scaling", default=None, choices=list(RANK_SCALINGS),
                         help="scaling the adapter was trained with (default: read from dynamic_rank.json, else per_rank)")
+    parser.add_argument("--allow_other_base", action="store_true",
+                        help="load a QuAILoRA adapter on a base quantized otherwise than dynamic_rank.json records "
+                        "(refused without it: on the full-precision base its correction is applied twice)")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -57,15 +62,22 @@ def make_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no_base_baseline", action="store_true",
                           help="skip the base model (adapter disabled) baseline row")
 
-    export = commands.add_parser("export", help="save one rank as an ordinary peft adapter",
+    export = commands.add_parser("export", help="save one rank as an ordinary peft adapter, or merged into the base",
                                  description="Export rank b of a dynamic-rank adapter as a plain peft LoRA adapter "
-                                 "(r=b, lora_alpha set so peft's scaling equals the trained one).")
+                                 "(r=b, lora_alpha set so peft's scaling equals the trained one), or with --merged "
+                                 "as a plain transformers model: Q + s*B*A in every quantized LoRA layer (Q: the "
+                                 "dequantized weight the adapter was trained on), for serving without peft.")
     _add_model_arguments(export)
     export.add_argument("--rank", type=int, required=True, help="the rank b to export")
     export.add_argument("--output_dir", required=True,
                         help="folder for adapter_config.json and the weights (never the --adapter folder)")
     export.add_argument("--overwrite", action="store_true",
                         help="replace another adapter in --output_dir (an earlier export is replaced without it)")
+    export.add_argument("--merged", action="store_true",
+                        help="write a standard transformers model folder: the adapter at --rank merged into the "
+                        "dequantized base it was trained on (never into the full-precision weights)")
+    export.add_argument("--dtype", default=None, choices=list(MERGED_DTYPES),
+                        help="dtype of the --merged weights (default: bfloat16)")
 
     # Listed for --help only: main() hands everything after `init` / `lm-eval` to their own parsers, untouched.
     commands.add_parser("init", add_help=False, help="write a QuAILoRA start as a peft adapter folder "
@@ -87,7 +99,8 @@ def _read_adapter(args):
 def _load(args, saved):
     from .dynamic_rank.export import load_dynamic_rank_adapter
 
-    return load_dynamic_rank_adapter(args.model, saved, args.quantization, args.rank_scaling)
+    return load_dynamic_rank_adapter(args.model, saved, args.quantization, args.rank_scaling,
+                                     allow_other_base=args.allow_other_base)
 
 
 def _evaluate(args) -> None:
@@ -119,9 +132,28 @@ def _evaluate(args) -> None:
     print(f"Results written to {args.output_dir}/results.json, results.md, results.png")
 
 
+def _export_merged(args) -> None:
+    from .dynamic_rank.merge import check_merged_dir, export_merged
+
+    if args.overwrite:
+        raise SystemExit("hf-quailora export: --overwrite is not used with --merged: a merged model is written into a "
+                         "new or empty folder only.")
+    check_merged_dir(args.output_dir, source_dir=args.adapter)
+    saved, trained = _read_adapter(args)
+    trained.check([args.rank], "--rank")
+    loaded = _load(args, saved)
+    path = export_merged(loaded.model, args.rank, args.output_dir, dtype=args.dtype or "bfloat16",
+                         rank_scaling=loaded.rank_scaling, tokenizer=loaded.tokenizer)
+    print(f"Rank {args.rank} merged into the dequantized base, written as a transformers model to {path}")
+
+
 def _export(args) -> None:
     from .dynamic_rank.export import check_export_dir, export_rank
 
+    if args.merged:
+        return _export_merged(args)
+    if args.dtype is not None:
+        raise SystemExit("hf-quailora export: --dtype is only used with --merged (an adapter keeps its own dtype).")
     check_export_dir(args.output_dir, args.overwrite, source_dir=args.adapter)
     saved, trained = _read_adapter(args)
     trained.check([args.rank], "--rank")

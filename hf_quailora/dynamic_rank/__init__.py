@@ -7,6 +7,8 @@
 | `truncation` | `use_rank` (peft's LoRA factors at rank b) and `TrainedRanks` (the ranks an adapter may be used at) |
 | `saved_adapter` | `read_saved_adapter`: an adapter folder read and checked before any model loads |
 | `export` | `export_rank` (a rank as a plain peft adapter), `load_dynamic_rank_adapter` |
+| `merge` | `export_merged` (a rank merged into the dequantized base, as a plain transformers model) |
+| `model_card` | the deployment section of every adapter folder's README.md |
 | `config` | `DynamicRankConfig(SFTConfig)` |
 | `mixin` | `DynamicRankMixin` (any transformers `Trainer`): one loop over the step plan, evaluation at every eval rank; `DynamicRankSettings` |
 | `trainer` | `DynamicRankTrainer(DynamicRankMixin, SFTTrainer)` |
@@ -16,6 +18,7 @@ This subpackage builds on `hf_quailora.quailora` (it recognises a QuAILoRA start
 
 from .config import DynamicRankConfig
 from .export import export_rank, load_dynamic_rank_adapter
+from .merge import export_merged
 from .mixin import DynamicRankMixin, DynamicRankSettings
 from .sampler import RankSampler
 from .spec import DynamicRankMetadata
@@ -30,6 +33,7 @@ __all__ = [
     "DynamicRankSettings",
     "DynamicRankTrainer",
     "RankSampler",
+    "export_merged",
     "export_rank",
     "load_dynamic_rank_adapter",
     "use_rank",

@@ -41,6 +41,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from .._io_utils import staged_folder
 from .._peft_utils import active_adapter_name, common_lora_rank, record_adapter_facts
 from ..quantization import prepare_for_exact_weights
+from .model_card import carry_card, write_adapter_card
 from .sampler import RankSampler, SubModel, step_plan
 from .spec import (
     DEFAULT_UPDATE_RULE,
@@ -311,8 +312,11 @@ class DynamicRankMixin:
         if not self.args.should_save:
             return super()._save(output_dir, state_dict=state_dict)
         with staged_folder(output_dir) as tmp:
+            carry_card(output_dir, tmp)  # trl's model card: peft updates it, and the deployment section joins it
             super()._save(str(tmp), state_dict=state_dict)
-            self._metadata().save(tmp)
+            metadata = self._metadata()
+            metadata.save(tmp)
+            write_adapter_card(tmp, metadata)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)

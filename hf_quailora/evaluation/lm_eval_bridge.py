@@ -301,6 +301,15 @@ def _parse_rank(rank) -> int | None:
     raise ValueError(f"`rank` must be a whole number such as rank=4; got {rank!r}.")
 
 
+def _parse_flag(name: str, value) -> bool:
+    """A boolean model argument: `True`/`False`, or lm-eval's strings `true`/`false`/`1`/`0`."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    raise ValueError(f"`{name}` must be true or false, such as {name}=true; got {value!r}.")
+
+
 @register_model("hf-dynrank")
 class DynamicRankLM(HFLM):
     """lm-eval model `hf-dynrank`: a base model plus a saved dynamic-rank adapter, evaluated at rank `rank`.
@@ -313,6 +322,9 @@ class DynamicRankLM(HFLM):
         quantization (`str`, *optional*): load the base in `none`, `nf4`, `fp4` or `int8`; defaults to the
             quantization recorded in `dynamic_rank.json` (the base the adapter was trained on), else `none`.
         rank_scaling (`str`, *optional*): override the scaling recorded in `dynamic_rank.json`.
+        allow_other_base (`bool`, defaults to `False`): evaluate a QuAILoRA adapter on a base quantized otherwise
+            than recorded (`allow_other_base=true`); refused without it (on the full-precision base its correction
+            is applied twice).
         Other arguments go to `HFLM` (`batch_size`, `max_length`, …).
 
     An adapter without `dynamic_rank.json` is not known to be dynamic-rank: it is evaluated at its own rank only,
@@ -337,6 +349,7 @@ class DynamicRankLM(HFLM):
         quantization: str | None = None,
         rank_scaling: str | None = None,
         adapter_name: str = "default",
+        allow_other_base: bool | str = False,
         **kwargs,
     ):
         if peft is None:
@@ -357,7 +370,8 @@ class DynamicRankLM(HFLM):
         rank = trained.max_rank if rank is None else rank
         trained.check([rank], "rank")
         loaded = load_dynamic_rank_adapter(pretrained, saved, quantization, rank_scaling, adapter_name,
-                                           tokenizer=kwargs.pop("tokenizer", None))
+                                           tokenizer=kwargs.pop("tokenizer", None),
+                                           allow_other_base=_parse_flag("allow_other_base", allow_other_base))
         self.dynamic_rank = rank
         self.rank_scaling = loaded.rank_scaling
         self.adapter_name = adapter_name

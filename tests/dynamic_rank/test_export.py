@@ -146,3 +146,76 @@ def test_a_given_base_quantized_otherwise_than_the_adapter_was_trained_on_is_ref
     full_precision = AutoModelForCausalLM.from_pretrained(tiny_model_path)
     with pytest.raises(ValueError, match="quantized as 'none', but .* needs a 'nf4' base"):
         load_dynamic_rank_adapter(full_precision, folder)
+
+
+# No silent double correction: every adapter folder says which base it belongs to, and loaders refuse another one
+
+
+def card_of(folder):
+    return (folder / "README.md").read_text()
+
+
+def test_an_export_carries_a_model_card_naming_its_base_and_the_double_correction(tiny_model_path, tmp_path):
+    model, _ = make_model(tiny_model_path)
+    record_adapter_facts(model, quailora=True)
+    export_rank(model, 4, str(tmp_path / "r4"), rank_scaling="constant")
+    card = card_of(tmp_path / "r4")
+    assert "trained on a **none** base" in card and "hf-quailora export --merged" not in card  # W is its own base
+    (tmp_path / "r4" / "README.md").write_text("# My notes\n\nkept\n")
+    export_rank(model, 2, str(tmp_path / "r4"), rank_scaling="constant")
+    card = card_of(tmp_path / "r4")
+    assert card.startswith("# My notes") and card.count("## Deployment (hf_quailora)") == 1
+
+
+@require_bitsandbytes
+def test_a_quailora_export_on_nf4_warns_against_the_full_precision_base_with_the_numbers(tiny_model_path, tmp_path):
+    model, _ = make_model(tiny_model_path, "nf4")
+    record_adapter_facts(model, quailora=True)
+    export_rank(model, 4, str(tmp_path / "r4"), rank_scaling="constant")
+    card = card_of(tmp_path / "r4")
+    assert "Do not attach it to, or merge it into, the full-precision base" in card
+    assert "34.2" in card and "30.3" in card and "hf-quailora export --merged --rank 4" in card
+
+
+def test_the_trainers_save_adds_the_card_section_and_keeps_trls_card(tiny_model_path, tiny_texts, tmp_path):
+    from testing_utils import make_trainer
+
+    trainer = make_trainer(tiny_model_path, tiny_texts, tmp_path / "run")
+    (tmp_path / "run").mkdir(exist_ok=True)
+    (tmp_path / "run" / "README.md").write_text("---\nlibrary_name: transformers\n---\n\n# trl's card\n")
+    trainer.save_model()
+    card = card_of(tmp_path / "run")
+    assert "# trl's card" in card and "## Deployment (hf_quailora)" in card and "library_name: peft" in card
+    trainer.save_model(str(tmp_path / "elsewhere"))
+    assert card_of(tmp_path / "elsewhere").count("## Deployment (hf_quailora)") == 1
+
+
+def test_a_quailora_adapter_on_another_base_is_refused_before_loading_unless_allowed(tiny_model_path, tmp_path):
+    folder = save_adapter(tiny_model_path, tmp_path / "adapter", quantization="nf4", quailora=True)
+    with pytest.raises(ValueError, match="QuAILoRA adapter trained on a 'nf4' base.*allow_other_base=True"):
+        load_dynamic_rank_adapter(MISSING_BASE, folder, quantization="none")
+    loaded = load_dynamic_rank_adapter(tiny_model_path, folder, quantization="none", allow_other_base=True)
+    assert loaded.metadata.quailora
+    plain = save_adapter(tiny_model_path, tmp_path / "plain", quantization="nf4")  # not QuAILoRA: a warning only
+    load_dynamic_rank_adapter(tiny_model_path, plain, quantization="none")
+
+
+@require_bitsandbytes
+def test_a_given_full_precision_base_is_used_for_a_quailora_adapter_only_when_allowed(tiny_model_path, tmp_path):
+    folder = save_adapter(tiny_model_path, tmp_path / "adapter", quantization="nf4", quailora=True)
+    with pytest.raises(ValueError, match="quantized as 'none'.*allow_other_base=True"):
+        load_dynamic_rank_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_path), folder)
+    full_precision = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    assert load_dynamic_rank_adapter(full_precision, folder, allow_other_base=True).metadata.quailora
+
+
+def test_the_cli_refuses_a_quailora_adapter_on_another_base_unless_allowed(tiny_model_path, tmp_path):
+    from hf_quailora.cli import main as cli_main
+
+    folder = save_adapter(tiny_model_path, tmp_path / "adapter", quantization="nf4", quailora=True)
+    args = ["export", "--model", MISSING_BASE, "--adapter", folder, "--rank", "2", "--quantization", "none"]
+    for extra in ([], ["--merged"]):
+        with pytest.raises(ValueError, match="QuAILoRA adapter trained on a 'nf4' base"):
+            cli_main([*args, *extra, "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="does not exist|not embedded|not a folder"):  # past the check: the base
+        cli_main([*args, "--allow_other_base", "--output_dir", str(tmp_path / "out")])

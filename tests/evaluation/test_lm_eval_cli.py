@@ -98,3 +98,18 @@ def test_hf_dynrank_is_declared_in_the_lm_eval_models_entry_point_group():
     entry_points = {ep.name: ep for ep in importlib.metadata.entry_points(group="lm_eval.models")}
     assert "hf-dynrank" in entry_points, sorted(entry_points)
     assert entry_points["hf-dynrank"].load() is DynamicRankLM
+
+
+def test_hf_dynrank_refuses_a_quailora_adapter_on_another_base_unless_allowed(tiny_model_path, tmp_path):
+    from hf_quailora.dynamic_rank.spec import DynamicRankMetadata
+
+    folder = str(tmp_path / "adapter")
+    save_random_dynamic_rank_adapter(tiny_model_path, folder)
+    DynamicRankMetadata(max_rank=8, rank_scaling="constant", quantization="nf4", quailora=True).save(folder)
+    with pytest.raises(ValueError, match="QuAILoRA adapter trained on a 'nf4' base.*allow_other_base=true"):
+        DynamicRankLM.create_from_arg_string(f"pretrained={MISSING_BASE},peft={folder},quantization=none")
+    with pytest.raises(ValueError, match="`allow_other_base` must be true or false"):
+        DynamicRankLM.create_from_arg_string(f"pretrained={MISSING_BASE},peft={folder},allow_other_base=maybe")
+    lm = DynamicRankLM.create_from_arg_string(
+        f"pretrained={tiny_model_path},peft={folder},quantization=none,allow_other_base=true,rank=2")
+    assert lm.dynamic_rank == 2
