@@ -44,6 +44,7 @@ from .spec import (
     quailora_will_initialise,
     resolve_rank_scaling,
 )
+from .rank_mask import enable_static_rank
 from .truncation import find_dynamic_rank_layers, use_rank
 
 
@@ -52,6 +53,47 @@ logger = logging.getLogger(__name__)
 RANK_STATE_NAME = "dynamic_rank_state.pt"
 _TIMING_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second", "_preparation_time")
 _NOT_PER_RANK = ("num_tokens",)  # trl's count of training tokens seen, logged with evaluations too
+
+
+class _CompileFallbackWatch(logging.Filter):
+    """Turns dynamo's quiet falls back to eager into one plain warning per cause (a filter on dynamo's loggers
+    that lets every record through: dynamo's own message still appears)."""
+
+    LOGGERS = ("torch._dynamo.convert_frame", "torch._dynamo.exc")
+    CAUSES = {
+        "hit config.": (
+            "torch.compile hit dynamo's recompile limit: from here on the model's forward runs uncompiled (eager), "
+            "as fast as without torch_compile and no faster. With dynamic rank the rank itself never recompiles "
+            "(static-shape truncation); something else changes between steps (see dynamo's message above, "
+            "TORCH_LOGS=recompiles). Raise torch._dynamo.config.recompile_limit or remove the cause."
+        ),
+        "Backend compiler": (
+            "torch.compile's backend failed on part of the model: dynamo split the graph there and runs that part "
+            "uncompiled (eager), more slowly than compiled. The cause is in dynamo's message above (with a quantized "
+            "base, see 'Dynamic rank under torch.compile' in docs/dynamic_rank.md)."
+        ),
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.warned: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            message = str(record.msg)
+            for cause, text in self.CAUSES.items():
+                if cause in message and cause not in self.warned:
+                    self.warned.add(cause)
+                    logger.warning(text)
+        return True
+
+    def install(self) -> None:
+        for name in self.LOGGERS:
+            if self not in logging.getLogger(name).filters:
+                logging.getLogger(name).addFilter(self)
+
+
+_COMPILE_WATCH = _CompileFallbackWatch()  # one per process: each cause is said once
 
 
 class DynamicRankTrainer(SFTTrainer):
@@ -107,6 +149,9 @@ class DynamicRankTrainer(SFTTrainer):
         logger.info("rank_scaling: %r%s.", self.rank_scaling, "" if args.rank_scaling else " (not set)")
         record_adapter_facts(self.model, self._adapter_name, rank_scaling=self.rank_scaling, min_rank=args.min_rank,
                              max_rank=self.max_rank, update_rule=args.update_rule)
+        if args.torch_compile:  # one graph at every rank: the rank becomes a tensor, the factors keep their shapes
+            enable_static_rank(self.model, self._adapter_name)
+            _COMPILE_WATCH.install()
         # The CPU fast path of bnb 4-bit layers repacks weights on the first no-grad eval pass (methods.md §5)
         prepare_for_exact_weights(self.model)
 
