@@ -34,6 +34,7 @@ from .._io_utils import staged_folder
 from .._peft_utils import active_adapter_name, common_lora_rank, record_adapter_facts
 from ..quantization import prepare_for_exact_weights
 from .config import DynamicRankConfig
+from .rank_mask import enable_static_rank
 from .sampler import RankSampler, SubModel, step_plan
 from .spec import (
     METADATA_FILE,
@@ -44,7 +45,6 @@ from .spec import (
     quailora_will_initialise,
     resolve_rank_scaling,
 )
-from .rank_mask import enable_static_rank
 from .truncation import find_dynamic_rank_layers, use_rank
 
 
