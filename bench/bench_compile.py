@@ -101,9 +101,6 @@ def run_case(args) -> dict:
     from torch._dynamo.utils import counters
     from transformers import TrainerCallback
 
-    from hf_quailora.dynamic_rank.rank_mask import disable_static_rank, enable_static_rank
-    from hf_quailora.dynamic_rank.trainer import _COMPILE_WATCH
-
     torch.set_num_threads(args.threads)
     case = args.case
 
@@ -119,22 +116,24 @@ def run_case(args) -> dict:
             self.graphs.append(counters["stats"]["unique_graphs"])
 
     probe = Probe()
+    compiled = "inductor" in case or "aot-eager" in case
+    result = {"case": case, "recompile_limit_hit": False}
     with tempfile.TemporaryDirectory() as output_dir:
         if case == "slice-aot-eager":
             args.steps = args.slice_ranks
         elif case == "dyn-aot-eager":
             args.steps = args.rank + 1
         trainer = build_trainer(args, case, output_dir, [probe])
-        if case == "slice-aot-eager":
-            disable_static_rank(trainer.model)
-        if case == "eager-mask":
-            enable_static_rank(trainer.model)
+        if case in ("slice-aot-eager", "eager-mask"):  # imported here: `eager-slice` also runs on older versions
+            from hf_quailora.dynamic_rank.rank_mask import disable_static_rank, enable_static_rank
+
+            (disable_static_rank if case == "slice-aot-eager" else enable_static_rank)(trainer.model)
         if case.endswith("aot-eager"):  # the warm-up step at r, then every rank once (a fixed permutation)
             ranks = iter([args.rank, *torch.randperm(args.rank, generator=torch.Generator().manual_seed(0)).add(1)])
             trainer.rank_sampler.sample = lambda: int(next(ranks))
         start = time.perf_counter()
         trainer.train()
-        result = {"case": case, "train_s": round(time.perf_counter() - start, 1)}
+        result["train_s"] = round(time.perf_counter() - start, 1)
         timed = probe.times[args.warm_up:]
         result["step_ms"] = round(1000 * statistics.median(timed), 2) if timed else None
         result["losses"] = [log["loss"] for log in trainer.state.log_history if "loss" in log]
@@ -147,7 +146,10 @@ def run_case(args) -> dict:
         result["graphs"] = counters["stats"]["unique_graphs"]
         result["recompiles_after_warm_up"] = result["graphs"] - result["graphs_after_warm_up"]
         result["ranks_drawn"] = len({rank for _, rank in getattr(trainer, "rank_history", [])})
-        result["recompile_limit_hit"] = "hit config." in _COMPILE_WATCH.warned  # the trainer's own detection
+        if compiled:
+            from hf_quailora.dynamic_rank.trainer import _COMPILE_WATCH
+
+            result["recompile_limit_hit"] = "hit config." in _COMPILE_WATCH.warned  # the trainer's own detection
     return result
 
 
@@ -161,9 +163,9 @@ def table(results: dict, args) -> str:
         if base and base["step_ms"] and result["step_ms"]:
             ratio = f"{result['step_ms'] / base['step_ms']:.3f}× {reference[case]}"
         step = result["step_ms"] if result["step_ms"] is not None and "aot-eager" not in case else "–"
+        limit = " (limit hit: eager)" if result["recompile_limit_hit"] else ""
         rows.append(f"| {case} | {result['ranks_drawn'] or '–'} | {result['graphs']} | "
-                    f"{result['recompiles_after_warm_up']}{' (limit hit: eager)' if result['recompile_limit_hit'] else ''}"
-                    f" | {step} | {ratio} |")
+                    f"{result['recompiles_after_warm_up']}{limit} | {step} | {ratio} |")
     if "eager-slice" in results and "eager-mask" in results:
         a, b = results["eager-slice"]["losses"], results["eager-mask"]["losses"]
         gap = max((abs(x - y) for x, y in zip(a, b)), default=float("nan"))

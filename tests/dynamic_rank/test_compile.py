@@ -185,3 +185,18 @@ def test_recompile_limit_fallback_is_reported_once_in_plain_words(tiny_model_pat
     ours = [r for r in caplog.records if r.name == "hf_quailora.dynamic_rank.trainer" and "recompile limit" in r.msg]
     assert len(ours) == 1, [r.msg for r in caplog.records]
     assert "uncompiled" in ours[0].getMessage()
+
+
+def test_static_rank_trains_like_slicing_with_gradient_accumulation(tiny_model_path, tiny_texts, tmp_path):
+    weights = {}
+    for static in (False, True):
+        trainer = make_trainer(tiny_model_path, tiny_texts, tmp_path / str(static), max_steps=3,
+                               per_device_train_batch_size=2, gradient_accumulation_steps=2)
+        if static:
+            enable_static_rank(trainer.model)
+        trainer.train()
+        weights[static] = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+        ranks = [rank for _, rank in trainer.rank_history]
+    assert len(set(ranks)) > 1
+    for name, value in weights[False].items():
+        torch.testing.assert_close(weights[True][name], value, rtol=1e-5, atol=1e-6, msg=name)
