@@ -109,6 +109,8 @@ class DynamicRankTrainer(SFTTrainer):
     - trl's `num_tokens` counts each batch once, however many sub-models a step trains.
     - `evaluate()` reports `eval_loss` at `max_rank` and `eval_loss@r{b}` for every `eval_ranks` b, in one call; so
       too trl's own metrics (`eval_mean_token_accuracy@r{b}`, `eval_entropy@r{b}`) and `eval_perplexity@r{b}`.
+    - With `torch_compile=True` truncation keeps static shapes (`enable_static_rank`): one compiled graph serves every
+      rank, SoFT's rank sets and the evaluation; if dynamo still falls back to eager, a warning says so once.
     - The sampler state is written to every checkpoint (`dynamic_rank_state.pt`) and restored by
       `train(resume_from_checkpoint=...)`; a checkpoint written with another rank range is refused.
 
