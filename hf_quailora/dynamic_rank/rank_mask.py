@@ -145,7 +145,7 @@ def enable_static_rank(model: nn.Module, adapter_name: str = "default") -> nn.Mo
     """Make `use_rank` keep every shape static, so that a compiled model runs one graph at every rank.
 
     The factors keep their full shapes and one class; the rank is a tensor that `use_rank` changes in place, and a
-    mask computed inside the forward truncates them (see `rank_mask.py`). `use_rank`, `export_rank` and the
+    mask computed inside the forward truncates them (see this module's docstring). `use_rank`, `export_rank` and the
     evaluation give the same numbers as the default slicing path (to float rounding), which stays cheaper when
     nothing is compiled. `DynamicRankTrainer` calls this itself with `torch_compile=True`. Call it before
     `torch.compile`; run `backward()` inside the `use_rank` block that ran the forward (as the trainer does).
@@ -163,6 +163,8 @@ def enable_static_rank(model: nn.Module, adapter_name: str = "default") -> nn.Mo
     Example:
 
     ```python
+    from hf_quailora.dynamic_rank import enable_static_rank, use_rank
+
     enable_static_rank(model)
     compiled = torch.compile(model)
     for b in range(1, 65):
