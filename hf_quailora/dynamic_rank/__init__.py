@@ -6,6 +6,7 @@
 | `sampler` | `RankSampler` (one seeded rank per optimizer step) and `step_plan`: the step's `SubModel(rank, weight)` list |
 | `truncation` | `use_rank` (peft's LoRA factors at rank b) and `TrainedRanks` (the ranks an adapter may be used at) |
 | `saved_adapter` | `read_saved_adapter`: an adapter folder read and checked before any model loads |
+| `rank_mask` | `enable_static_rank`: truncation by a mask over a rank tensor, one graph for every rank (compile) |
 | `export` | `export_rank` (a rank as a plain peft adapter), `load_dynamic_rank_adapter` |
 | `merge` | `export_merged` (a rank merged into the dequantized base, as a plain transformers model) |
 | `model_card` | the deployment section of every adapter folder's README.md |
@@ -20,6 +21,7 @@ from .config import DynamicRankConfig
 from .export import export_rank, load_dynamic_rank_adapter
 from .merge import export_merged
 from .mixin import DynamicRankMixin, DynamicRankSettings
+from .rank_mask import disable_static_rank, enable_static_rank
 from .sampler import RankSampler
 from .spec import DynamicRankMetadata
 from .trainer import DynamicRankTrainer
@@ -33,6 +35,8 @@ __all__ = [
     "DynamicRankSettings",
     "DynamicRankTrainer",
     "RankSampler",
+    "disable_static_rank",
+    "enable_static_rank",
     "export_merged",
     "export_rank",
     "load_dynamic_rank_adapter",

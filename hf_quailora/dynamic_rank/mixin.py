@@ -42,6 +42,7 @@ from .._io_utils import staged_folder
 from .._peft_utils import active_adapter_name, common_lora_rank, record_adapter_facts
 from ..quantization import prepare_for_exact_weights
 from .model_card import carry_card, write_adapter_card
+from .rank_mask import COMPILE_WATCH, enable_static_rank
 from .sampler import RankSampler, SubModel, step_plan
 from .spec import (
     DEFAULT_UPDATE_RULE,
@@ -149,6 +150,9 @@ class DynamicRankMixin:
         logger.info("rank_scaling: %r%s.", self.rank_scaling, "" if settings.rank_scaling else " (not set)")
         record_adapter_facts(self.model, self._adapter_name, rank_scaling=self.rank_scaling,
                              min_rank=settings.min_rank, max_rank=self.max_rank, update_rule=settings.update_rule)
+        if getattr(self.args, "torch_compile", False):  # one graph at every rank: the rank becomes a tensor
+            enable_static_rank(self.model, self._adapter_name)
+            COMPILE_WATCH.install()
         # The CPU fast path of bnb 4-bit layers repacks weights on the first no-grad eval pass (methods.md §5)
         prepare_for_exact_weights(self.model)
 

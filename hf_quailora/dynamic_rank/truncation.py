@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._peft_utils import adapter_facts, common_lora_rank, require_lora_layers
+from .rank_mask import _MaskedLoraLinear, _refuse_merge, masked_state
 from .spec import (
     UPDATE_RULES,
     RankScaling,
@@ -76,13 +77,6 @@ class _TruncatedLoraLinear(nn.Linear):
         return F.linear(input, weight, self.bias)
 
 
-def _refuse_merge(name: str, *args, **kwargs):
-    raise RuntimeError(
-        f"{name}: cannot merge or compute the delta weight while a truncated rank is in use (use_rank); peft's merge "
-        "reads the full-rank factors. Export the rank with export_rank() and merge that adapter instead."
-    )
-
-
 def find_dynamic_rank_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Module]:
     """The LoRA layers of `model` that dynamic rank supports, checked.
 
@@ -99,7 +93,7 @@ def find_dynamic_rank_layers(model: nn.Module, adapter_name: str = "default") ->
         if layer.lora_bias.get(adapter_name, False):
             raise ValueError(f"{name}: dynamic rank does not support `lora_bias=True`; set it to False.")
         for factor in (layer.lora_A[adapter_name], layer.lora_B[adapter_name]):
-            if type(factor) not in (nn.Linear, _TruncatedLoraLinear):
+            if type(factor) not in (nn.Linear, _TruncatedLoraLinear, _MaskedLoraLinear):
                 raise ValueError(
                     f"{name}: dynamic rank needs `nn.Linear` LoRA factors; got {type(factor).__name__}. Exclude this "
                     "layer from `target_modules`."
@@ -310,6 +304,15 @@ def use_rank(
         if layer.merged:
             raise ValueError(f"{name}: the adapter is merged into the base weights; unmerge it before use_rank().")
     frozen_below = b - 1 if update_rule == "frozen" and b > min_rank else 0
+    state = masked_state(layers, adapter_name)
+    if state is not None:  # static shapes (enable_static_rank): the same graph at every rank
+        previous = state.values
+        try:
+            state.set(b, frozen_below, rank_scaling)
+            yield model
+        finally:
+            state.set(*previous)
+        return
     saved = []
     try:
         _truncate(saved, layers, adapter_name, b, frozen_below, rank_scaling)
