@@ -84,6 +84,8 @@ def test_every_reader_honours_the_metadata_of_a_start(tiny_model_path, texts_fil
     saved = read_saved_adapter(folder)
     assert (saved.max_rank, saved.metadata.rank_scaling) == (4, "constant")
     assert saved.metadata.calibration["solver"] == "svd"
+    card = (folder / "README.md").read_text()  # the deployment card: how to load it, and never on the fp base
+    assert card.count("<!-- hf_quailora: deployment -->") == 1 and "merged" in card
     loaded = load_dynamic_rank_adapter(tiny_model_path, folder)  # the base quantization comes from the file
     assert (loaded.rank_scaling, loaded.max_rank) == ("constant", 4)
     with warnings.catch_warnings():

@@ -39,6 +39,7 @@ import torch
 
 from .._io_utils import ADAPTER_CONFIG, check_not_a_file, staged_folder
 from .._peft_utils import adapter_facts, common_lora_rank, record_adapter_facts, require_lora_layers
+from ..dynamic_rank.model_card import write_adapter_card
 from .args import RecipeArguments, RecipeModelConfig, RecipeQuAILoRAConfig, check_recipe_arguments
 from .parser import RecipeParser
 
@@ -140,6 +141,7 @@ def save_quailora_start(model, output_dir: str | os.PathLike, calibration: dict 
                 os.replace(entry, tmp / entry.name)
             (tmp / adapter_name).rmdir()
         metadata.save(tmp)
+        write_adapter_card(tmp, metadata)  # how to load it, and why never on the full-precision base
         if report is not None:
             (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=1))
     return str(output_dir)
