@@ -246,8 +246,8 @@ class QuAILoRAInitCallback(TrainerCallback):
             return
         if self.calibration_dataset is None:
             raise ValueError(
-                f"Under {setup.split(':')[0].split(' (')[0]} QuAILoRAInitCallback initialises before the Trainer wraps "
-                "the model, when no train dataloader exists yet: pass `calibration_dataset`."
+                "QuAILoRAInitCallback initialises before the Trainer wraps the model (FSDP or DeepSpeed was asked "
+                "for), when no train dataloader exists yet: pass `calibration_dataset`."
             )
         # A run resumed through `trainer.train(resume_from_checkpoint=...)` calibrates here for nothing: loading the
         # checkpoint then replaces the factors, so its weights are kept all the same.
