@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 from torch import nn
 
+from .._dist_utils import full_tensor, has_sharded_parameters, run_on_main_process
 from .._io_utils import ADAPTER_CONFIG, check_not_a_file, staged_folder
 from .._peft_utils import adapter_facts, record_adapter_facts, store_config_facts
 from .model_card import carry_card, write_adapter_card
@@ -72,11 +73,14 @@ def _export_alphas(layers: dict, adapter_name: str, b: int, rank_scaling: str) -
 
 
 def _sliced_state(model, layers: dict, adapter_name: str, b: int) -> dict:
-    """The adapter's state dict with every LoRA factor cut to its first b components (other tensors unchanged)."""
+    """The adapter's state dict with every LoRA factor cut to its first b components (other tensors unchanged).
+
+    Sharded factors (FSDP2's `DTensor`s) are gathered whole first, on every process, in the state dict's order."""
     from peft.utils import get_peft_model_state_dict
 
     sliced = {}
     for key, tensor in get_peft_model_state_dict(model, adapter_name=adapter_name).items():
+        tensor = full_tensor(tensor)
         if key.endswith(".lora_A.weight") and key[: -len(".lora_A.weight")] in layers:
             tensor = tensor[:b]
         elif key.endswith(".lora_B.weight") and key[: -len(".lora_B.weight")] in layers:
@@ -152,7 +156,9 @@ def export_rank(
     written beside it (`DynamicRankMetadata`, with the base quantization and `exported_rank = b`), and a README.md
     (`model_card.write_adapter_card`: the base to load it on, and why not the full-precision one). Everything is
     checked before anything is written, and the folder is written atomically (a temporary folder, then a rename):
-    an interrupted export leaves no folder that loads as an adapter.
+    an interrupted export leaves no folder that loads as an adapter. On a sharded model (FSDP2 `DTensor` factors)
+    call it on every process: the factors are gathered whole, process 0 writes and the others wait; a failure on
+    process 0 raises on all of them.
 
     Args:
         model (`PeftModel`): the trained dynamic-rank model.
@@ -206,12 +212,18 @@ def export_rank(
                        max_rank=b, update_rule=metadata.update_rule)  # what a plain from_pretrained brings back
 
     # 2. Written together: a temporary folder, then published (adapter_config.json last).
-    with staged_folder(output_dir) as tmp:
-        save_file(state, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
-        metadata.save(tmp)
-        carry_card(output_dir, tmp)
-        write_adapter_card(tmp, metadata)
-        config.save_pretrained(str(tmp))
+    def write():
+        with staged_folder(output_dir) as tmp:
+            save_file(state, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
+            metadata.save(tmp)
+            carry_card(output_dir, tmp)
+            write_adapter_card(tmp, metadata)
+            config.save_pretrained(str(tmp))
+
+    if has_sharded_parameters(model):  # called on every process (the gather above): process 0 writes, all wait
+        run_on_main_process(write, what="export_rank")
+    else:
+        write()
     return output_dir
 
 

@@ -36,8 +36,10 @@ import os
 from dataclasses import dataclass, fields
 
 import torch
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from .._dist_utils import full_tensor, has_sharded_parameters, run_on_main_process
 from .._io_utils import staged_folder
 from .._peft_utils import active_adapter_name, common_lora_rank, record_adapter_facts
 from ..quantization import prepare_for_exact_weights
@@ -313,6 +315,8 @@ class DynamicRankMixin:
         # The adapter and dynamic_rank.json are written into a temporary folder and then published together, so an
         # interrupted save never leaves a folder that loads as an adapter without its metadata (or half-written).
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if has_sharded_parameters(self.model):
+            return self._save_sharded(output_dir, state_dict)
         if not self.args.should_save:
             return super()._save(output_dir, state_dict=state_dict)
         with staged_folder(output_dir) as tmp:
@@ -321,6 +325,27 @@ class DynamicRankMixin:
             metadata = self._metadata()
             metadata.save(tmp)
             write_adapter_card(tmp, metadata)
+
+    def _save_sharded(self, output_dir: str, state_dict=None):
+        """FSDP2 `DTensor` parameters: every process gathers the adapter's tensors whole (the LoRA factors and other
+        trainable ones, not the frozen base), process 0 writes, the others wait; a failure raises on all."""
+        if state_dict is None:
+            trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
+            state_dict = {name: full_tensor(value).detach().cpu()
+                          for name, value in self.model.state_dict().items()
+                          if name in trainable or "lora_" in name or "modules_to_save" in name}
+
+        def write():
+            with staged_folder(output_dir) as tmp:
+                self.model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(str(tmp))
+                torch.save(self.args, os.path.join(tmp, TRAINING_ARGS_NAME))
+                metadata = self._metadata()
+                metadata.save(tmp)
+                write_adapter_card(tmp, metadata)
+
+        run_on_main_process(write, what="save_model")
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)

@@ -77,6 +77,14 @@ class _TruncatedLoraLinear(nn.Linear):
         return F.linear(input, weight, self.bias)
 
 
+def _innermost_linear(factor: nn.Module) -> nn.Module:
+    """The `nn.Linear` inside a wrapped LoRA factor (FSDP1 wraps each factor as a `FullyShardedDataParallel` module
+    holding it as `.module`); the factor itself when it is not wrapped."""
+    while not isinstance(factor, nn.Linear) and isinstance(getattr(factor, "module", None), nn.Module):
+        factor = factor.module
+    return factor
+
+
 def find_dynamic_rank_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Module]:
     """The LoRA layers of `model` that dynamic rank supports, checked.
 
@@ -92,7 +100,7 @@ def find_dynamic_rank_layers(model: nn.Module, adapter_name: str = "default") ->
             raise ValueError(f"{name}: dynamic rank supports plain LoRA only; DoRA and other LoRA variants are not.")
         if layer.lora_bias.get(adapter_name, False):
             raise ValueError(f"{name}: dynamic rank does not support `lora_bias=True`; set it to False.")
-        for factor in (layer.lora_A[adapter_name], layer.lora_B[adapter_name]):
+        for factor in (_innermost_linear(layer.lora_A[adapter_name]), _innermost_linear(layer.lora_B[adapter_name])):
             if type(factor) not in (nn.Linear, _TruncatedLoraLinear, _MaskedLoraLinear):
                 raise ValueError(
                     f"{name}: dynamic rank needs `nn.Linear` LoRA factors; got {type(factor).__name__}. Exclude this "
@@ -225,7 +233,7 @@ def _truncate(saved: list, layers: dict, adapter_name: str, b: int, frozen_below
     """Swap every layer's factors to `_TruncatedLoraLinear` at rank b, appending to `saved` what `_restore` needs
     (layer by layer, so that a failure half-way is undone too)."""
     for name, layer in layers.items():
-        factors = (layer.lora_A[adapter_name], layer.lora_B[adapter_name])
+        factors = (_innermost_linear(layer.lora_A[adapter_name]), _innermost_linear(layer.lora_B[adapter_name]))
         factor_states = [
             (f, type(f), getattr(f, "_dr_rank", None), getattr(f, "_dr_frozen_below", 0)) for f in factors
         ]

@@ -168,6 +168,59 @@ def make_calibration_batches(
     return batches
 
 
+def gram_mask(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The positions whose activations count in `H`: the attention mask, or all-zero for a padding batch."""
+    return batch.get("gram_mask", batch["attention_mask"])
+
+
+def equalize_batch_counts(make_batches, device: torch.device | str = "cpu") -> list[dict[str, torch.Tensor]]:
+    """`make_batches()` on every process, then as many batches on each as on the one with the most.
+
+    A process with fewer batches repeats its last one with an all-zero `gram_mask` (*zero weight*): the forward runs,
+    so a sharded model's collectives inside it (FSDP's all-gathers) meet their partners, but no activation enters
+    `H` and no token is counted. Padding rather than dropping the surplus keeps every sequence: the summed Gram
+    matrices, and so the factors, equal one process's on the same data. A failure of `make_batches` on any process
+    raises on every process (all of them take part in the one all-reduce before any of them raises).
+
+    Args:
+        make_batches (`Callable[[], list[dict]]`): builds this process's batches (`make_calibration_batches`).
+        device (`torch.device` or `str`, defaults to `"cpu"`): where the count is reduced (the model's device for nccl).
+
+    Returns:
+        `list[dict[str, torch.Tensor]]`, of the same length on every process.
+
+    Raises:
+        Whatever `make_batches` raised on this process; `RuntimeError` on the others.
+
+    Example:
+
+    ```python
+    batches = equalize_batch_counts(lambda: make_calibration_batches(my_share, tokenizer, batch_size=1))
+    ```
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return make_batches()
+    error, batches = None, []
+    try:
+        batches = make_batches()
+    except Exception as exc:  # reported below, after every process has joined the all-reduce
+        error = exc
+    flags = torch.tensor([float(error is not None), float(len(batches))], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if flags[0].item():
+        raise RuntimeError("Building the calibration batches failed on another process; see its error.")
+    most = int(flags[1].item())
+    if len(batches) < most:
+        logger.info("Calibration: %d zero-weight batch(es) added on process %d to match %d batches on every process.",
+                    most - len(batches), torch.distributed.get_rank(), most)
+        last = batches[-1]
+        padding = {**last, "gram_mask": torch.zeros_like(last["attention_mask"])}
+        batches = batches + [padding] * (most - len(batches))
+    return batches
+
+
 class GramCollector:
     """Forward hooks that accumulate `XᵀX` per distinct input tensor, padding excluded."""
 
@@ -332,9 +385,9 @@ def collect_gram_matrices(
     num_tokens = 0
     with collector:
         for batch in tqdm(batches, desc="QuAILoRA calibration", disable=not show_progress, unit="batch"):
-            mask = batch["attention_mask"]
+            mask = gram_mask(batch)
             collector.start_batch(mask)
-            model(input_ids=batch["input_ids"].to(model_device), attention_mask=mask.to(model_device), use_cache=False,
-                  **extra)
+            model(input_ids=batch["input_ids"].to(model_device), attention_mask=batch["attention_mask"].to(model_device),
+                  use_cache=False, **extra)
             num_tokens += int(mask.sum())
     return finish_statistics(collector.stats, modules, num_tokens, model_device)

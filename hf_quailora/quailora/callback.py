@@ -35,10 +35,12 @@ from .report import QuAILoRAReport
 logger = logging.getLogger(__name__)
 
 _SUPPORTED = (
-    "Supported: one process, or data parallel (DDP: `accelerate launch` or `torchrun` without FSDP or DeepSpeed), "
-    "where every process holds whole parameters. For a sharded run, initialise on one process first "
-    "(`quailora_init(model, ...)`, then `model.save_pretrained(folder)`) and start the sharded run from that adapter "
-    "(`PeftModel.from_pretrained(base, folder, is_trainable=True)`) without this callback."
+    "Supported in process: one process, DDP (`accelerate launch` or `torchrun` without FSDP or DeepSpeed), and FSDP "
+    "or DeepSpeed asked for in the training arguments or by `accelerate launch` while every process still holds whole "
+    "weights when the Trainer is built (the callback then initialises at `on_init_end`, before the Trainer wraps the "
+    "model). For a model sharded, partitioned or left on the meta device at load time, initialise on one process "
+    "first with `hf-quailora init` (it writes the QuAILoRA start as a peft adapter folder) and start the sharded run "
+    "from that folder without this callback; see docs/launchers.md."
 )
 
 
@@ -46,23 +48,32 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
 
 
-def _sharded_setup(args, model: torch.nn.Module) -> str | None:
-    """What in this run shards the trainable parameters or keeps its own copy of them; `None` when nothing does.
-
-    Read from the training arguments and `accelerate launch`'s environment (the set-up asked for, even where accelerate
-    falls back to plain data parallel, as FSDP does on a CPU) and from the model itself (FSDP-wrapped modules,
-    `DTensor` parameters of FSDP2 or tensor parallelism, ZeRO-3's partitioned parameters).
-    """
-    parameters = list(model.parameters())
-    if (getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None) is not None
-            or _env_flag("ACCELERATE_USE_DEEPSPEED") or any(hasattr(p, "ds_id") for p in parameters)):
+def _wrapping_setup(args) -> str | None:
+    """The set-up the Trainer will wrap the model in at `train()` (FSDP, DeepSpeed), as the training arguments and
+    `accelerate launch`'s environment ask for it (even where accelerate falls back to plain data parallel, as FSDP
+    does on a CPU); `None` for one process or DDP."""
+    if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None) is not None or _env_flag(
+            "ACCELERATE_USE_DEEPSPEED"):
         return (
             "DeepSpeed: it partitions the parameters (ZeRO-3) or keeps its own fp32 master copy of them (ZeRO-1/2 "
-            "and its fp16/bf16 optimizers), made before this callback runs, which overwrites the written factors at "
+            "and its fp16/bf16 optimizers), made before `on_train_begin`, which overwrites factors written there at "
             "the first optimizer step"
         )
     if getattr(args, "fsdp", None) or _env_flag("ACCELERATE_USE_FSDP"):
         return "FSDP (`fsdp` is set in the training arguments or by `accelerate launch`): it shards the parameters"
+    return None
+
+
+def _sharded_model(model: torch.nn.Module) -> str | None:
+    """What in the model itself hides whole weights from this process: FSDP-wrapped modules, `DTensor` parameters
+    of FSDP2 or tensor parallelism, ZeRO-3's partitioned parameters, parameters on the meta device (rank-0-only
+    loading); `None` when every parameter is whole."""
+    parameters = list(model.parameters())
+    if any(hasattr(p, "ds_id") for p in parameters):
+        return "DeepSpeed ZeRO-3 (the parameters are partitioned)"
+    meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        return f"parameters on the meta device (e.g. {meta}; rank-0-only loading leaves the other processes none)"
     if torch.distributed.is_available():
         import torch.distributed.fsdp as fsdp
         from torch.distributed.tensor import DTensor
@@ -76,6 +87,21 @@ def _sharded_setup(args, model: torch.nn.Module) -> str | None:
         if sharded is not None:
             return f"sharded DTensor parameters (tensor parallelism or FSDP2; e.g. {sharded})"
     return None
+
+
+def _sharded_setup(args, model: torch.nn.Module) -> str | None:
+    """What in this run shards the trainable parameters or keeps its own copy of them; `None` when nothing does.
+
+    Read from the training arguments and `accelerate launch`'s environment, and from the model itself.
+    """
+    return _sharded_model(model) or _wrapping_setup(args)
+
+
+def _refuse(setup: str) -> ValueError:
+    return ValueError(
+        f"QuAILoRAInitCallback cannot initialise under {setup}. It writes whole LoRA factors into every "
+        f"process's parameters (`param.data.copy_()`, rank 0's factors broadcast). {_SUPPORTED}"
+    )
 
 
 def check_unsharded_training(args, model: torch.nn.Module) -> None:
@@ -92,21 +118,21 @@ def check_unsharded_training(args, model: torch.nn.Module) -> None:
     """
     setup = _sharded_setup(args, model)
     if setup is not None:
-        raise ValueError(
-            f"QuAILoRAInitCallback cannot initialise under {setup}. It writes whole LoRA factors into every "
-            f"process's parameters (`param.data.copy_()`, rank 0's factors broadcast). {_SUPPORTED}"
-        )
+        raise _refuse(setup)
 
 
 class QuAILoRAInitCallback(TrainerCallback):
-    """Run `quailora_init` on the trainer's model at `on_train_begin`, before the first optimizer step.
+    """Run `quailora_init` on the trainer's model before the first optimizer step: at `on_train_begin` for one process
+    and DDP, at `on_init_end` (before the Trainer wraps the model) when FSDP or DeepSpeed is asked for.
 
     Factors are written in place (`param.data.copy_()`), so the optimizer keeps its Parameters. Under several
     processes each process calibrates on its shard, the Gram matrices are all-reduced, and rank 0's factors are
-    broadcast, so every process ends with identical weights. Runs that shard the parameters (FSDP, DeepSpeed ZeRO-3,
-    tensor parallelism) or keep their own copy of them (DeepSpeed ZeRO-1/2) are refused at train begin, before any
-    calibration: see `check_unsharded_training`. When training resumes from a checkpoint
-    (`global_step > 0`) the callback does nothing: the checkpoint's weights are kept.
+    broadcast, so every process ends with identical weights. Under FSDP or DeepSpeed (from the training arguments or
+    `accelerate launch`) the Trainer wraps the model inside `train()`, so the callback initialises at `on_init_end`,
+    while every process still holds whole weights, and needs `calibration_dataset`; a model already sharded,
+    partitioned (ZeRO-3 at load) or on the meta device (rank-0-only loading) is refused there with an error naming
+    `hf-quailora init`. When training resumes from a checkpoint (`global_step > 0`, or `resume_from_checkpoint` in
+    the arguments of a wrapped run) the checkpoint's weights are kept.
 
     Args:
         calibration_dataset (*optional*): texts, token ids, a `datasets.Dataset` with `"text"`/`"input_ids"`, or
@@ -126,9 +152,9 @@ class QuAILoRAInitCallback(TrainerCallback):
         report (`QuAILoRAReport` or `None`): the report of the last initialisation.
 
     Raises:
-        ValueError / TypeError: bad settings, at construction; at train begin, before any calibration, a run that
-            shards the parameters or keeps its own copy of them (FSDP, DeepSpeed, tensor parallelism), and the checks
-            of `quailora_init`.
+        ValueError / TypeError: bad settings, at construction; before any calibration, a model whose weights this
+            process does not hold whole (sharded, partitioned, on the meta device: at `on_init_end` or
+            `on_train_begin`), a wrapped run without `calibration_dataset`, and the checks of `quailora_init`.
 
     Example:
 
@@ -173,6 +199,7 @@ class QuAILoRAInitCallback(TrainerCallback):
         self.report_file = report_file
         # Internal state
         self.report: QuAILoRAReport | None = None
+        self._initialised = False  # done at on_init_end (a wrapped run), so on_train_begin has nothing to do
 
     def _calibration_for_this_process(self, train_dataloader):
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -202,11 +229,41 @@ class QuAILoRAInitCallback(TrainerCallback):
                 data = [data[i] for i in indices]
         return data, self.config
 
+    def on_init_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        # FSDP and DeepSpeed wrap the model inside `train()`, before `on_train_begin`: the end of the Trainer's
+        # set-up is the last moment every process holds whole weights, so such runs initialise here. One process
+        # and DDP wait for `on_train_begin`, which knows whether training resumes and has the train dataloader.
+        self._initialised = False
+        setup = _wrapping_setup(args)
+        if model is None or setup is None:
+            return
+        hidden = _sharded_model(model)
+        if hidden is not None:
+            raise _refuse(hidden)
+        if getattr(args, "resume_from_checkpoint", None):
+            logger.info("resume_from_checkpoint is set: QuAILoRA initialisation skipped (checkpoint weights kept).")
+            self._initialised = True
+            return
+        if self.calibration_dataset is None:
+            raise ValueError(
+                "QuAILoRAInitCallback initialises before the Trainer wraps the model (FSDP or DeepSpeed was asked "
+                "for), when no train dataloader exists yet: pass `calibration_dataset`."
+            )
+        # A run resumed through `trainer.train(resume_from_checkpoint=...)` calibrates here for nothing: loading the
+        # checkpoint then replaces the factors, so its weights are kept all the same.
+        self._initialise(args, state, model, processing_class, None)
+        self._initialised = True
+
     def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None, **kwargs):
+        if self._initialised:
+            return  # done at on_init_end, before the Trainer wrapped the model
         if state.global_step > 0:
             logger.info("Resuming at step %d: QuAILoRA initialisation skipped (checkpoint weights kept).", state.global_step)
             return
         check_unsharded_training(args, model)  # before unwrapping: FSDP wraps the model itself
+        self._initialise(args, state, model, processing_class, train_dataloader)
+
+    def _initialise(self, args, state, model, processing_class, train_dataloader) -> None:
         model = unwrap_model(model)
         require_lora_layers(model, self.adapter_name)
         tokenizer = self.tokenizer if self.tokenizer is not None else processing_class

@@ -42,7 +42,7 @@ from ..quantization import (
     quantization_kind,
     why_not_quantized,
 )
-from .calibration import GramStatistics, check_dtype, make_calibration_batches
+from .calibration import GramStatistics, check_dtype, equalize_batch_counts, make_calibration_batches
 from .config import QuAILoRAConfig
 from .report import LayerReport, QuAILoRAReport
 from .schedule import Schedule, plan_schedule
@@ -173,10 +173,11 @@ def _check_calibration(model, calibration, plans: list[_Plan], tokenizer, config
     if calibration is not None:
         # an id beyond the vocabulary would fail deep inside the embedding lookup: checked here, with the model's size
         vocab_size = getattr(model.get_input_embeddings(), "num_embeddings", None)
-        return make_calibration_batches(
+        # the same number of forwards on every process: a sharded forward's collectives must all meet
+        return equalize_batch_counts(lambda: make_calibration_batches(
             calibration, tokenizer, config.calibration_samples, config.calibration_length,
             config.calibration_batch_size, vocab_size=vocab_size,
-        )
+        ), next(model.parameters()).device)
     if config.solver != "svd":
         raise ValueError(f"The {config.solver!r} solver needs calibration data; pass `calibration` or use 'svd'.")
     return None

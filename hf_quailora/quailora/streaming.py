@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from tqdm.auto import tqdm
 
-from .calibration import GramCollector, GramStatistics, collect_gram_matrices, finish_statistics
+from .calibration import GramCollector, GramStatistics, collect_gram_matrices, finish_statistics, gram_mask
 from .schedule import Schedule
 
 
@@ -148,7 +148,7 @@ def stream_statistics(model, batches: list[dict], modules: Mapping[str, torch.nn
 
 def _replay_groups(model, batches, modules, schedule: Schedule, dtype, gram_device, show_progress):
     hidden_states, arguments = record_block_inputs(model, schedule.blocks, batches)
-    masks = [batch["attention_mask"] for batch in batches]
+    masks = [gram_mask(batch) for batch in batches]  # zero for padding batches
     num_tokens = sum(int(mask.sum()) for mask in masks)
     model_device = next(model.parameters()).device
     next_block = 0

@@ -66,6 +66,21 @@ def quiet_bnb_warnings() -> None:
         bnb_logger.addFilter(_OnceFilter())
 
 
+def _quant_state(layer: torch.nn.Module):
+    """A 4-bit layer's quant state: on its weight, or, where sharding replaced the weight by a `DTensor` (FSDP2) or a
+    flat parameter (FSDP1) that lost it, the copy bitsandbytes keeps on the module (its forward restores it there)."""
+    state = getattr(layer.weight, "quant_state", None)
+    return state if state is not None else getattr(layer, "quant_state", None)
+
+
+def _whole_codes(weight: torch.Tensor) -> torch.Tensor:
+    """The layer's stored codes, gathered from every process when FSDP2 sharded them (a collective: every process
+    must ask for the same layers in the same order, as `quailora_init` does)."""
+    from torch.distributed.tensor import DTensor
+
+    return weight.full_tensor() if isinstance(weight, DTensor) else weight.data
+
+
 def disable_bnb_cpu_fast_path(model: torch.nn.Module) -> int:
     """Turn off bitsandbytes' in-place CPU weight repacking on every 4-bit layer of `model`.
 
@@ -93,7 +108,7 @@ def disable_bnb_cpu_fast_path(model: torch.nn.Module) -> int:
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
             count += 1
-            state = module.weight.quant_state
+            state = _quant_state(module)
             if state is not None and getattr(state, "packing_format_for_cpu", False):
                 from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
@@ -215,7 +230,7 @@ def bnb_quantization_kind(layer: torch.nn.Module) -> str | None:
     import bitsandbytes as bnb
 
     if isinstance(layer, bnb.nn.Linear4bit):
-        state = layer.weight.quant_state
+        state = _quant_state(layer)
         return getattr(state, "quant_type", None) or "4bit"
     if isinstance(layer, bnb.nn.Linear8bitLt):
         return "int8"
@@ -251,7 +266,7 @@ def dequantize_bnb_layer(layer: torch.nn.Module) -> torch.Tensor:
         if scb is None:
             raise ValueError("This 8-bit layer has no row scales (SCB); it cannot be dequantized.")
         return weight.data.float() * (scb.float().unsqueeze(1) / 127.0)  # LLM.int8 row-wise absmax
-    state = weight.quant_state
+    state = _quant_state(layer)
     if state is None:
         raise ValueError("This 4-bit layer has no quant state; it was never quantized.")
     if getattr(state, "packing_format_for_cpu", False):
@@ -259,7 +274,7 @@ def dequantize_bnb_layer(layer: torch.nn.Module) -> torch.Tensor:
             "This 4-bit layer was repacked by bitsandbytes' CPU fast path, so its exact Q is lost; reload the model "
             "and call hf_quailora.quantization.disable_bnb_cpu_fast_path(model) before any evaluation."
         )
-    return F.dequantize_4bit(weight.data, state).float()
+    return F.dequantize_4bit(_whole_codes(weight), state).float()
 
 
 BNB_BACKEND = QuantizationBackend(

@@ -1,9 +1,10 @@
 """QuAILoRAInitCallback refuses runs whose parameters are sharded (FSDP, tensor parallelism) before any calibration.
 
 The callback writes whole factors into every process's parameters, which is right only when each process holds the
-whole, only copy of each trainable parameter (one process, DDP). Checked here with a real SFTTrainer asked for FSDP
-(as `accelerate launch --use_fsdp` asks) and with a model really sharded by torch's FSDP2 and tensor parallelism in a
-one-process gloo group on the CPU. DeepSpeed is not installed here: its branch (any ZeRO stage: ZeRO-3 partitions the
+whole, only copy of each trainable parameter: one process, DDP, and FSDP/DeepSpeed runs before the Trainer wraps the
+model (`on_init_end`). Checked here with a real SFTTrainer asked for FSDP (as `accelerate launch --use_fsdp` asks),
+with meta weights, and with a model really sharded by torch's FSDP2 and tensor parallelism in a one-process gloo
+group on the CPU. DeepSpeed is not installed here: its branch (any ZeRO stage: ZeRO-3 partitions the
 parameters, ZeRO-1/2 keep an fp32 master copy made before the callback runs) is untested.
 """
 
@@ -21,7 +22,7 @@ from hf_quailora.quantization import load_quantized_model
 from testing_utils import snapshot
 
 
-REFUSAL = r"QuAILoRAInitCallback cannot initialise under {}.*Supported: one process, or data parallel \(DDP"
+REFUSAL = r"QuAILoRAInitCallback cannot initialise under {}.*Supported in process: one process, DDP.*hf-quailora init"
 
 
 def lora_model(path):
@@ -34,21 +35,39 @@ def sft_args(tmp_path, **kwargs):
                      use_cpu=True, report_to="none", save_strategy="no", **kwargs)
 
 
-def test_a_trainer_launched_for_fsdp_is_refused_before_calibration(tiny_model_path, tiny_texts, tmp_path, monkeypatch):
-    # `accelerate launch --use_fsdp` sets this; on a CPU accelerate falls back to one process, the callback still
-    # refuses what was asked for. (`fsdp=True` in the training arguments is refused by transformers itself here:
-    # "Using fsdp only works in distributed training".)
+def test_a_trainer_launched_for_fsdp_initialises_before_wrapping(tiny_model_path, tiny_texts, tmp_path, monkeypatch):
+    # `accelerate launch --use_fsdp` sets this. The Trainer would wrap the model inside train(), so the callback
+    # initialises at on_init_end, while the weights are whole, and on_train_begin leaves them alone. (On a CPU
+    # accelerate falls back to one process: the wrapping itself is not exercised here.)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    model, tokenizer = lora_model(tiny_model_path)
+    model, tokenizer = load_quantized_model(tiny_model_path, "nf4")
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     before = snapshot(model)
     callback = QuAILoRAInitCallback(calibration_dataset=tiny_texts, calibration_samples=4, calibration_length=16)
     trainer = SFTTrainer(model=model, args=sft_args(tmp_path), processing_class=tokenizer, callbacks=[callback],
                          train_dataset=datasets.Dataset.from_dict({"text": tiny_texts}))
-    with pytest.raises(ValueError, match=REFUSAL.format("FSDP")):
-        trainer.train()
-    assert callback.report is None  # no calibration ran
+    report, after = callback.report, snapshot(model)
+    assert report is not None  # ran at on_init_end, inside the Trainer's constructor
+    assert any(not torch.equal(value, before[name]) for name, value in after.items() if "lora_B" in name)
+    callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=trainer.model,
+                            processing_class=tokenizer)
+    assert callback.report is report
     for name, value in snapshot(model).items():
-        assert torch.equal(value, before[name]), name
+        assert torch.equal(value, after[name]), name
+
+
+def test_a_wrapped_run_with_meta_weights_is_refused_naming_hf_quailora_init(tiny_model_path, tiny_texts, tmp_path,
+                                                                            monkeypatch):
+    # rank-0-only loading (FSDP's cpu_ram_efficient_loading) leaves the other processes meta weights
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    model, tokenizer = lora_model(tiny_model_path)
+    head = model.base_model.model.lm_head
+    head.weight = torch.nn.Parameter(torch.empty_like(head.weight, device="meta"), requires_grad=False)
+    callback = QuAILoRAInitCallback(calibration_dataset=tiny_texts)
+    with pytest.raises(ValueError, match=REFUSAL.format(r"parameters on the meta device \(e\.g\. .*lm_head")):
+        callback.on_init_end(sft_args(tmp_path), TrainerState(), TrainerControl(), model=model,
+                             processing_class=tokenizer)
+    assert callback.report is None
 
 
 @pytest.fixture

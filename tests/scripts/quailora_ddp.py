@@ -1,6 +1,9 @@
 """Run QuAILoRAInitCallback inside SFTTrainer under torchrun (gloo, CPU); each process saves its LoRA weights.
 
-    torchrun --nproc_per_node 2 tests/scripts/quailora_ddp.py MODEL_DIR OUT_DIR
+    torchrun --nproc_per_node 2 tests/scripts/quailora_ddp.py MODEL_DIR OUT_DIR [SAMPLES BATCH_SIZE]
+
+SAMPLES calibration texts (default 8) at BATCH_SIZE per forward (default 8); the script also records how many
+forwards each process ran (embedding calls), so a test can check that uneven shares were evened out.
 """
 
 import os
@@ -15,7 +18,7 @@ from hf_quailora import QuAILoRAInitCallback
 from hf_quailora.quantization import load_quantized_model
 
 
-def main(model_dir: str, out_dir: str) -> None:
+def main(model_dir: str, out_dir: str, samples: int = 8, batch_size: int = 8) -> None:
     torch.set_num_threads(1)
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from conftest import TINY_TEXTS
@@ -26,15 +29,18 @@ def main(model_dir: str, out_dir: str) -> None:
     data = datasets.Dataset.from_dict({"prompt": [t[:20] for t in texts], "completion": [t[20:] for t in texts]})
     args = SFTConfig(output_dir=out_dir, max_steps=1, per_device_train_batch_size=2, max_length=64, bf16=False,
                      use_cpu=True, report_to="none", save_strategy="no", learning_rate=0.0, ddp_backend="gloo")
-    callback = QuAILoRAInitCallback(calibration_dataset=texts, calibration_samples=8, calibration_length=32)
+    callback = QuAILoRAInitCallback(calibration_dataset=texts[:samples], calibration_samples=samples,
+                                    calibration_length=32, calibration_batch_size=batch_size)
+    forwards = []
+    model.get_input_embeddings().register_forward_hook(lambda *_: forwards.append(1))
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[callback])
     trainer.train()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     weights = {n: p.detach().float().clone() for n, p in model.named_parameters() if "lora_" in n}
-    torch.save({"weights": weights, "world": world, "tokens": callback.report.num_tokens},
+    torch.save({"weights": weights, "world": world, "tokens": callback.report.num_tokens, "forwards": len(forwards)},
                os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:5]))

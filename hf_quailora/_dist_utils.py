@@ -1,0 +1,87 @@
+"""Sharded models outside `forward`: whole tensors from FSDP2's `DTensor`s, and writes by one process that every
+process waits for and whose failure raises on all of them.
+
+Example:
+
+```python
+state = {name: full_tensor(value) for name, value in model.state_dict().items()}  # on every process
+run_on_main_process(lambda: save_file(state, path))  # process 0 writes, the others wait; a failure raises on all
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+
+T = TypeVar("T")
+
+
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _is_dtensor(tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def has_sharded_parameters(model: torch.nn.Module) -> bool:
+    """Whether any parameter of `model` is a `DTensor` (FSDP2, tensor parallelism): gathers are then collectives."""
+    return any(_is_dtensor(p) for p in model.parameters())
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a `DTensor` is gathered (a collective: every process must call it, in the same order)."""
+    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
+
+
+def _collective_device() -> torch.device:
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def run_on_main_process(fn: Callable[[], T], what: str = "writing") -> T | None:
+    """Run `fn` on process 0 only; every other process waits for it, and a failure there raises on every process.
+
+    Outside `torch.distributed` it simply runs `fn`. The wait is one all-reduce of a failure flag (so it ends
+    within the process group's timeout even when process 0 dies).
+
+    Args:
+        fn (`Callable[[], T]`): the work of process 0 (a write).
+        what (`str`, defaults to `"writing"`): named in the error the other processes raise.
+
+    Returns:
+        What `fn` returned on process 0; `None` on the others.
+
+    Raises:
+        Whatever `fn` raised, on process 0; `RuntimeError` on the others.
+
+    Example:
+
+    ```python
+    run_on_main_process(lambda: save_file(state, path), what="export_rank")
+    ```
+    """
+    if not is_distributed():
+        return fn()
+    result, error = None, None
+    if torch.distributed.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as exc:  # raised after the others have heard of it
+            error = exc
+    failed = torch.tensor([float(error is not None)], device=_collective_device())
+    torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if failed.item():
+        raise RuntimeError(f"{what} failed on process 0; see its error.")
+    return result

@@ -1,0 +1,82 @@
+"""DynamicRankTrainer on FSDP2 (CPU, gloo): a few steps, `save_model` and `export_rank`, for
+tests/dynamic_rank/test_trainer_sharded.py.
+
+    torchrun --nproc_per_node 2 tests/scripts/dynamic_rank_fsdp2.py MODEL_DIR OUT_DIR [load|fully_shard] [fp32|nf4]
+
+With two processes, `load`: the base is sharded at load time by transformers (`DistributedConfig(fsdp_size=2)`), so
+the Trainer runs it as FSDP2 without wrapping it again; the LoRA factors, added afterwards, stay whole and
+replicated (transformers keeps them in sync). `fully_shard`: the model is loaded whole, the LoRA added, and then
+each decoder block and the root are sharded with `fully_shard`, so the factors are `DTensor`s outside `forward`;
+the model is marked as sharded at load time so that the Trainer does not wrap it again. With one process the model
+is loaded whole. With `nf4` the base is quantized and no step is taken (see the comment at `trainer.train()`).
+Every process writes `process-{rank}.pt` with its rank history and its LoRA weights, gathered whole.
+"""
+
+import os
+import sys
+
+import torch
+
+
+def _shard_factors(model) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    for module in model.modules():
+        if type(module).__name__ == "LlamaDecoderLayer":
+            fully_shard(module)
+    fully_shard(model)
+
+
+def main(model_path: str, output_dir: str, route: str = "load", base: str = "fp32") -> None:
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_quailora import DynamicRankConfig, DynamicRankTrainer, export_rank
+    from hf_quailora._dist_utils import full_tensor
+
+    torch.set_num_threads(1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    kwargs = {}
+    if base == "nf4":
+        from hf_quailora.quantization import make_bnb_config
+
+        kwargs["quantization_config"] = make_bnb_config("nf4")
+    if world > 1 and route == "load":
+        from transformers.distributed import DistributedConfig
+
+        kwargs["distributed_config"] = DistributedConfig(fsdp_size=world)
+    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+    if world > 1 and route == "fully_shard":
+        from transformers.distributed import DistributedConfig
+
+        _shard_factors(model)
+        inner = model.get_base_model()
+        inner._is_distributed_loading_by_transformers = True  # as from_pretrained(distributed_config=...) marks it
+        inner.config.distributed_config = DistributedConfig(fsdp_size=world)
+    # every sequence the same length without padding: the mean of the processes' mean losses is the one-process mean
+    ids = [[(7 * i + j) % (len(tokenizer) - 3) + 3 for j in range(16)] for i in range(8)]
+    args = DynamicRankConfig(
+        output_dir=output_dir, max_steps=3, per_device_train_batch_size=4 // world, learning_rate=1e-2,
+        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, ddp_backend="gloo", max_length=16,
+        seed=0, rank_seed=7, bf16=False,
+    )
+    trainer = DynamicRankTrainer(model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids}),
+                                 processing_class=tokenizer)
+    if base == "fp32":  # NF4 under FSDP2 on the CPU: the fused AdamW step fails ("expected scalar type Float but
+        trainer.train()  # found BFloat16"); set-up, save_model and export_rank are still compared
+    trainer.save_model(os.path.join(output_dir, "saved"))
+    export_rank(trainer.model, 4, os.path.join(output_dir, "rank-4"))
+    weights = {name: full_tensor(value).detach().clone() for name, value in trainer.model.state_dict().items()
+               if "lora_" in name}
+    process = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    torch.save({"rank_history": trainer.rank_history, "weights": weights, "world_size": world,
+                "lora_types": sorted({type(p).__name__ for n, p in trainer.model.named_parameters() if "lora_" in n})},
+               os.path.join(output_dir, f"process-{process}.pt"))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
