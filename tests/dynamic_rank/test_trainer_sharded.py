@@ -17,12 +17,13 @@ SCRIPT = os.path.join(SCRIPTS_DIR, "dynamic_rank_fsdp2.py")
 FILES = ("saved/adapter_model.safetensors", "rank-4/adapter_model.safetensors")
 
 
-def _run(model_path, out, nproc: int, route: str, base: str) -> None:
+def _run(model_path, out, nproc: int, route: str, base: str, truncation: str = "slice") -> None:
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    port = 29600 + 10 * nproc + os.getpid() % 1000 + (route == "fully_shard") + 2 * (base == "nf4")
+    port = 29600 + 10 * nproc + os.getpid() % 1000 + (route == "fully_shard") + 2 * (base == "nf4") + 4 * (
+        truncation == "static")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(port), SCRIPT, model_path, str(out), route, base]
+               str(port), SCRIPT, model_path, str(out), route, base, truncation]
     # a process left waiting in a collective would hang: the timeout ends the test as a failure
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -55,3 +56,18 @@ def test_fsdp2_equals_one_process(tiny_model_path, tmp_path, route, base):
     for name in FILES:  # written by process 0 only, from factors gathered whole
         _assert_close(load_file(two / name), load_file(one / name), name)
     assert (two / "saved" / "dynamic_rank.json").is_file() and (two / "rank-4" / "dynamic_rank.json").is_file()
+
+
+def test_fsdp2_static_rank_path_equals_one_process_slicing(tiny_model_path, tmp_path):
+    """The static-shape truncation of `torch_compile=True` (a mask inside the factors' forward) on sharded `DTensor`
+    factors gives the one-process slicing run's weights and exports (issue "One compiled graph for every rank")."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    _run(tiny_model_path, two, 2, "fully_shard", "fp32", "static")
+    _run(tiny_model_path, one, 1, "fully_shard", "fp32")
+    process0, single = torch.load(two / "process-0.pt"), torch.load(one / "process-0.pt")
+    assert process0["lora_types"] == ["DTensor"]
+    assert process0["factor_classes"] == ["_MaskedLoraLinear"] and single["factor_classes"] == ["Linear"]
+    assert process0["rank_history"] == single["rank_history"]
+    _assert_close(process0["weights"], single["weights"], "weights")
+    for name in FILES:
+        _assert_close(load_file(two / name), load_file(one / name), name)

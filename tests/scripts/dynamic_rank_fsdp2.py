@@ -1,7 +1,7 @@
 """DynamicRankTrainer on FSDP2 (CPU, gloo): a few steps, `save_model` and `export_rank`, for
 tests/dynamic_rank/test_trainer_sharded.py.
 
-    torchrun --nproc_per_node 2 tests/scripts/dynamic_rank_fsdp2.py MODEL_DIR OUT_DIR [load|fully_shard] [fp32|nf4]
+    torchrun --nproc_per_node 2 tests/scripts/dynamic_rank_fsdp2.py MODEL_DIR OUT_DIR [load|fully_shard] [fp32|nf4] [static]
 
 With two processes, `load`: the base is sharded at load time by transformers (`DistributedConfig(fsdp_size=2)`), so
 the Trainer runs it as FSDP2 without wrapping it again; the LoRA factors, added afterwards, stay whole and
@@ -9,6 +9,8 @@ replicated (transformers keeps them in sync). `fully_shard`: the model is loaded
 each decoder block and the root are sharded with `fully_shard`, so the factors are `DTensor`s outside `forward`;
 the model is marked as sharded at load time so that the Trainer does not wrap it again. With one process the model
 is loaded whole. With `nf4` the base is quantized and no step is taken (see the comment at `trainer.train()`).
+With `static`, truncation takes the static-shape path that `torch_compile=True` uses (`enable_static_rank`: a rank
+tensor and a mask inside the factors' forward, after FSDP's all-gather), run eagerly.
 Every process writes `process-{rank}.pt` with its rank history and its LoRA weights, gathered whole.
 """
 
@@ -27,7 +29,7 @@ def _shard_factors(model) -> None:
     fully_shard(model)
 
 
-def main(model_path: str, output_dir: str, route: str = "load", base: str = "fp32") -> None:
+def main(model_path: str, output_dir: str, route: str = "load", base: str = "fp32", truncation: str = "slice") -> None:
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -57,6 +59,10 @@ def main(model_path: str, output_dir: str, route: str = "load", base: str = "fp3
         inner = model.get_base_model()
         inner._is_distributed_loading_by_transformers = True  # as from_pretrained(distributed_config=...) marks it
         inner.config.distributed_config = DistributedConfig(fsdp_size=world)
+    if truncation == "static":
+        from hf_quailora.dynamic_rank import enable_static_rank
+
+        enable_static_rank(model)
     # every sequence the same length without padding: the mean of the processes' mean losses is the one-process mean
     ids = [[(7 * i + j) % (len(tokenizer) - 3) + 3 for j in range(16)] for i in range(8)]
     args = DynamicRankConfig(
@@ -74,9 +80,11 @@ def main(model_path: str, output_dir: str, route: str = "load", base: str = "fp3
                if "lora_" in name}
     process = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     torch.save({"rank_history": trainer.rank_history, "weights": weights, "world_size": world,
-                "lora_types": sorted({type(p).__name__ for n, p in trainer.model.named_parameters() if "lora_" in n})},
+                "lora_types": sorted({type(p).__name__ for n, p in trainer.model.named_parameters() if "lora_" in n}),
+                "factor_classes": sorted({type(m).__name__ for n, m in trainer.model.named_modules()
+                                          if n.endswith((".lora_A.default", ".lora_B.default"))})},
                os.path.join(output_dir, f"process-{process}.pt"))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])
