@@ -241,15 +241,8 @@ def bnb_quantization_kind(layer: torch.nn.Module) -> str | None:
 def dequantize_bnb_layer(layer: torch.nn.Module) -> torch.Tensor:
     """The exact weight `Q` (out×in, float32) that a bitsandbytes layer uses in its forward pass.
 
-    Raises:
-        TypeError: `layer` is not a bitsandbytes 4-bit or 8-bit linear layer.
-        ValueError: the layer's codes were repacked by bitsandbytes' CPU fast path (Q is no longer exact).
-
-    Example:
-
-    ```python
-    Q = dequantize_bnb_layer(model.model.layers[0].mlp.down_proj)
-    ```
+    Raises `TypeError` for a layer that is not bitsandbytes', `ValueError` when its codes were repacked by the CPU fast
+    path (Q is no longer exact). Called through `hf_quailora.quantization.dequantize_weight`, which has an example.
     """
     kind = bnb_quantization_kind(layer)
     if kind is None:
