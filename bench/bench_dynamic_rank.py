@@ -249,7 +249,7 @@ def quailora_scaling(args, eval_texts):
                       tokenizer=trainer.processing_class)
         rows = {}
         for scaling in ("constant", "per_rank"):
-            trainer.args.rank_scaling = scaling
+            trainer.rank_scaling = scaling  # the trainer resolves its scaling once, at __init__: set what it uses
             metrics = trainer.evaluate()
             rows[scaling] = {b: metrics[f"eval_loss@r{b}"] for b in RANKS if b <= args.max_rank}
     return before, rows
