@@ -59,7 +59,7 @@ class DiskFullError(OSError):
     def __init__(self, code: int, path: str | os.PathLike, needed_bytes: int, written_bytes: int, free_bytes: int):
         replaced = needed_bytes - written_bytes
         detail = f"{written_bytes} written before the write failed" + (
-            f"; the version it replaces holds {needed_bytes}" if replaced > 0 else "")
+            f"; its earlier version holds {needed_bytes}" if replaced > 0 else "")
         super().__init__(code, f"{_DISK_FULL.get(code, os.strerror(code))} writing {path}: it needs about "
                                f"{needed_bytes} bytes ({detail}) and {free_bytes} bytes are free there; free space or "
                                "choose another output_dir.")
@@ -106,11 +106,16 @@ def disk_full_errno(error: BaseException, folder: str | os.PathLike) -> int | No
 
 
 def raise_if_disk_full(error: BaseException, target: str | os.PathLike, written: int, replaced: int = 0) -> None:
-    """Raise `DiskFullError` from `error` when it reports a full disk or quota while writing `target`."""
+    """Raise `DiskFullError` from `error` when it reports a full disk or quota while writing `target` (a
+    `DiskFullError` of a write inside it is raised again for `target`, with the larger estimate)."""
     target = Path(target)
     code = disk_full_errno(error, target.parent)
-    if code is not None and not isinstance(error, DiskFullError):
-        raise DiskFullError(code, target, max(written, replaced), written, _free_bytes(target.parent)) from error
+    if code is None:
+        return
+    if isinstance(error, DiskFullError):
+        written, replaced = max(written, error.needed_bytes), max(replaced, error.needed_bytes)
+        error = error.__cause__ or error
+    raise DiskFullError(code, target, max(written, replaced), written, _free_bytes(target.parent)) from error
 
 
 def check_not_a_file(path: str | os.PathLike, name: str = "output_dir") -> None:
