@@ -105,13 +105,15 @@ def disk_full_errno(error: BaseException, folder: str | os.PathLike) -> int | No
     return None
 
 
-def raise_if_disk_full(error: BaseException, target: str | os.PathLike, written: int, replaced: int = 0) -> None:
-    """Raise `DiskFullError` from `error` when it reports a full disk or quota while writing `target` (a
-    `DiskFullError` of a write inside it is raised again for `target`, with the larger estimate)."""
+def raise_if_disk_full(error: BaseException, target: str | os.PathLike, sizes: Callable[[], tuple[int, int]]) -> None:
+    """Raise `DiskFullError` from `error` when it reports a full disk or quota while writing `target`; `sizes()`
+    gives (bytes written, bytes of the earlier version), measured only then. A `DiskFullError` of a write inside
+    `target` is raised again for `target`, with the larger estimate."""
     target = Path(target)
     code = disk_full_errno(error, target.parent)
     if code is None:
         return
+    written, replaced = sizes()
     if isinstance(error, DiskFullError):
         written, replaced = max(written, error.needed_bytes), max(replaced, error.needed_bytes)
         error = error.__cause__ or error
@@ -189,7 +191,7 @@ def staged_folder(target: str | os.PathLike, last: str = ADAPTER_CONFIG) -> Iter
         yield tmp
         _publish(tmp, target, last)
     except Exception as error:
-        raise_if_disk_full(error, target, tree_bytes(tmp), tree_bytes(target, recursive=False))
+        raise_if_disk_full(error, target, lambda: (tree_bytes(tmp), tree_bytes(target, recursive=False)))
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -228,7 +230,7 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[str], object
         write(tmp)
         os.replace(tmp, path)
     except Exception as error:
-        raise_if_disk_full(error, path, tree_bytes(tmp), tree_bytes(path))
+        raise_if_disk_full(error, path, lambda: (tree_bytes(tmp), tree_bytes(path)))
         raise
     finally:
         if os.path.exists(tmp):

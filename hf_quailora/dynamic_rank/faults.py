@@ -255,7 +255,11 @@ def discard_failed_checkpoint(folder: str, writes: bool) -> Iterator[None]:
             raise
         written = tree_bytes(folder)
         shutil.rmtree(folder, ignore_errors=True)
-        earlier = get_last_checkpoint(os.path.dirname(folder) or ".")  # the checkpoint now last: a size estimate
+
+        def sizes():  # what this checkpoint had written, and the one now last (its size is the best estimate)
+            earlier = get_last_checkpoint(os.path.dirname(folder) or ".")
+            return written, tree_bytes(earlier) if earlier else 0
+
         if isinstance(error, Exception):
-            raise_if_disk_full(error, folder, written, tree_bytes(earlier) if earlier else 0)
+            raise_if_disk_full(error, folder, sizes)
         raise

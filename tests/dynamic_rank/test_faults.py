@@ -47,7 +47,8 @@ def test_a_checkpoint_that_fills_the_disk_is_removed_and_the_earlier_one_stays(t
 
     monkeypatch.setattr(torch, "save", save)
     trainer = make_trainer(tiny_model_path, tiny_texts, tmp_path, save_strategy="steps", save_steps=2)
-    with pytest.raises(DiskFullError, match="No space left on device writing .*checkpoint-4: it needs about") as caught:
+    message = "No space left on device writing .*checkpoint-4: it needs about"
+    with pytest.raises(DiskFullError, match=message) as caught:
         trainer.train()
     assert caught.value.needed_bytes >= sum(f.stat().st_size for f in (tmp_path / "checkpoint-2").iterdir())
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"] and leftovers(tmp_path) == []
