@@ -5,6 +5,10 @@
   first and put back last, so at no moment does it hold a loadable adapter made of old and new files.
 - `write_file_atomically(path, write)`: a temporary file beside `path`, then one rename.
 
+A write that runs out of disk space (`ENOSPC`, or `EDQUOT` over a quota) raises `DiskFullError`, an `OSError`
+with that errno, naming the path and about how many bytes it needs; nothing is published and the temporary file or
+folder is removed, so the previous version stays as it was.
+
 The cache has its own variant with a lock and a completion marker (`embedded.cache.build_once`).
 
 Example:
@@ -19,6 +23,7 @@ with staged_folder("outputs/adapter-r4") as tmp:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -28,6 +33,91 @@ from pathlib import Path
 
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft's marker of a saved adapter: written last, removed first
+_DISK_FULL = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded"}
+_NEARLY_FULL_BYTES = 1 << 20  # free space below which a write error without an errno counts as a full disk
+
+
+class DiskFullError(OSError):
+    """A write ran out of space: `errno` is `ENOSPC` (disk full) or `EDQUOT` (quota exceeded).
+
+    Attributes:
+        path (`str`): the file or folder being written.
+        needed_bytes (`int`): about how many bytes the write needs (a lower bound: what it had written when the disk
+            filled, or the size of the version it replaces when that is larger).
+        free_bytes (`int`): the free space left on that file system.
+
+    Example:
+
+    ```python
+    try:
+        trainer.train()
+    except DiskFullError as error:
+        print(error.path, error.needed_bytes, error.free_bytes)
+    ```
+    """
+
+    def __init__(self, code: int, path: str | os.PathLike, needed_bytes: int, written_bytes: int, free_bytes: int):
+        replaced = needed_bytes - written_bytes
+        detail = f"{written_bytes} written before the write failed" + (
+            f"; its earlier version holds {needed_bytes}" if replaced > 0 else "")
+        super().__init__(code, f"{_DISK_FULL.get(code, os.strerror(code))} writing {path}: it needs about "
+                               f"{needed_bytes} bytes ({detail}) and {free_bytes} bytes are free there; free space or "
+                               "choose another output_dir.")
+        self.path, self.needed_bytes, self.free_bytes = str(path), needed_bytes, free_bytes
+
+
+def tree_bytes(path: str | os.PathLike, recursive: bool = True) -> int:
+    """The size in bytes of a file, or of the files in a folder (its subfolders too when `recursive`); 0 if absent."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    if not path.is_dir():
+        return 0
+    entries = path.rglob("*") if recursive else path.iterdir()
+    return sum(entry.stat().st_size for entry in entries if entry.is_file() and not entry.is_symlink())
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return -1
+
+
+def disk_full_errno(error: BaseException, folder: str | os.PathLike) -> int | None:
+    """`ENOSPC`/`EDQUOT` when `error` (or an error it was raised from) says the disk or quota is full, else `None`.
+
+    Writers report it differently: `OSError` with the errno, safetensors' `SafetensorError` in words ("No space left
+    on device (os error 28)"), `torch.save` only as "unexpected pos" / "file write failed"; the last counts as a full
+    disk when the file system of `folder` has under 1 MiB left.
+    """
+    seen, current = set(), error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _DISK_FULL:
+            return current.errno
+        for code, text in _DISK_FULL.items():
+            if text.lower() in str(current).lower():
+                return code
+        current = current.__cause__ or current.__context__
+    if isinstance(error, (OSError, RuntimeError)) and 0 <= _free_bytes(Path(folder)) < _NEARLY_FULL_BYTES:
+        return errno.ENOSPC
+    return None
+
+
+def raise_if_disk_full(error: BaseException, target: str | os.PathLike, sizes: Callable[[], tuple[int, int]]) -> None:
+    """Raise `DiskFullError` from `error` when it reports a full disk or quota while writing `target`; `sizes()`
+    gives (bytes written, bytes of the earlier version), measured only then. A `DiskFullError` of a write inside
+    `target` is raised again for `target`, with the larger estimate."""
+    target = Path(target)
+    code = disk_full_errno(error, target.parent)
+    if code is None:
+        return
+    written, replaced = sizes()
+    if isinstance(error, DiskFullError):
+        written, replaced = max(written, error.needed_bytes), max(replaced, error.needed_bytes)
+        error = error.__cause__ or error
+    raise DiskFullError(code, target, max(written, replaced), written, _free_bytes(target.parent)) from error
 
 
 def check_not_a_file(path: str | os.PathLike, name: str = "output_dir") -> None:
@@ -41,20 +131,39 @@ def _temporary_name(path: Path) -> Path:
     return path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _publish(tmp: Path, target: Path, last: str) -> None:
     if not target.exists():
         os.replace(tmp, target)
         return
-    (target / last).unlink(missing_ok=True)  # from here on, target does not load as an adapter
-    for entry in sorted(tmp.iterdir()):
-        if entry.name == last:
-            continue
-        destination = target / entry.name
-        if destination.is_dir() and not destination.is_symlink():
-            shutil.rmtree(destination)
-        os.replace(entry, destination)
-    if (tmp / last).exists():
-        os.replace(tmp / last, target / last)
+    # File by file; what is replaced moves to a backup folder first, so that a failure puts the old version back.
+    backup, replaced, published = _temporary_name(target), [], []
+    backup.mkdir()
+    try:
+        names = [entry.name for entry in sorted(tmp.iterdir()) if entry.name != last]
+        for name in [last, *names]:
+            if (target / name).exists() or (target / name).is_symlink():
+                os.replace(target / name, backup / name)  # `last` first: from here on, target does not load
+                replaced.append(name)
+            if name != last:
+                os.replace(tmp / name, target / name)
+                published.append(name)
+        if (tmp / last).exists():
+            os.replace(tmp / last, target / last)
+    except BaseException:
+        for name in published:
+            _remove(target / name)
+        for name in replaced:
+            os.replace(backup / name, target / name)
+        raise
+    finally:
+        shutil.rmtree(backup, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -62,12 +171,16 @@ def staged_folder(target: str | os.PathLike, last: str = ADAPTER_CONFIG) -> Iter
     """Yield an empty temporary folder beside `target`; on success publish its contents into `target`.
 
     Files already in `target` that the new contents do not replace are kept (a run's checkpoints, other results).
-    On an exception nothing is published and the temporary folder is removed.
+    On an exception nothing is published and the temporary folder is removed; a full disk or quota raises
+    `DiskFullError`. When `target` exists, a failure while publishing puts its replaced files back.
 
     Args:
         target (`str` or `os.PathLike`): the folder to create or update.
         last (`str`, defaults to `"adapter_config.json"`): the file published last (and removed first when it
             is replaced), so that a reader never sees it beside half of the other files.
+
+    Raises:
+        DiskFullError: the disk or quota filled while writing (`errno` `ENOSPC` or `EDQUOT`).
     """
     target = Path(target)
     check_not_a_file(target)
@@ -77,6 +190,9 @@ def staged_folder(target: str | os.PathLike, last: str = ADAPTER_CONFIG) -> Iter
     try:
         yield tmp
         _publish(tmp, target, last)
+    except Exception as error:
+        raise_if_disk_full(error, target, lambda: (tree_bytes(tmp), tree_bytes(target, recursive=False)))
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -96,6 +212,9 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[str], object
     Returns:
         `str`: `path`.
 
+    Raises:
+        DiskFullError: the disk or quota filled while writing (`errno` `ENOSPC` or `EDQUOT`); `path` is unchanged.
+
     Example:
 
     ```python
@@ -110,6 +229,9 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[str], object
     try:
         write(tmp)
         os.replace(tmp, path)
+    except Exception as error:
+        raise_if_disk_full(error, path, lambda: (tree_bytes(tmp), tree_bytes(path)))
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

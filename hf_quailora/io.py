@@ -6,6 +6,8 @@ benchmarks all use them):
 - `write_file_atomically(path, write)`: `write` fills a temporary file beside `path`, then one rename publishes it.
 - `staged_folder(target)`: fill a temporary folder beside `target`, then publish it (an adapter's
   `adapter_config.json` last).
+- `DiskFullError`: what both raise when the disk or a quota fills (an `OSError` with `errno` `ENOSPC`/`EDQUOT`,
+  naming the path and about how many bytes it needs); nothing is published and the earlier version stays intact.
 
 Example:
 
@@ -24,7 +26,7 @@ write_file_atomically("results.json", write)  # a reader sees the old file or th
 ```
 """
 
-from ._io_utils import staged_folder, write_file_atomically
+from ._io_utils import DiskFullError, staged_folder, write_file_atomically
 
 
-__all__ = ["staged_folder", "write_file_atomically"]
+__all__ = ["DiskFullError", "staged_folder", "write_file_atomically"]

@@ -12,10 +12,12 @@ args = DynamicRankConfig(output_dir="out", min_rank=1, update_rule="nested", eva
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from trl import SFTConfig
 
+from .faults import NONFINITE_ACTIONS
 from .spec import (
     DEFAULT_UPDATE_RULE,
     RANK_DISTRIBUTIONS,
@@ -81,6 +83,12 @@ class DynamicRankConfig(SFTConfig):
             `eval_mean_token_accuracy@r{b}` and `eval_entropy@r{b}`); defaults to `min_rank`, the powers of two
             between, and `max_rank`.
 
+        > Faults
+
+        nonfinite (`str`, defaults to `"raise"`): what a non-finite loss or gradient does: `"raise"` stops the run
+            with a `FloatingPointError` naming the optimizer step and its rank(s), before the step is applied;
+            `"skip"` drops the step with a warning. See `faults.NonFiniteCheck`.
+
         > Defaults that differ from `SFTConfig`
 
         bf16 (`bool`, *optional*): when not set, `True` only if a CUDA/XPU device is present (SFTConfig turns it on
@@ -119,6 +127,12 @@ class DynamicRankConfig(SFTConfig):
     eval_ranks: list[int] | None = field(
         default=None, metadata={"help": "Ranks evaluate() reports as eval_loss@r{b}; default: powers of two."}
     )
+    # Faults
+    nonfinite: Literal["raise", "skip"] = field(
+        default="raise",
+        metadata={"help": "A non-finite loss or gradient: 'raise' stops the run before the step is applied, naming "
+                  "the step and rank; 'skip' drops the step with a warning.", "choices": list(NONFINITE_ACTIONS)},
+    )
 
     def __post_init__(self):
         if self.bf16 is None and not self.fp16:
@@ -146,6 +160,8 @@ class DynamicRankConfig(SFTConfig):
             if len(self.eval_ranks) == 0:
                 raise ValueError("`eval_ranks` is empty; give at least one rank or leave it None for the default.")
             check_weighted_ranks(self.eval_ranks, None, 1, upper, "eval_ranks", "eval_weights")
+        # Faults
+        check_choice("nonfinite", self.nonfinite, NONFINITE_ACTIONS)
 
     @property
     def soft_mode(self) -> bool:

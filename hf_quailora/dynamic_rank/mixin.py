@@ -40,9 +40,10 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .._dist_utils import full_tensor, has_sharded_parameters, run_on_main_process
-from .._io_utils import staged_folder
+from .._io_utils import staged_folder, write_file_atomically
 from .._peft_utils import active_adapter_name, common_lora_rank, record_adapter_facts
 from ..quantization import prepare_for_exact_weights
+from .faults import NonFiniteCheck, discard_failed_checkpoint, hold_output_dir
 from .model_card import carry_card, write_adapter_card
 from .rank_mask import COMPILE_WATCH, enable_static_rank
 from .sampler import RankSampler, SubModel, step_plan
@@ -167,6 +168,8 @@ class DynamicRankMixin:
         self._sub_model: SubModel | None = None  # the one whose loss compute_loss is computing
         self._repeated_tokens = 0  # tokens trl counted more than once (one count per sub-model)
         self._ranks_to_log: list[int] = []  # ranks drawn since the last log (a plain Trainer; trl keeps _metrics)
+        self._nonfinite = NonFiniteCheck(self, getattr(self.args, "nonfinite", "raise"))  # faults.py
+        self.add_callback(self._nonfinite)
 
     # -----------------------------------------------------------------------------------------------------------------
     # Training
@@ -228,6 +231,7 @@ class DynamicRankMixin:
                     loss = super().training_step(model, inputs, num_items_in_batch)
             finally:
                 self._sub_model = None
+            self._nonfinite.check_loss(loss, sub_model.rank)
             if index == 0:
                 counted = self._trl_token_count()
             total = loss if total is None else total + loss
@@ -357,10 +361,12 @@ class DynamicRankMixin:
         return {"sampler": self.rank_sampler.state_dict(), "rank_history": [list(item) for item in self.rank_history]}
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            torch.save(self._rank_state(), os.path.join(folder, RANK_STATE_NAME))
+        folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        with discard_failed_checkpoint(folder, self.args.should_save):  # no half checkpoint is left to resume from
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                state = self._rank_state()
+                write_file_atomically(os.path.join(folder, RANK_STATE_NAME), lambda tmp: torch.save(state, tmp))
 
     def _load_rank_state(self, checkpoint: str) -> None:
         path = os.path.join(checkpoint, RANK_STATE_NAME)
@@ -377,6 +383,10 @@ class DynamicRankMixin:
         self.rank_history = [list(item) for item in state["rank_history"]]
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        with hold_output_dir(self.args.output_dir):  # a second live run on this folder is refused (faults.py)
+            return self._train_holding_output_dir(resume_from_checkpoint, trial, **kwargs)
+
+    def _train_holding_output_dir(self, resume_from_checkpoint, trial, **kwargs):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
