@@ -39,7 +39,7 @@ import torch
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from .._dist_utils import full_tensor, has_sharded_parameters, run_on_main_process
+from .._dist_utils import full_tensor, has_sharded_parameters, is_distributed, run_on_main_process
 from .._io_utils import staged_folder, write_file_atomically
 from .._peft_utils import active_adapter_name, common_lora_rank, record_adapter_facts
 from ..quantization import prepare_for_exact_weights
@@ -198,7 +198,7 @@ class DynamicRankMixin:
 
     def _draw_rank(self) -> int:
         rank = self.rank_sampler.sample()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if is_distributed():
             # Every process draws from the same seeded generator; a different draw means a different seed or state,
             # and averaging gradients of different sub-models would be silently wrong.
             device = self.args.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")

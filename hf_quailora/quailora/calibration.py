@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .._dist_utils import is_distributed
 from ..tokens import check_token_ids
 
 
@@ -198,7 +199,7 @@ def equalize_batch_counts(make_batches, device: torch.device | str = "cpu") -> l
     batches = equalize_batch_counts(lambda: make_calibration_batches(my_share, tokenizer, batch_size=1))
     ```
     """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not is_distributed():
         return make_batches()
     error, batches = None, []
     try:
@@ -313,7 +314,7 @@ def finish_statistics(stats: GramStatistics, modules: Mapping[str, torch.nn.Modu
     missing = [name for name in modules if name not in stats.groups]
     if missing:
         raise ValueError(f"These layers never ran during calibration: {missing[:5]}{' …' if len(missing) > 5 else ''}")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if is_distributed():
         count = torch.tensor([num_tokens], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(count)
         stats.num_tokens = int(count.item())

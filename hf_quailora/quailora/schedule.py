@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._dist_utils import is_distributed
 from .memory import format_bytes, free_memory, group_blocks
 
 
@@ -102,7 +103,7 @@ def _check_one_block_fits(sizes: list[int], block_names: list[str], limit: int, 
 
 def _smallest_over_processes(value: int, device: torch.device) -> int:
     """The smallest `value` over processes, so that every process plans the same groups (the same collectives)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not is_distributed():
         return value
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN)
