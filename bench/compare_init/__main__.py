@@ -56,6 +56,7 @@ from hf_quailora import load_dataset_any, make_token_windows, resolve
 
 from .._common import write_json, write_results
 from .arms import ARMS, CompareScriptArguments, RunPlan, check_arguments, needs_bos
+from .decomposition import decompose, decomposition_markdown
 from .run import load_alpaca_split, run_arm
 from .store import arm_path, check_compatible, load_finished, model_slug, resume_settings, start_path
 from .summary import plot_summary, summarize, summary_markdown
@@ -109,15 +110,16 @@ def run_model(args: CompareScriptArguments, plan: RunPlan, model: str, settings:
 def write_summary(args: CompareScriptArguments, records: list[dict]) -> list[dict]:
     """`results.md`, `results.json` and `convergence.png` in `--output_dir` from every finished arm."""
     summary = summarize(records)
+    decomposition = decompose(records)
     meta = {**records[0]["settings"], "threads": sorted({r["meta"]["threads"] for r in records}),
             "torch": records[0]["meta"]["torch"], "arm_seconds": sum(r["result"]["seconds"] for r in records),
             "commands": sorted({r["meta"].get("command", "(not recorded)") for r in records})}
     table = (f"Fine-tuning comparison: {len(records)} finished arms; torch {meta['torch']}, "
              f"{'/'.join(map(str, meta['threads']))} thread(s); arm wall time {meta['arm_seconds'] / 60:.1f} min "
              f"in all. Command(s):\n\n" + "".join(f"    {command}\n" for command in meta["commands"]) + "\n"
-             + summary_markdown(summary, records, meta))
+             + summary_markdown(summary, records, meta) + "\n".join(decomposition_markdown(decomposition)) + "\n")
     paths = write_results(os.path.join(args.output_dir, "results"), table,
-                          {"settings": meta, "summary": summary, "arms": records})
+                          {"settings": meta, "summary": summary, "decomposition": decomposition, "arms": records})
     paths += (plot_summary(records, summary, os.path.join(args.output_dir, "convergence.png")),)
     print("\n" + table)
     print("Wrote " + ", ".join(paths))
