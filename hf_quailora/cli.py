@@ -50,7 +50,7 @@ def make_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ranks", required=True, help="comma-separated ranks, e.g. 1,2,4,8")
     evaluate.add_argument("--tasks", default="quailora_wiki_ppl",
                           help="comma-separated lm-eval tasks; offline: quailora_wiki_ppl, quailora_alpaca_loss, "
-                          "quailora_alpaca_mc; others need the Hub or --include_path (default: %(default)s)")
+                          "quailora_alpaca_mc, quailora_wiki_cloze; others need the Hub or --include_path (default: %(default)s)")
     evaluate.add_argument("--include_path", action="append", default=None, help="folder of extra task YAMLs (repeatable)")
     evaluate.add_argument("--output_dir", required=True, help="where results.json/.md/.png are written")
     evaluate.add_argument("--overwrite", action="store_true", help="replace results already in --output_dir")

@@ -166,7 +166,7 @@ def evaluate_ranks(
         ranks (`str` or `list[int]`): e.g. `"1,2,4,8"`; each within `1..r` and not above the trained `max_rank`
             recorded on the model.
         tasks (`str` or `list[str]`): lm-eval task names (offline: `quailora_wiki_ppl`, `quailora_alpaca_loss`,
-            `quailora_alpaca_mc`; others need the Hub or `include_path`).
+            `quailora_alpaca_mc`, `quailora_wiki_cloze`; others need the Hub or `include_path`).
         include_path (*optional*): folder(s) of extra task YAMLs.
         output_dir (`str`, *optional*): write `results.json`, `results.md`, `results.png` there.
         overwrite (`bool`, defaults to `False`): allow replacing results in `output_dir`.

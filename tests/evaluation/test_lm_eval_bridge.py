@@ -244,10 +244,16 @@ def test_quantization_none_in_model_args_overrides_the_recorded_base(tiny_model_
 
 def test_offline_tasks_are_written_and_indexed(tmp_path):
     folder = write_offline_tasks(tmp_path)
-    names, manager = resolve_tasks("quailora_wiki_ppl,quailora_alpaca_loss,quailora_alpaca_mc")
-    assert len(names) == 3
+    names, manager = resolve_tasks("quailora_wiki_ppl,quailora_alpaca_loss,quailora_alpaca_mc,quailora_wiki_cloze")
+    assert len(names) == 4
     mc = [json.loads(line) for line in (tmp_path / "quailora_alpaca_mc.jsonl").read_text().splitlines()]
     assert len(mc) == 200 and all(len(row["choices"]) == 4 and 0 <= row["label"] < 4 for row in mc)
+    cloze = [json.loads(line) for line in (tmp_path / "quailora_wiki_cloze.jsonl").read_text().splitlines()]
+    assert len(cloze) == 500 and all(len(set(row["choices"])) == 4 and 0 <= row["label"] < 4 for row in cloze)
+    # the blank is the word that ends the sentence, never in the context's last position; labels are balanced
+    assert all(row["context"].split()[-1] != row["choices"][row["label"]] for row in cloze)
+    assert {row["label"] for row in cloze} == {0, 1, 2, 3}
+    assert max(sum(row["label"] == k for row in cloze) for k in range(4)) < 0.3 * len(cloze)
     assert folder == str(tmp_path)
 
 

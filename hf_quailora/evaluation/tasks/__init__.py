@@ -5,6 +5,7 @@
 | `quailora_wiki_ppl`      | `loglikelihood_rolling`   | the embedded Wikipedia text, in chunks | word/byte perplexity, bits/byte  |
 | `quailora_alpaca_loss`   | `loglikelihood`           | Alpaca responses given their prompts   | word perplexity, bits/byte       |
 | `quailora_alpaca_mc`     | `multiple_choice`         | the right Alpaca response among 4      | acc, acc_norm                    |
+| `quailora_wiki_cloze`    | `multiple_choice`         | a Wikipedia sentence's last word of 4  | acc, acc_norm (chance: 25%)      |
 
 The task YAML files ship in this folder. `write_offline_tasks()` writes them, with their JSONL data, into one
 folder of the cache (once, under a lock, renamed into place whole) and returns it; pass it to
@@ -33,11 +34,13 @@ from ...embedded.cache import build_once, get_cache_dir
 from ...embedded.data import ensure_embedded_data, format_alpaca, split_holdout
 
 
-OFFLINE_TASKS = ("quailora_wiki_ppl", "quailora_alpaca_loss", "quailora_alpaca_mc")
+OFFLINE_TASKS = ("quailora_wiki_ppl", "quailora_alpaca_loss", "quailora_alpaca_mc", "quailora_wiki_cloze")
 TASKS_DIR = Path(__file__).parent
 UTILS_FILE = "quailora_task_utils.py"  # lm-eval's `!function` helpers, copied beside the YAML
 _DATA_PLACEHOLDER = '"@DATA_FILE@"'
 _WORDS_PER_CHUNK = 192
+_CLOZE_CONTEXT_WORDS = 48  # words before the blank: the sentence and what precedes it in the article
+_CLOZE_DOCUMENTS = 500  # spread evenly over the articles, so that `limit=` samples every article
 
 
 def _wiki_chunks(text_file: Path) -> list[dict]:
@@ -49,6 +52,40 @@ def _wiki_chunks(text_file: Path) -> list[dict]:
             if len(piece) >= _WORDS_PER_CHUNK // 2:
                 chunks.append({"text": " ".join(piece)})
     return chunks
+
+
+def _cloze_word(sentence: str) -> str | None:
+    """The sentence's last word when it is a plain word of at least 4 letters (a blank worth guessing), else None."""
+    words = sentence.split()
+    word = words[-1].rstrip(".") if len(words) >= 6 else ""
+    return word if len(word) >= 4 and word.isalpha() else None
+
+
+def _wiki_cloze(text_file: Path) -> list[dict]:
+    """Last-word cloze on the Wikipedia articles: the preceding words as context, and the sentence's true last word
+    among 4 choices, the other 3 being words of the context (a deterministic draw, so chance is 25%)."""
+    candidates = []  # (context, word) for every sentence that ends on a guessable word
+    for line in text_file.read_text(encoding="utf-8").splitlines():
+        words_so_far: list[str] = []
+        for sentence in line.replace("? ", ". ").replace("! ", ". ").split(". "):
+            word = _cloze_word(sentence)
+            if word is not None and len(words_so_far) >= _CLOZE_CONTEXT_WORDS // 2:
+                context = words_so_far + sentence.split()[:-1]
+                candidates.append((" ".join(context[-_CLOZE_CONTEXT_WORDS:]), word))
+            words_so_far += (sentence + ".").split()
+    rng = random.Random(0)
+    step = max(1, len(candidates) // _CLOZE_DOCUMENTS)
+    rows = []
+    for context, word in candidates[::step]:
+        # distractors from the context itself: on topic, so that the blank needs the sentence, not just the subject
+        pool = sorted({w for w in (c.strip(".,;:()\"'") for c in context.split()) if len(w) >= 4 and w.isalpha()
+                       and w.lower() != word.lower()})
+        if len(pool) < 3 or len(rows) == _CLOZE_DOCUMENTS:
+            continue
+        others = rng.sample(pool, 3)
+        label = rng.randrange(4)
+        rows.append({"context": context, "choices": others[:label] + [word] + others[label:], "label": label})
+    return rows
 
 
 def _task_rows(data_dir: Path) -> dict[str, list[dict]]:
@@ -63,7 +100,7 @@ def _task_rows(data_dir: Path) -> dict[str, list[dict]]:
         choices = others[:label] + [pair["completion"]] + others[label:]
         mc.append({"prompt": pair["prompt"], "choices": choices, "label": label})
     return {"quailora_wiki_ppl": _wiki_chunks(data_dir / "wiki_demo.txt"), "quailora_alpaca_loss": pairs,
-            "quailora_alpaca_mc": mc}
+            "quailora_alpaca_mc": mc, "quailora_wiki_cloze": _wiki_cloze(data_dir / "wiki_demo.txt")}
 
 
 def _fill(folder: Path, final: Path, data_dir: Path) -> None:
@@ -79,9 +116,10 @@ def _fill(folder: Path, final: Path, data_dir: Path) -> None:
 
 
 def _version() -> str:
-    """A digest of the shipped task files, so that a changed task is written anew instead of reusing a stale one."""
+    """A digest of the shipped task files and of this module (which builds their data), so that a changed task is
+    written anew instead of reusing a stale one."""
     digest = hashlib.sha256()
-    for path in sorted([*TASKS_DIR.glob("*.yaml"), TASKS_DIR / UTILS_FILE]):
+    for path in sorted([*TASKS_DIR.glob("*.yaml"), TASKS_DIR / UTILS_FILE, Path(__file__)]):  # and their builder
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:12]
 
