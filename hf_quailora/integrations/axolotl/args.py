@@ -114,8 +114,8 @@ def parse_dynamic_rank_block(value: Any) -> dict | None:
 
 
 def _blocks_on(data) -> str | None:
-    """The names of the blocks that are on, for messages (`"quailora and dynamic_rank"`); `None` when none is."""
-    names = [name for name in ("quailora", "dynamic_rank") if data.get(name) not in (None, False)]
+    """The blocks that are on, for messages (`"`quailora:` and `dynamic_rank:`"`); `None` when none is."""
+    names = [f"`{name}:`" for name in ("quailora", "dynamic_rank") if data.get(name) not in (None, False)]
     return " and ".join(names) or None
 
 
@@ -158,8 +158,9 @@ def check_blocks_with_config(data: dict) -> None:
     quailora, dynamic_rank, blocks = data.get("quailora"), data.get("dynamic_rank"), _blocks_on(data)
     if blocks is None:
         return
+    need = "need" if " and " in blocks else "needs"
     if data.get("adapter") not in ("lora", "qlora"):
-        raise ValueError(f"`{blocks}:` needs `adapter: lora` or `adapter: qlora`; got adapter {data.get('adapter')!r}.")
+        raise ValueError(f"{blocks} {need} `adapter: lora` or `adapter: qlora`; got adapter {data.get('adapter')!r}.")
     if quailora not in (None, False):
         if data.get("lora_model_dir"):
             raise ValueError(
@@ -169,17 +170,18 @@ def check_blocks_with_config(data: dict) -> None:
             )
         init = data.get("peft_init_lora_weights")
         loftq = (data.get("peft") or {}).get("loftq_config")
+        other = "peft.loftq_config" if loftq else f"peft_init_lora_weights: {init}"
         if (isinstance(init, str) and init.lower() in _OTHER_INITS) or loftq:
             raise ValueError(
-                f"`quailora:` sets the LoRA start itself; remove `peft_init_lora_weights: {init}` / "
-                f"`peft.loftq_config` (PiSSA/OLoRA also change the base weights QuAILoRA calibrates against)."
+                f"`quailora:` sets the LoRA start itself; remove `{other}` (PiSSA and OLoRA also change the base "
+                "weights that QuAILoRA calibrates against)."
             )
     if dynamic_rank not in (None, False) and data.get("rl"):
         raise ValueError(f"`dynamic_rank:` trains with supervised fine-tuning only; remove it or `rl: {data['rl']}`.")
     for kernel in LORA_KERNELS:
         if data.get(kernel):
             raise ValueError(
-                f"`{kernel}: true` computes LoRA outside peft's layers, which `{blocks}:` need (rank truncation, "
+                f"`{kernel}: true` computes LoRA outside peft's layers, which {blocks} {need} (rank truncation, "
                 f"calibration hooks); set `{kernel}: false` or leave it out (the plugin then sets it to false)."
             )
 

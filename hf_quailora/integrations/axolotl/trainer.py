@@ -66,5 +66,6 @@ def dynamic_rank_trainer_class(settings: DynamicRankSettings) -> type[AxolotlDyn
     """
     if not isinstance(settings, DynamicRankSettings):
         raise TypeError(f"`settings` must be a DynamicRankSettings; got {type(settings).__name__}.")
-    return type(AxolotlDynamicRankTrainer.__name__, (AxolotlDynamicRankTrainer,),
-                {"dynamic_rank_settings": settings, "__module__": __name__, "__doc__": AxolotlDynamicRankTrainer.__doc__})
+    namespace = {"dynamic_rank_settings": settings, "__module__": __name__,
+                 "__doc__": AxolotlDynamicRankTrainer.__doc__}
+    return type(AxolotlDynamicRankTrainer.__name__, (AxolotlDynamicRankTrainer,), namespace)
