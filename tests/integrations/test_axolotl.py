@@ -1,0 +1,288 @@
+"""hf_quailora inside axolotl (hf_quailora/integrations/axolotl): the plugin and its YAML blocks through axolotl's
+own config validation (`load_cfg`), dataset loading (`load_datasets`) and training (`axolotl.train.train`, its trainer
+builder), on the tiny Llama, CPU, a few steps.
+
+axolotl needs Python >= 3.12: `make test-axolotl` builds that environment (`.venv-axolotl`) and runs this file there.
+In the main environment (Python 3.11, no axolotl) the axolotl tests skip; the block parsing tests (pydantic only)
+run everywhere.
+"""
+
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from hf_quailora.dynamic_rank.spec import METADATA_FILE, DynamicRankMetadata
+
+from testing_utils import R, one_thread, require_bitsandbytes  # noqa: F401 (autouse fixture)
+
+
+HAS_AXOLOTL = importlib.util.find_spec("axolotl") is not None
+require_axolotl = pytest.mark.skipif(
+    not HAS_AXOLOTL,
+    reason="needs axolotl, which needs Python >= 3.12; the main .venv is Python 3.11 without it. "
+    "`make test-axolotl` builds .venv-axolotl (Python 3.12, axolotl 0.21) and runs this file there.",
+)
+PLUGIN = "hf_quailora.integrations.axolotl.QuAILoRAPlugin"
+STEPS = 3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The blocks, parsed by the library's own classes (pydantic only: runs in every environment)
+
+
+def test_blocks_are_parsed_by_the_library_classes():
+    from hf_quailora.integrations.axolotl.args import (
+        QuAILoRAArgs,
+        check_blocks_with_config,
+        turn_off_lora_kernels,
+    )
+
+    # Alone, as here, the model sees only the keys given; merged into axolotl's config it sees the whole YAML.
+    args = QuAILoRAArgs(adapter="qlora", quailora={"solver": "als", "calibration_dataset": "c4"}, dynamic_rank=True)
+    assert args.quailora == {"solver": "als", "calibration_dataset": "c4"} and args.dynamic_rank == {}
+    assert QuAILoRAArgs().quailora is None and QuAILoRAArgs(dynamic_rank=False).dynamic_rank is None
+    bad = [
+        ({"quailora": {"solver": "exact"}}, "solver"),  # QuAILoRAConfig's own check, naming the field
+        ({"dynamic_rank": {"min_rnk": 2}}, r"unknown keys \['min_rnk'\]"),
+        ({"dynamic_rank": {"seed": 3}}, "seed"),  # axolotl's own `seed` is the fallback of rank_seed
+        ({"dynamic_rank": {"update_rule": "bogus"}}, "update_rule"),  # DynamicRankSettings' own check
+        ({"dynamic_rank": {"min_rank": 0}}, "min_rank"),
+        ({"quailora": "yes"}, "mapping"),
+    ]
+    for block, message in bad:
+        with pytest.raises(ValueError, match=message):
+            QuAILoRAArgs(adapter="lora", **block)
+
+    raw = {"adapter": "qlora", "dynamic_rank": {}, "lora_o_kernel": True}
+    assert turn_off_lora_kernels(raw) == ["lora_mlp_kernel", "lora_qkv_kernel", "lora_embedding_kernel"]
+    assert raw["lora_o_kernel"] is True and raw["lora_mlp_kernel"] is False
+    assert turn_off_lora_kernels({"adapter": "qlora"}) == []  # no block: axolotl's defaults stay
+    refusals = [
+        ({"adapter": None, "dynamic_rank": {}}, "adapter: lora"),
+        ({"adapter": "qlora", "quailora": {}, "lora_model_dir": "start"}, "hf-quailora init"),
+        ({"adapter": "lora", "quailora": {}, "peft_init_lora_weights": "pissa"}, "peft_init_lora_weights"),
+        ({"adapter": "lora", "dynamic_rank": {}, "rl": "dpo"}, "rl: dpo"),
+        ({"adapter": "lora", "dynamic_rank": {}, "lora_o_kernel": True}, "lora_o_kernel: false"),
+    ]
+    for config, message in refusals:
+        with pytest.raises(ValueError, match=message):
+            check_blocks_with_config(config)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Through axolotl
+
+
+def _config(tiny_model_path, run_dir, name, **settings):
+    """An axolotl YAML for the tiny Llama (completion data, CPU, fp32, STEPS steps), written to `run_dir/name.yml`."""
+    import yaml
+
+    config = {
+        "base_model": tiny_model_path,
+        "datasets": [{"path": str(run_dir / "data.jsonl"), "ds_type": "json", "type": "completion"}],
+        "dataset_prepared_path": str(run_dir / "prepared"),
+        "dataset_num_proc": 1,
+        "dataloader_num_workers": 0,
+        "val_set_size": 0,
+        "output_dir": str(run_dir / name),
+        "sequence_len": 32,
+        "adapter": "lora",
+        "lora_r": R,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "lora_target_linear": True,
+        "micro_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "max_steps": STEPS,
+        "num_epochs": 1,
+        "learning_rate": 0.01,
+        "optimizer": "adamw_torch",
+        "lr_scheduler": "constant",
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "bf16": False,
+        "fp16": False,
+        "tf32": False,
+        "seed": 0,
+    }
+    config.update(settings)
+    path = run_dir / f"{name}.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_texts):
+    os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")  # axolotl's telemetry: off, and nothing leaves the machine
+    path = tmp_path_factory.mktemp("axolotl")
+    with open(path / "data.jsonl", "w") as file:
+        for text in tiny_texts:
+            file.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset_meta(run_dir, tiny_model_path):
+    """axolotl's own dataset loading, once (its prepared-dataset save spawns a process: tens of seconds)."""
+    from axolotl.cli.args import TrainerCliArgs
+    from axolotl.cli.config import load_cfg
+    from axolotl.common.datasets import load_datasets
+
+    cfg = load_cfg(str(_config(tiny_model_path, run_dir, "data", lora_mlp_kernel=False, lora_qkv_kernel=False,
+                                lora_o_kernel=False, lora_embedding_kernel=False)))
+    return load_datasets(cfg=cfg, cli_args=TrainerCliArgs())
+
+
+def _train(config_path, dataset_meta):
+    from axolotl.cli.config import load_cfg
+    from axolotl.train import train
+
+    cfg = load_cfg(str(config_path))
+    _, _, trainer = train(cfg=cfg, dataset_meta=dataset_meta)
+    return cfg, trainer
+
+
+def _finite_losses(trainer) -> list[float]:
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == STEPS and all(math.isfinite(loss) for loss in losses), losses
+    return losses
+
+
+@require_axolotl
+def test_axolotl_validates_the_plugin_blocks(run_dir, tiny_model_path):
+    from axolotl.cli.config import load_cfg
+    from axolotl.integrations.base import PluginManager
+
+    from hf_quailora.integrations.axolotl import QuAILoRAPlugin
+    from hf_quailora.integrations.axolotl.plugin import quailora_callback
+
+    texts = run_dir / "calibration.txt"
+    texts.write_text("One calibration sentence.\nAnother calibration sentence.\n")
+    cfg = load_cfg(str(_config(tiny_model_path, run_dir, "valid", plugins=[PLUGIN], adapter="qlora", load_in_4bit=True,
+                               quailora={"calibration_samples": 4, "calibration_dataset": str(texts)},
+                               dynamic_rank={"min_rank": 2, "eval_ranks": [2, R]})))
+    assert cfg.quailora == {"calibration_samples": 4, "calibration_dataset": str(texts)}
+    assert cfg.dynamic_rank == {"min_rank": 2, "eval_ranks": [2, R]}
+    assert not any(cfg[kernel] for kernel in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"))
+    assert any(isinstance(plugin, QuAILoRAPlugin) for plugin in PluginManager.get_instance().plugins.values())
+    callback = quailora_callback(cfg)
+    assert callback.config.calibration_samples == 4 and len(callback.calibration_dataset) == 2
+
+    bad = [
+        ({"dynamic_rank": {"update_rule": "bogus"}}, "update_rule"),
+        ({"quailora": {"calibration_samples": 4}, "lora_model_dir": str(run_dir)}, "hf-quailora init"),
+        ({"dynamic_rank": {}, "lora_mlp_kernel": True}, "lora_mlp_kernel: false"),
+    ]
+    for settings, message in bad:
+        with pytest.raises(ValueError, match=message):
+            load_cfg(str(_config(tiny_model_path, run_dir, "invalid", plugins=[PLUGIN], **settings)))
+
+
+@require_axolotl
+@require_bitsandbytes
+def test_quailora_and_dynamic_rank_train_through_axolotls_builder(run_dir, tiny_model_path, dataset_meta):
+    from axolotl.core.trainers.base import AxolotlTrainer
+
+    from hf_quailora import QuAILoRAInitCallback
+    from hf_quailora.integrations.axolotl import AxolotlDynamicRankTrainer
+
+    path = _config(tiny_model_path, run_dir, "qlora-dynamic", plugins=[PLUGIN], adapter="qlora", load_in_4bit=True,
+                   quailora={"calibration_samples": 8, "calibration_length": 16, "show_progress": False},
+                   dynamic_rank={"eval_ranks": [1, 4, R]})
+    cfg, trainer = _train(path, dataset_meta)
+
+    assert isinstance(trainer, AxolotlDynamicRankTrainer) and isinstance(trainer, AxolotlTrainer)
+    assert trainer.eval_data_collator is not None  # axolotl's builder keyword, taken by AxolotlTrainer
+    # QuAILoRA ran (on axolotl's train batches) before the first step, so the ranks truncate at constant scaling
+    callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, QuAILoRAInitCallback))
+    assert callback.report is not None and callback.report.num_tokens > 0
+    assert trainer.rank_scaling == "constant" and trainer.max_rank == R
+    assert [step for step, _ in trainer.rank_history] == list(range(STEPS))
+    assert all(1 <= rank <= R for _, rank in trainer.rank_history)
+    _finite_losses(trainer)
+    # axolotl's final save, with the metadata the plugin adds beside it
+    metadata = DynamicRankMetadata.load(cfg.output_dir)
+    assert (metadata.quailora, metadata.rank_scaling, metadata.max_rank, metadata.quantization) == (
+        True, "constant", R, "nf4")
+    assert os.path.isfile(os.path.join(cfg.output_dir, "quailora_report.json"))
+
+
+@require_axolotl
+def test_dynamic_rank_without_quailora_keeps_dyloras_scaling_and_evaluates_every_rank(
+    run_dir, tiny_model_path, dataset_meta
+):
+    path = _config(tiny_model_path, run_dir, "lora-dynamic", plugins=[PLUGIN],
+                   dynamic_rank={"rank_seed": 5, "eval_ranks": [1, 4, R]})
+    _, trainer = _train(path, dataset_meta)
+    assert trainer.rank_scaling == "per_rank" and len(trainer.rank_history) == STEPS
+    assert trainer.rank_settings.rank_seed == 5 and trainer.rank_settings.seed == 0  # axolotl's seed
+    _finite_losses(trainer)
+    # AxolotlTrainer.evaluate (its eval collator) at every rank, in one call
+    metrics = trainer.evaluate(eval_dataset=dataset_meta.train_dataset)
+    per_rank = [metrics[f"eval_loss@r{b}"] for b in (1, 4, R)]
+    assert all(math.isfinite(loss) for loss in per_rank) and len(set(per_rank)) == 3, metrics
+    assert metrics["eval_loss"] == pytest.approx(metrics[f"eval_loss@r{R}"])
+
+
+@require_axolotl
+@require_bitsandbytes
+def test_an_hf_quailora_init_folder_trains_through_lora_model_dir_at_constant_scaling(
+    run_dir, tiny_model_path, dataset_meta, caplog
+):
+    from safetensors.torch import load_file
+
+    from hf_quailora import export_rank, load_dynamic_rank_adapter
+    from hf_quailora.scripts.init_adapter import init_adapter, make_parser
+
+    texts = run_dir / "start-calibration.txt"
+    texts.write_text("\n".join(["Calibration text for the start.", "A second line of it."] * 4))
+    start = run_dir / "start"
+    init_adapter(*make_parser().parse_args_and_config([
+        "--model_name_or_path", tiny_model_path, "--lora_r", "4", "--calibration_dataset", str(texts),
+        "--calibration_samples", "4", "--calibration_length", "16", "--show_progress", "false",
+        "--output_dir", str(start)]))
+    saved = load_file(start / "adapter_model.safetensors")
+
+    # lora_r 8 in the YAML: the saved adapter (r = 4) governs, as axolotl documents for lora_model_dir
+    path = _config(tiny_model_path, run_dir, "from-start", plugins=[PLUGIN], adapter="qlora", load_in_4bit=True,
+                   lora_model_dir=str(start), dynamic_rank=True)
+    with caplog.at_level("WARNING"):
+        cfg, trainer = _train(path, dataset_meta)
+    assert trainer.rank_scaling == "constant" and trainer.max_rank == 4
+    assert not [r.getMessage() for r in caplog.records if "scaling" in r.getMessage()]
+    _finite_losses(trainer)
+    trained = load_file(os.path.join(cfg.output_dir, "adapter_model.safetensors"))
+    assert trained.keys() == saved.keys()
+    assert any(not torch.equal(trained[key], saved[key]) for key in saved)  # trained from the start, not replaced
+    metadata = json.loads((run_dir / "from-start" / METADATA_FILE).read_text())
+    assert (metadata["quailora"], metadata["rank_scaling"], metadata["max_rank"]) == (True, "constant", 4)
+    # ... so hf_quailora's readers take axolotl's output as a dynamic-rank adapter: load it, export rank 2
+    loaded = load_dynamic_rank_adapter(tiny_model_path, cfg.output_dir)
+    assert (loaded.rank_scaling, loaded.max_rank) == ("constant", 4)
+    export_rank(loaded.model, 2, str(run_dir / "from-start-r2"))
+    exported = DynamicRankMetadata.load(run_dir / "from-start-r2")
+    assert (exported.exported_rank, exported.rank_scaling, exported.quailora) == (2, "constant", True)
+
+
+@pytest.mark.skipif(HAS_AXOLOTL, reason="checks the error without axolotl; with it, see the test below")
+def test_without_axolotl_the_plugin_names_what_to_install():
+    import hf_quailora.integrations.axolotl as integration
+
+    with pytest.raises(ImportError, match="pip install axolotl"):
+        integration.QuAILoRAPlugin
+
+
+@require_axolotl
+def test_hf_quailora_and_the_integration_package_do_not_import_axolotl():
+    import subprocess
+    import sys
+
+    code = ("import sys, hf_quailora, hf_quailora.integrations.axolotl as a, hf_quailora.integrations.axolotl.args; "
+            "assert 'axolotl' not in sys.modules, sorted(m for m in sys.modules if m.startswith('axolotl'))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+
