@@ -154,7 +154,7 @@ def run_case(path: str, trainer_kind: str, args) -> dict:
 
     callbacks = [ResetPeak()]
     if trainer_kind == "dynamic":
-        callbacks.insert(0, QuAILoRAInitCallback(calibration_dataset=ids[: args.batch_size, :64].tolist(),
+        callbacks.insert(0, QuAILoRAInitCallback(calibration_dataset=ids[: args.batch_size, :64].clone(),
                                                  calibration_samples=args.batch_size, calibration_length=64,
                                                  calibration_batch_size=args.batch_size, show_progress=False,
                                                  report_file=None))
@@ -203,7 +203,7 @@ def contract_table(batch_size: int = 1, length: int = 2048, optimizer: str = "pa
         f"Formula only (no GPU measured these rows): QuAILoRA's defaults for the init (128 × 512 calibration tokens in "
         f"batches of 8, float32 Gram matrices, float64 solves, streamed); QLoRA fine-tuning: NF4 + double "
         f"quantization, bf16 compute, LoRA r=16 on every linear layer (float32 factors), batch {batch_size} × "
-        f"{length} tokens, gradient checkpointing, `{optimizer}`, trl's fused LM head. Peaks include the NF4 model "
+        f"{length} tokens, gradient checkpointing, `{optimizer}`, trl's fused LM head (Triton). Peaks include the NF4 model "
         "and the adapter; GB = 10⁹ bytes.",
         "",
         "| model | NF4 model | init peak | QLoRA fine-tuning peak | init ≤ fine-tuning peak? | "
@@ -224,7 +224,8 @@ def formula(shape, args) -> dict:
     from hf_quailora.quailora.finetune_memory import estimate_finetune_memory
 
     terms = estimate_finetune_memory(llama_config(*shape), batch_size=args.batch_size, max_length=args.length,
-                                     rank=args.rank, optimizer="adamw_torch", activation_bytes=4)
+                                     rank=args.rank, optimizer="adamw_torch", activation_bytes=4,
+                                     lm_head="fused_torch")
     return {"formula": terms.training_extra, "checkpoints": terms.checkpoints, "block": terms.block_recompute,
             "lm_head": terms.lm_head, "lora": terms.lora_parameters}
 

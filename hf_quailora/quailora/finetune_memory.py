@@ -29,11 +29,14 @@ The peak of a training step, in bytes (T = batch × length tokens, L blocks, P =
   - with `attn_implementation="eager"`, the attention scores and probabilities, `2 × batch × heads × length² × b_act`.
   RMSNorm upcasts to float32 when b_act < 4: its two copies then cost 4 bytes, counted as `2 × T × h × (4 − b_act)`.
 - the LM head: trl's `SFTTrainer` (1.x) and `DynamicRankTrainer` score tokens with trl's fused, chunked log-prob head,
-  which never builds the `T × vocab` logits: a tile of `min(T, 4096) × min(vocab, 32768)` in b_act plus its float32
-  softmax (3 tile-sized float32 temporaries), and the float32 gradient of the last hidden state, `T × h × 4`.
-  Without it (`fused_lm_head=False`, e.g. transformers' `Trainer` on a causal LM) the logits are whole:
-  `T × vocab × (b_act + 3 × 4)` (the logits, their float32 upcast, `log_softmax` saved for the backward and its
-  gradient).
+  which never builds the `T × vocab` logits; it projects a tile of `min(T, 4096) × min(vocab, 32768)` at a time and
+  keeps the float32 gradient of the last hidden state, `T × h × 4`. With Triton (CUDA, `lm_head="fused_triton"`) a
+  kernel folds the tile in place: one tile in b_act. Without it (`"fused_torch"`, e.g. the CPU) torch folds it with
+  whole-tile temporaries: the tile and, at the backward's peak, 8 float32 temporaries and a boolean mask
+  (`trl/kernels/chunked_logprob.py`, `_backward_tile`: y, z, log p, p, the gradient, the target mask as float, its
+  difference with p and its product), `tile × (b_act + 8 × 4 + 1)`. Unfused (`"logits"`, e.g. transformers'
+  `Trainer` on a causal LM) the logits are whole: `T × vocab × (b_act + 3 × 4)` (the logits, their float32 upcast,
+  `log_softmax` saved for the backward and its gradient).
 
 `estimate_finetune_memory` evaluates it for a transformers config; `bench/bench_finetune_memory.py` checks it against
 measured peaks (peak RSS, one fresh process per case) on the CPU.
@@ -64,6 +67,7 @@ OPTIMIZER_BYTES = {
 }
 # trl's fused log-prob head: tokens and vocabulary columns per tile (trl/kernels/chunked_logprob.py)
 HEAD_TOKEN_TILE, HEAD_VOCAB_TILE = 4096, 32768
+LM_HEADS = ("fused_triton", "fused_torch", "logits")
 
 
 @dataclass
@@ -95,19 +99,21 @@ class FinetuneMemory:
         return self.model_4bit + self.lora_parameters + self.training_extra
 
 
-def _check(batch_size: int, max_length: int, rank: int, optimizer: str, activation_bytes: int) -> None:
+def _check(batch_size: int, max_length: int, rank: int, optimizer: str, activation_bytes: int, lm_head: str) -> None:
     for name, value in (("batch_size", batch_size), ("max_length", max_length), ("rank", rank)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` ({value!r}) must be a positive integer.")
     if optimizer not in OPTIMIZER_BYTES:
         raise ValueError(f"`optimizer` ({optimizer!r}) must be one of {sorted(OPTIMIZER_BYTES)} (the Trainer's `optim`).")
+    if lm_head not in LM_HEADS:
+        raise ValueError(f"`lm_head` ({lm_head!r}) must be one of {LM_HEADS}.")
     if activation_bytes not in (2, 4):
         raise ValueError(f"`activation_bytes` ({activation_bytes}) must be 2 (bf16/fp16 compute) or 4 (float32).")
 
 
 def estimate_finetune_memory(config, batch_size: int = 1, max_length: int = 2048, rank: int = 16,
                              optimizer: str = "paged_adamw_8bit", activation_bytes: int = 2, adapter_bytes: int = 4,
-                             fused_lm_head: bool = True, eager_attention: bool = False) -> FinetuneMemory:
+                             lm_head: str = "fused_triton", eager_attention: bool = False) -> FinetuneMemory:
     """The peak memory of a QLoRA training step (NF4 base, LoRA on every linear layer of the blocks, gradient
     checkpointing) for a Llama-shaped transformers config.
 
@@ -121,8 +127,9 @@ def estimate_finetune_memory(config, batch_size: int = 1, max_length: int = 2048
             `"paged_adamw_8bit"`, as the Trainer's `optim`.
         activation_bytes (`int`, defaults to 2): bytes of the compute dtype (2 for bf16, 4 for float32).
         adapter_bytes (`int`, defaults to 4): bytes of the LoRA factors and their gradients (peft: float32).
-        fused_lm_head (`bool`, defaults to `True`): the trainer scores with trl's fused, chunked head (SFTTrainer and
-            DynamicRankTrainer do); `False` counts whole logits.
+        lm_head (`str`, defaults to `"fused_triton"`): how the trainer scores tokens: trl's fused, chunked head
+            (SFTTrainer and DynamicRankTrainer) with its Triton kernel (CUDA) or its torch fallback (`"fused_torch"`,
+            the CPU), or whole logits (`"logits"`).
         eager_attention (`bool`, defaults to `False`): `attn_implementation="eager"` keeps the attention scores.
 
     Returns:
@@ -130,7 +137,7 @@ def estimate_finetune_memory(config, batch_size: int = 1, max_length: int = 2048
         model and adapter.
 
     Raises:
-        ValueError: a non-positive size, an unknown optimizer or activation width.
+        ValueError: a non-positive size, an unknown optimizer, LM head or activation width.
 
     Example:
 
@@ -138,7 +145,7 @@ def estimate_finetune_memory(config, batch_size: int = 1, max_length: int = 2048
     estimate_finetune_memory(config, batch_size=4, max_length=512, optimizer="adamw_torch").peak
     ```
     """
-    _check(batch_size, max_length, rank, optimizer, activation_bytes)
+    _check(batch_size, max_length, rank, optimizer, activation_bytes, lm_head)
     init = estimate_init_memory(config, rank=rank, adapter_bytes=adapter_bytes)
     h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     heads = config.num_attention_heads
@@ -152,9 +159,11 @@ def estimate_finetune_memory(config, batch_size: int = 1, max_length: int = 2048
     block += 2 * tokens * h * (4 - activation_bytes)  # RMSNorm's float32 copies
     if eager_attention:
         block += 2 * batch_size * heads * max_length**2 * activation_bytes
-    if fused_lm_head:
-        tile = min(tokens, HEAD_TOKEN_TILE) * min(vocab, HEAD_VOCAB_TILE)
-        head = tile * (activation_bytes + 3 * 4) + tokens * h * 4
+    tile = min(tokens, HEAD_TOKEN_TILE) * min(vocab, HEAD_VOCAB_TILE)
+    if lm_head == "fused_triton":
+        head = tile * activation_bytes + tokens * h * 4
+    elif lm_head == "fused_torch":
+        head = tile * (activation_bytes + 8 * 4 + 1) + tokens * h * 4
     else:
         head = tokens * vocab * (activation_bytes + 3 * 4)
     return FinetuneMemory(
