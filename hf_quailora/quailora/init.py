@@ -128,12 +128,12 @@ def _first_reason(layers: dict) -> str:
     return f"The base of {name.removeprefix('base_model.model.')}: {reason}"
 
 
-def _like_parameters(module, adapter_name: str, lora_B: torch.Tensor, lora_A: torch.Tensor):
-    """The factors cast to their parameters' device and dtype now, not at the final write: the pending factors of
-    every layer then cost one adapter's bytes (e.g. bf16), not the solve dtype's (float64 is 4x bf16)."""
+def _like_parameters(module, adapter_name: str, lora_B: torch.Tensor, lora_A: torch.Tensor, stay: bool = False):
+    """The factors cast to their parameters' dtype (and device, unless `stay`: solved on the CPU, they wait there) now,
+    not at the final write: the pending factors then cost one adapter's bytes, not the solve dtype's."""
     B_param, A_param = module.lora_B[adapter_name].weight, module.lora_A[adapter_name].weight
-    return (lora_B.to(device=B_param.device, dtype=B_param.dtype),
-            lora_A.to(device=A_param.device, dtype=A_param.dtype))
+    return (lora_B.to(device=lora_B.device if stay else B_param.device, dtype=B_param.dtype),
+            lora_A.to(device=lora_A.device if stay else A_param.device, dtype=A_param.dtype))
 
 
 @torch.no_grad()
@@ -366,7 +366,7 @@ def quailora_init(
     device = choose_solve_device(config, model, list(shapes.values()), gram_bytes * element)
 
     def solve_group(stats, group):
-        return [(plan, *_like_parameters(plan.module, adapter_name, *solved[:2]), solved[2])
+        return [(plan, *_like_parameters(plan.module, adapter_name, *solved[:2], stay=device is not None), solved[2])
                 for plan in group for solved in [_solve_layer(plan, weights, stats, config, device)]]
 
     def calibrated():

@@ -10,6 +10,10 @@ init's peak from ~32B parameters on (docs/memory.md). Solving on the CPU takes i
 - `"auto"` (the default): `"model"` when the model is on the CPU or when the largest layer's workspace and the
   largest block's Gram bytes fit in the free memory of the model's device, else `"cpu"`; the log says which.
 
+When the Gram matrices accumulate on another device than the activations (`gram_device="cpu"` under a GPU model), each
+batch's `XᵀX` is formed by blocks of `GRAM_BLOCK_COLUMNS` columns, each moved as it is made: the GPU then holds one
+`in × 2048` block, not the `in × in` product (3.1 GiB in float32 at in = 28672, Llama-3.1-70B's down projection).
+
 The factors are the same wherever the solve runs (same dtype, same operations; the report's per-group timings show the
 overlap in the log).
 """
@@ -26,6 +30,21 @@ from .memory import _solve_workspace, format_bytes, free_memory
 
 
 logger = logging.getLogger(__name__)
+
+GRAM_BLOCK_COLUMNS = 2048
+
+
+def add_gram(total: torch.Tensor, rows: torch.Tensor) -> None:
+    """`total += rowsᵀ rows`, on `rows`' device (`total` there too); `add_` casts element by element, so no copy of
+    the product in `total`'s dtype is made."""
+    total.add_(rows.T @ rows)
+
+
+def add_gram_by_blocks(total: torch.Tensor, rows: torch.Tensor, columns: int = GRAM_BLOCK_COLUMNS) -> None:
+    """`total += rowsᵀ rows` with `total` on another device: by blocks of `columns` columns, each moved as it is made."""
+    for start in range(0, rows.shape[1], columns):
+        block = rows.T @ rows[:, start:start + columns]
+        total[:, start:start + block.shape[1]].add_(block.to(total.device))
 
 
 def choose_solve_device(config, model: torch.nn.Module, shapes: list[tuple[int, int]],

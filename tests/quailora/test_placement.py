@@ -67,3 +67,13 @@ def test_float32_solve_is_near_the_float64_optimum():
         B, A, _ = solve_closed_form(E.to(dtype), H, 16)
         objective[dtype] = float(calibrated_error(E, H.double(), B.double(), A.double()))
     assert objective[torch.float32] <= objective[torch.float64] * 1.001
+
+
+def test_gram_by_column_blocks_equals_the_whole_product():
+    from hf_quailora.quailora.placement import add_gram, add_gram_by_blocks
+
+    rows = torch.randn(300, 70, generator=torch.Generator().manual_seed(1))
+    whole, blocks = torch.zeros(70, 70, dtype=torch.float64), torch.zeros(70, 70, dtype=torch.float64)
+    add_gram(whole, rows)
+    add_gram_by_blocks(blocks, rows, columns=16)
+    torch.testing.assert_close(blocks, whole, rtol=1e-6, atol=1e-5)
