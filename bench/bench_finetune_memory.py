@@ -176,9 +176,15 @@ def run_case(path: str, trainer_kind: str, args) -> dict:
     return {"peak_extra": _status_bytes("VmHWM") - marks["before"], "seconds": time.perf_counter() - marks["started"]}
 
 
+PLACEMENTS = {  # name: (solve_on_cpu, gram_on_cpu)
+    "defaults": (False, False), "solve on CPU": (True, False), "solve + Gram on CPU": (True, True),
+}
+
+
 def contract_rows(batch_size: int = 1, length: int = 2048, optimizer: str = "paged_adamw_8bit") -> list[dict]:
-    """Per real model: the NF4 model, the adapter, the init's streamed peak (QuAILoRA's defaults) and the QLoRA
-    fine-tuning peak (bf16, r=16 on every linear layer, gradient checkpointing, `optimizer`), in bytes."""
+    """Per real model: the NF4 model, the init's peak under each placement (QuAILoRA's defaults otherwise) and the
+    QLoRA fine-tuning peak (bf16, r=16 on every linear layer, gradient checkpointing, `optimizer`), in bytes; every
+    peak includes the NF4 model and the adapter."""
     from types import SimpleNamespace
 
     from hf_quailora.quailora.finetune_memory import estimate_finetune_memory
@@ -190,9 +196,8 @@ def contract_rows(batch_size: int = 1, length: int = 2048, optimizer: str = "pag
         init = estimate_init_memory(config)
         tune = estimate_finetune_memory(config, batch_size=batch_size, max_length=length, optimizer=optimizer)
         loaded = tune.model_4bit + tune.lora_parameters  # what both start from: the NF4 model and its adapter
-        rows.append({"model": name, "nf4": tune.model_4bit, "init_peak": loaded + init.streamed_peak,
-                     "finetune_peak": tune.peak, "finetune_extra": tune.training_extra,
-                     "init_extra": init.streamed_peak})
+        rows.append({"model": name, "nf4": tune.model_4bit, "finetune_peak": tune.peak,
+                     **{place: loaded + init.placed_peak(*where) for place, where in PLACEMENTS.items()}})
     return rows
 
 
@@ -200,23 +205,28 @@ def contract_table(batch_size: int = 1, length: int = 2048, optimizer: str = "pa
     """The contract table's fine-tuning columns (formula only), as Markdown."""
     gib = 2**30
     lines = [
-        f"Formula only (no GPU measured these rows): QuAILoRA's defaults for the init (128 × 512 calibration tokens in "
-        f"batches of 8, float32 Gram matrices, float64 solves, streamed); QLoRA fine-tuning: NF4 + double "
-        f"quantization, bf16 compute, LoRA r=16 on every linear layer (float32 factors), batch {batch_size} × "
-        f"{length} tokens, gradient checkpointing, `{optimizer}`, trl's fused LM head (Triton). Peaks include the NF4 model "
-        "and the adapter; GB = 10⁹ bytes.",
+        f"Formula only (no GPU measured these rows): the init with QuAILoRA's defaults (128 × 512 calibration tokens "
+        f"in batches of 8, float32 Gram matrices, float64 solves, replay), its Gram matrices and solves on the model's "
+        f"GPU (\"defaults\"; `solve_device=\"auto\"` keeps them there when they fit), with `solve_device=\"cpu\"`, "
+        f"and with `gram_device=\"cpu\"` too; QLoRA fine-tuning: NF4 + double quantization, bf16 compute, LoRA r=16 "
+        f"on every linear layer (float32 factors), batch {batch_size} × {length} tokens, gradient checkpointing, "
+        f"`{optimizer}`, trl's fused LM head (Triton). Every peak includes the NF4 model and the adapter; "
+        "GB = 10⁹ bytes; \"fits\" uses the best placement that fits.",
         "",
-        "| model | NF4 model | init peak | QLoRA fine-tuning peak | init ≤ fine-tuning peak? | "
-        + " | ".join(f"fits {size} GB: init / fine-tuning" for size in GPU_SIZES) + " |",
+        "| model | NF4 model | init peak: defaults / solve on CPU / + Gram on CPU | QLoRA fine-tuning peak | "
+        "init ≤ fine-tuning peak? (defaults / best) | " + " | ".join(f"fits {size} GB: init / fine-tuning"
+                                                          for size in GPU_SIZES) + " |",
         "|---|---:|---:|---:|---|" + "---|" * len(GPU_SIZES),
     ]
     for row in contract_rows(batch_size, length, optimizer):
-        fits = [" / ".join("yes" if row[key] <= size * 1e9 else "no" for key in ("init_peak", "finetune_peak"))
+        best = min(row[place] for place in PLACEMENTS)
+        fits = [" / ".join("yes" if peak <= size * 1e9 else "no" for peak in (best, row["finetune_peak"]))
                 for size in GPU_SIZES]
-        under = "yes" if row["init_peak"] <= row["finetune_peak"] else (
-            f"no (+{(row['init_peak'] - row['finetune_peak']) / gib:.1f} GiB)")
-        lines.append(f"| {row['model']} | {row['nf4'] / gib:.1f} GiB | {row['init_peak'] / gib:.1f} GiB | "
-                     f"{row['finetune_peak'] / gib:.1f} GiB | {under} | " + " | ".join(fits) + " |")
+        under = " / ".join("yes" if peak <= row["finetune_peak"] else
+                           f"no (+{(peak - row['finetune_peak']) / gib:.1f} GiB)" for peak in (row["defaults"], best))
+        init = " / ".join(f"{row[place] / gib:.1f}" for place in PLACEMENTS)
+        lines.append(f"| {row['model']} | {row['nf4'] / gib:.1f} GiB | {init} GiB | {row['finetune_peak'] / gib:.1f} GiB"
+                     f" | {under} | " + " | ".join(fits) + " |")
     return "\n".join(lines)
 
 

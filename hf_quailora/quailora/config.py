@@ -120,7 +120,8 @@ class QuAILoRAConfig:
             not subtracting the matrices q/k/v and gate/up share, so the real peak stays below it.
         gram_device (`str`, defaults to `"model"`): where Gram matrices accumulate: `"model"` (the device of each
             layer) or `"cpu"` (for GPUs with little memory; the per-batch products are still computed on the
-            layer's device, then added on the CPU).
+            layer's device, by blocks of 2048 columns, each added on the CPU; replay's hidden-state cache waits on
+            the CPU too). With `solve_device="cpu"` it is the smallest placement (docs/memory.md).
         keep_gram_statistics (`bool`, defaults to `False`): keep every Gram matrix in `report.gram_statistics` (to
             initialise several ranks from one calibration). This keeps all of them alive at once.
 

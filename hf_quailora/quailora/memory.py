@@ -155,9 +155,11 @@ class InitMemory:
     def placed_peak(self, solve_on_cpu: bool = False, gram_on_cpu: bool = False) -> int:
         """Peak extra memory on the model's device (replay) with the solves (`solve_device="cpu"`) and / or the Gram
         matrices (`gram_device="cpu"`) on the CPU: the solve's workspace and the pending factors, and / or the Gram
-        matrices, leave it; a Gram matrix on the CPU is formed by column blocks (`quailora/placement.py`)."""
+        matrices and the hidden-state cache, leave it; a Gram matrix on the CPU is formed by column blocks
+        (`quailora/placement.py`)."""
         step = self.calibration_step - (self.gram_product - self.gram_product_blocked if gram_on_cpu else 0)
-        resident = (0 if gram_on_cpu else self.gram_per_block) + self.hidden_state_cache
+        # with gram_device="cpu" the hidden-state cache waits on the CPU too (one batch of it is in the step)
+        resident = 0 if gram_on_cpu else self.gram_per_block + self.hidden_state_cache
         if solve_on_cpu:
             return resident + step
         return resident + self.pending_factors + max(self.solve_workspace, step)
