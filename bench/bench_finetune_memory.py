@@ -60,6 +60,9 @@ def parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
     return shapes
 
 
+FT_VOCAB = 32768  # real models' shapes with one full tile of trl's fused head, not their whole vocabulary
+
+
 def llama_config(hidden: int, intermediate: int, layers: int, vocab: int):
     from transformers import LlamaConfig
 
@@ -69,24 +72,41 @@ def llama_config(hidden: int, intermediate: int, layers: int, vocab: int):
                        tie_word_embeddings=False)
 
 
-def checkpoint(shape) -> str:
+def case_config(case):
+    """A shape `(hidden, intermediate, layers, vocab)`, or a name of `REAL_MODELS` (vocabulary cut to `FT_VOCAB`)."""
+    from transformers import LlamaConfig
+
+    if isinstance(case, str):
+        return LlamaConfig(**{**REAL_MODELS[case], "vocab_size": FT_VOCAB, "tie_word_embeddings": False},
+                           max_position_embeddings=4096)
+    return llama_config(*case)
+
+
+def case_label(case) -> str:
+    return case if isinstance(case, str) else " / ".join(map(str, case))
+
+
+def checkpoint(case, device: str = "cpu") -> str:
+    """The synthetic checkpoint of `case` (random weights; float32 for the CPU, bf16 built on the GPU for cuda) with
+    a three-token tokenizer (the data are token ids: the trainers need its pad and end tokens only), built once."""
     import torch
-    from transformers import LlamaForCausalLM
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     from hf_quailora.embedded.cache import build_once, get_cache_dir
 
     def build(folder) -> None:
-        from tokenizers import Tokenizer, models
-        from transformers import PreTrainedTokenizerFast
-
         torch.manual_seed(0)
-        LlamaForCausalLM(llama_config(*shape)).save_pretrained(folder)
-        # the trainers need a tokenizer for its pad and end tokens only: the data are token ids
+        with torch.device(device if device == "cpu" else "cuda"):
+            model = LlamaForCausalLM(case_config(case))
+        (model if device == "cpu" else model.to(torch.bfloat16)).save_pretrained(folder)
+        del model
         words = Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "<unk>": 2}, unk_token="<unk>"))
         PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="</s>",
                                 unk_token="<unk>").save_pretrained(folder)
 
-    return str(build_once(os.path.join(get_cache_dir(), "bench", "ft-llama-" + "x".join(map(str, shape))), build))
+    name = "ft-llama-" + (case if isinstance(case, str) else "x".join(map(str, case)))
+    return str(build_once(os.path.join(get_cache_dir(), "bench", name + ("" if device == "cpu" else "-bf16")), build))
 
 
 def _status_bytes(field: str) -> int:
@@ -116,7 +136,7 @@ def _warm_up(model, vocab: int) -> None:
     model.train()
     model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    ids = torch.randint(0, vocab, (1, 8))
+    ids = torch.randint(0, vocab, (1, 8)).to(next(model.parameters()).device)
     model(input_ids=ids, labels=ids).loss.backward()
     params = [p for p in model.parameters() if p.requires_grad]
     torch.optim.AdamW([torch.nn.Parameter(torch.zeros(4))], lr=1e-3).step()
@@ -125,8 +145,45 @@ def _warm_up(model, vocab: int) -> None:
     model.gradient_checkpointing_disable()
 
 
+class _Meter:
+    """Peak extra memory from `reset()` on: RSS high-water mark on the CPU, CUDA tensor bytes on a GPU."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.before = cuda, 0
+
+    def reset(self) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+        else:
+            self.before = _reset_peak()
+
+    def peak(self) -> int:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - self.before
+        return _status_bytes("VmHWM") - self.before
+
+
+def _trainer_arguments(trainer_kind: str, args) -> dict:
+    cuda = args.device == "cuda"
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_finetune_memory-")
+    return dict(output_dir=os.path.join(workdir, trainer_kind), max_steps=args.steps,
+                per_device_train_batch_size=args.batch_size, learning_rate=1e-4, logging_steps=args.steps,
+                save_strategy="no", report_to="none", use_cpu=not cuda, bf16=cuda, max_length=args.length,
+                gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+                optim=args.optim, dataloader_num_workers=0, disable_tqdm=True, seed=0)
+
+
 def run_case(path: str, trainer_kind: str, args) -> dict:
-    """One training run in this (fresh) process: its peak extra memory over `on_train_begin`, and its time."""
+    """One training run in this (fresh) process: its peak extra memory over `on_train_begin` (after the init, whose
+    own peak is measured too), and its time."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -135,9 +192,10 @@ def run_case(path: str, trainer_kind: str, args) -> dict:
     from hf_quailora.quantization import disable_bnb_cpu_fast_path, make_bnb_config
 
     torch.set_num_threads(args.threads)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=make_bnb_config("nf4", compute_dtype=torch.float32), device_map="cpu",
-        dtype=torch.float32)
+    cuda = args.device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=make_bnb_config("nf4", compute_dtype=dtype),
+                                                 device_map={"": 0} if cuda else "cpu", dtype=dtype)
     disable_bnb_cpu_fast_path(model)
     vocab = model.config.vocab_size
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -145,25 +203,27 @@ def run_case(path: str, trainer_kind: str, args) -> dict:
     _warm_up(model, vocab)
     ids = torch.randint(0, vocab, (args.batch_size * args.steps, args.length), generator=torch.Generator().manual_seed(0))
     data = Dataset.from_dict({"input_ids": ids.tolist()})
-    marks = {}
+    meter, marks = _Meter(cuda), {}
+
+    class StartInit(TrainerCallback):
+        def on_train_begin(self, *_, **__):
+            meter.reset()
 
     class ResetPeak(TrainerCallback):
         def on_train_begin(self, *_, **__):
-            marks["before"] = _reset_peak()
+            marks["init_peak"] = meter.peak()
+            meter.reset()
             marks["started"] = time.perf_counter()
 
-    callbacks = [ResetPeak()]
+    callbacks = [StartInit(), ResetPeak()]
     if trainer_kind == "dynamic":
-        callbacks.insert(0, QuAILoRAInitCallback(calibration_dataset=ids[: args.batch_size, :64].clone(),
-                                                 calibration_samples=args.batch_size, calibration_length=64,
-                                                 calibration_batch_size=args.batch_size, show_progress=False,
-                                                 report_file=None))
-    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_finetune_memory-")
-    config = dict(output_dir=os.path.join(workdir, trainer_kind), max_steps=args.steps,
-                  per_device_train_batch_size=args.batch_size, learning_rate=1e-4, logging_steps=args.steps,
-                  save_strategy="no", report_to="none", use_cpu=True, bf16=False, max_length=args.length,
-                  gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
-                  optim="adamw_torch", dataloader_num_workers=0, disable_tqdm=True, seed=0)
+        calibration = torch.randint(0, vocab, (args.calibration_samples, args.calibration_length),
+                                    generator=torch.Generator().manual_seed(1))
+        callbacks.insert(1, QuAILoRAInitCallback(calibration_dataset=calibration, show_progress=False,
+                                                 calibration_samples=args.calibration_samples,
+                                                 calibration_length=args.calibration_length, report_file=None,
+                                                 solve_device=args.solve_device, gram_device=args.gram_device))
+    config = _trainer_arguments(trainer_kind, args)
     if trainer_kind == "dynamic":
         trainer = DynamicRankTrainer(model, args=DynamicRankConfig(**config), train_dataset=data, callbacks=callbacks,
                                      processing_class=tokenizer)
@@ -173,7 +233,10 @@ def run_case(path: str, trainer_kind: str, args) -> dict:
         trainer = SFTTrainer(model, args=SFTConfig(**config), train_dataset=data, callbacks=callbacks,
                              processing_class=tokenizer)
     trainer.train()
-    return {"peak_extra": _status_bytes("VmHWM") - marks["before"], "seconds": time.perf_counter() - marks["started"]}
+    result = {"peak_extra": meter.peak(), "seconds": time.perf_counter() - marks["started"]}
+    if trainer_kind == "dynamic":
+        result["init_peak_extra"] = marks["init_peak"]
+    return result
 
 
 PLACEMENTS = {  # name: (solve_on_cpu, gram_on_cpu)
@@ -230,52 +293,67 @@ def contract_table(batch_size: int = 1, length: int = 2048, optimizer: str = "pa
     return "\n".join(lines)
 
 
-def formula(shape, args) -> dict:
+def formula(case, args) -> dict:
     from hf_quailora.quailora.finetune_memory import estimate_finetune_memory
+    from hf_quailora.quailora.memory import estimate_init_memory
 
-    terms = estimate_finetune_memory(llama_config(*shape), batch_size=args.batch_size, max_length=args.length,
-                                     rank=args.rank, optimizer="adamw_torch", activation_bytes=4,
-                                     lm_head="fused_torch")
-    return {"formula": terms.training_extra, "checkpoints": terms.checkpoints, "block": terms.block_recompute,
-            "lm_head": terms.lm_head, "lora": terms.lora_parameters}
+    cuda = args.device == "cuda"
+    config = case_config(case)
+    terms = estimate_finetune_memory(config, batch_size=args.batch_size, max_length=args.length, rank=args.rank,
+                                     optimizer=args.optim, activation_bytes=2 if cuda else 4,
+                                     lm_head="fused_triton" if cuda else "fused_torch")
+    init = estimate_init_memory(config, num_samples=args.calibration_samples, max_length=args.calibration_length,
+                                activation_bytes=2 if cuda else 4, rank=args.rank)
+    # on the CPU every placement is the same memory; on a GPU the placement decides what stays there
+    init_peak = init.placed_peak(args.solve_device == "cpu", args.gram_device == "cpu") if cuda else init.streamed_peak
+    return {"formula": terms.training_extra, "init_formula": init_peak, "checkpoints": terms.checkpoints,
+            "block": terms.block_recompute, "lm_head": terms.lm_head, "lora": terms.lora_parameters}
 
 
 def measure(args) -> list[dict]:
     rows = []
-    for shape in parse_shapes(args.shapes):
-        path = checkpoint(shape)
-        expected = formula(shape, args)
+    cases = [*parse_shapes(args.shapes), *[name for name in args.models.split(",") if name]]
+    for case in cases:
+        path = checkpoint(case, args.device)
+        expected = formula(case, args)
         for kind in ("sft", "dynamic"):
             command = [sys.executable, os.path.abspath(__file__), "--case", path, kind, *sys.argv[1:]]
             env = {**os.environ, "TQDM_DISABLE": "1", "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
             output = subprocess.run(command, capture_output=True, text=True, env=env)
             if output.returncode:
-                raise RuntimeError(f"case {shape} {kind} failed:\n{output.stderr[-3000:]}")
+                raise RuntimeError(f"case {case_label(case)} {kind} failed:\n{output.stderr[-3000:]}")
             result = json.loads(output.stdout.strip().splitlines()[-1])
-            rows.append({"shape": shape, "trainer": kind, **result, **expected})
-            print(f"{shape} {kind}: {result['peak_extra'] / 2**20:.0f} MiB (formula {expected['formula'] / 2**20:.0f}"
-                  f" MiB), {result['seconds']:.1f} s", flush=True)
+            rows.append({"case": case, "trainer": kind, **result, **expected})
+            print(f"{case_label(case)} {kind}: {result['peak_extra'] / 2**20:.0f} MiB (formula "
+                  f"{expected['formula'] / 2**20:.0f} MiB), {result['seconds']:.1f} s", flush=True)
     return rows
 
 
 def to_markdown(rows: list[dict], args) -> str:
     mib = 2**20
-    sft = {tuple(row["shape"]): row["peak_extra"] for row in rows if row["trainer"] == "sft"}
+    cuda = args.device == "cuda"
+    sft = {case_label(row["case"]): row["peak_extra"] for row in rows if row["trainer"] == "sft"}
+    where = ("bf16 compute on the GPU; peak = CUDA tensor bytes (max_memory_allocated − memory_allocated at "
+             "on_train_begin)" if cuda else "float32 compute on the CPU; peak = VmHWM − VmRSS at on_train_begin")
     lines = [
-        f"Llama-shaped NF4 checkpoints (random weights, GQA 2:1), LoRA r={args.rank} on all linear layers, "
-        f"{args.steps} steps of {args.batch_size} × {args.length} tokens, gradient checkpointing, AdamW (torch), "
-        f"float32 compute on the CPU; peak = VmHWM − VmRSS at on_train_begin (after the init), a fresh process per "
-        f"case; torch threads {args.threads}. Formula: `estimate_finetune_memory(...).training_extra`.",
+        f"Llama-shaped NF4 checkpoints (random weights, GQA), LoRA r={args.rank} on all linear layers, {args.steps} "
+        f"steps of {args.batch_size} × {args.length} tokens, gradient checkpointing, `{args.optim}`; {where} (after "
+        f"the init: the init's own peak beside it, {args.calibration_samples} × {args.calibration_length} calibration "
+        f"tokens, solve_device={args.solve_device}, gram_device={args.gram_device}); a fresh process per case; torch "
+        f"threads {args.threads}. Formula: `estimate_finetune_memory(...).training_extra`.",
         "",
         "| hidden / intermediate / layers / vocab | trainer | peak extra (measured) | formula | measured / formula "
-        "| / SFTTrainer | wall time (s) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| / SFTTrainer | init peak extra (measured / formula) | wall time (s) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         label = "SFTTrainer (QLoRA, B = 0)" if row["trainer"] == "sft" else "DynamicRankTrainer + QuAILoRA start"
-        lines.append("| {} | {} | {:,.0f} MiB | {:,.0f} MiB | {:.2f} | {:.3f} | {:.1f} |".format(
-            " / ".join(map(str, row["shape"])), label, row["peak_extra"] / mib, row["formula"] / mib,
-            row["peak_extra"] / row["formula"], row["peak_extra"] / sft[tuple(row["shape"])], row["seconds"]))
+        init = ("{:,.0f} / {:,.0f} MiB".format(row["init_peak_extra"] / mib, row["init_formula"] / mib)
+                if "init_peak_extra" in row else "–")
+        lines.append("| {} | {} | {:,.0f} MiB | {:,.0f} MiB | {:.2f} | {:.3f} | {} | {:.1f} |".format(
+            case_label(row["case"]), label, row["peak_extra"] / mib, row["formula"] / mib,
+            row["peak_extra"] / row["formula"], row["peak_extra"] / sft[case_label(row["case"])], init,
+            row["seconds"]))
     return "\n".join(lines)
 
 
@@ -287,6 +365,13 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--models", default="", help="real models' shapes (vocabulary cut to 32768), comma-separated")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--optim", default="adamw_torch", help="the Trainer's optimizer (paged_adamw_8bit on a GPU)")
+    parser.add_argument("--calibration-samples", type=int, default=2)
+    parser.add_argument("--calibration-length", type=int, default=64)
+    parser.add_argument("--solve-device", choices=("auto", "model", "cpu"), default="auto")
+    parser.add_argument("--gram-device", choices=("model", "cpu"), default="model")
     parser.add_argument("--workdir", default=None, help="the trainers' output_dir (default: a temporary folder)")
     parser.add_argument("--output", default="bench/results/finetune_memory", help="writes .md and .json")
     parser.add_argument("--contract", action="store_true", help="print the formula's table for real models and stop")

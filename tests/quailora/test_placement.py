@@ -9,9 +9,9 @@ import torch
 from hf_quailora import QuAILoRAConfig
 from hf_quailora.quailora.placement import choose_solve_device, solve_groups
 from hf_quailora.quailora.solvers import calibrated_error, solve_closed_form
+from tests.quailora.test_streaming import assert_same_factors, init_factors
 
 from testing_utils import require_bitsandbytes
-from tests.quailora.test_streaming import assert_same_factors, init_factors
 
 
 def test_solve_device_is_checked():
