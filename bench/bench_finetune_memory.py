@@ -51,7 +51,7 @@ GPU_SIZES = (24, 48, 80)  # GB (10⁹ bytes)
 def parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
     """`"256x768x4x8192,…"` → [(hidden, intermediate, layers, vocab), …]."""
     shapes = []
-    for item in text.split(","):
+    for item in text.split(",") if text.strip() else []:
         parts = item.strip().split("x")
         if len(parts) != 4 or not all(part.isdigit() and int(part) > 0 for part in parts) or int(parts[0]) % HEAD_DIM:
             raise ValueError(f"--shapes: {item!r} is not hidden x intermediate x layers x vocab (hidden a multiple "
@@ -286,7 +286,7 @@ def contract_table(batch_size: int = 1, length: int = 2048, optimizer: str = "pa
         fits = [" / ".join("yes" if peak <= size * 1e9 else "no" for peak in (best, row["finetune_peak"]))
                 for size in GPU_SIZES]
         under = " / ".join("yes" if peak <= row["finetune_peak"] else
-                           f"no (+{(peak - row['finetune_peak']) / gib:.1f} GiB)" for peak in (row["defaults"], best))
+                           f"no (+{(peak - row['finetune_peak']) / gib:.2f} GiB)" for peak in (row["defaults"], best))
         init = " / ".join(f"{row[place] / gib:.1f}" for place in PLACEMENTS)
         lines.append(f"| {row['model']} | {row['nf4'] / gib:.1f} GiB | {init} GiB | {row['finetune_peak'] / gib:.1f} GiB"
                      f" | {under} | " + " | ".join(fits) + " |")
@@ -311,9 +311,12 @@ def formula(case, args) -> dict:
 
 
 def measure(args) -> list[dict]:
-    rows = []
+    rows, started = [], time.monotonic()
     cases = [*parse_shapes(args.shapes), *[name for name in args.models.split(",") if name]]
     for case in cases:
+        if args.time_limit and time.monotonic() - started > args.time_limit:
+            print(f"{case_label(case)}: skipped, --time-limit {args.time_limit:.0f} s reached", flush=True)
+            continue
         path = checkpoint(case, args.device)
         expected = formula(case, args)
         for kind in ("sft", "dynamic"):
@@ -367,6 +370,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", default="", help="real models' shapes (vocabulary cut to 32768), comma-separated")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--time-limit", type=float, default=0, help="seconds: later cases are skipped (0: no limit)")
     parser.add_argument("--optim", default="adamw_torch", help="the Trainer's optimizer (paged_adamw_8bit on a GPU)")
     parser.add_argument("--calibration-samples", type=int, default=2)
     parser.add_argument("--calibration-length", type=int, default=64)
@@ -388,6 +392,8 @@ def main() -> None:
         print(json.dumps(run_case(args.case[0], args.case[1], args)))
         return
     rows = measure(args)
+    if not rows:
+        raise ValueError("Nothing measured: give --shapes, --models, or a longer --time-limit.")
     table = to_markdown(rows, args)
     write_results(args.output, table + "\n", {"settings": vars(args), "rows": rows})
     print("\n" + table)
