@@ -213,7 +213,12 @@ def run_case(path: str, streaming: str, args) -> dict:
     model = peft_model(model, rank=args.rank)
     ids = torch.randint(0, VOCAB, (args.windows, args.window_length), generator=torch.Generator().manual_seed(0))
     config = QuAILoRAConfig(streaming=streaming, calibration_samples=None, calibration_batch_size=args.batch_size,
-                            show_progress=False)
+                            show_progress=False, solve_device=args.solve_device, gram_device=args.gram_device)
+    if args.solve_device != "auto":  # the per-group calibration and solve spans (the overlap) go to stderr
+        import logging
+
+        logging.getLogger("hf_quailora.quailora.placement").addHandler(logging.StreamHandler())
+        logging.getLogger("hf_quailora.quailora.placement").setLevel(logging.INFO)
     # Warm-up with small tensors: lazily loaded code (LAPACK/cuSOLVER kernels, bitsandbytes) and thread pools are
     # paid here, so the measured peak is the initialisation's data, not the first call's code pages. (Not a warm-up
     # init: its full-size Gram matrices would stay in the allocator and hide the real init's peak.)
@@ -286,6 +291,8 @@ def measure(args, on_row=None) -> list[dict]:
             if output.returncode:
                 raise RuntimeError(f"case {case_label(case)} {streaming} failed:\n{output.stderr[-3000:]}")
             result = json.loads(output.stdout.strip().splitlines()[-1])
+            if args.solve_device != "auto":
+                print("\n".join(line for line in output.stderr.splitlines() if "QuAILoRA" in line), flush=True)
             rows.append({**_case_key(case), **result, "formula": expected[streaming], **expected})
             print(f"{case_label(case)} {streaming}: {result['peak_extra'] / 2**20:.0f} MiB, {result['seconds']:.1f} s",
                   flush=True)
@@ -405,6 +412,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--window-length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--solve-device", choices=("auto", "model", "cpu"), default="auto",
+                        help="QuAILoRAConfig.solve_device; not 'auto': print each group's calibration and solve spans")
+    parser.add_argument("--gram-device", choices=("model", "cpu"), default="model", help="QuAILoRAConfig.gram_device")
     parser.add_argument("--output", default="bench/results/init_scaling", help="writes .md, .json and .png")
     parser.add_argument("--contract", action="store_true", help="print the formula's table for real models and stop")
     parser.add_argument("--rerender", action="store_true",

@@ -9,6 +9,8 @@
 | `schedule` | the plan of the streamed init: which blocks are calibrated together, on which devices, checked once |
 | `streaming` | the plan executed: block replay or one pass per group |
 | `memory` | the estimate: the memory formula, the budget option, free memory |
+| `finetune_memory` | the yardstick: the peak of a QLoRA training step, which the init should stay under |
+| `placement` | where the solves run (`solve_device`), overlapped with the next group's calibration |
 | `init` | `quailora_init`: plan → calibrate → solve → write |
 | `report` | `QuAILoRAReport`, `LayerReport` |
 | `callback` | `QuAILoRAInitCallback`, for any Trainer |

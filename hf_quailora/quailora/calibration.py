@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .._dist_utils import is_distributed
 from ..tokens import check_token_ids
+from .placement import add_gram, add_gram_by_blocks
 
 
 logger = logging.getLogger(__name__)
@@ -271,12 +272,13 @@ class GramCollector:
             # float64 matmuls cost twice as much and change nothing at this batch size.
             rows = rows.float() if rows.dtype in (torch.float16, torch.bfloat16) else rows
             # `add_` casts element by element: no float64 copy of the product is made.
-            with full_float32_matmul():
-                gram = (rows.T @ rows).to(self.device or rows.device)
+            device = self.device or rows.device
             total = self.stats.matrices.get(leader)
             if total is None:
-                total = self.stats.matrices[leader] = torch.zeros(gram.shape, dtype=self.dtype, device=gram.device)
-            total.add_(gram)
+                total = self.stats.matrices[leader] = torch.zeros(rows.shape[1], rows.shape[1], dtype=self.dtype,
+                                                                  device=device)
+            with full_float32_matmul():  # to another device: by column blocks (quailora/placement.py)
+                add_gram(total, rows) if device == rows.device else add_gram_by_blocks(total, rows)
 
         return hook
 

@@ -29,10 +29,12 @@ Solver = Literal["closed_form", "als", "svd"]
 Dtype = Literal["float64", "float32"]
 Streaming = Literal["auto", "replay", "passes", "off"]
 GramDevice = Literal["model", "cpu"]
+SolveDevice = Literal["auto", "model", "cpu"]
 SOLVERS: tuple[str, ...] = get_args(Solver)
 DTYPES: tuple[str, ...] = get_args(Dtype)
 STREAMING_MODES: tuple[str, ...] = get_args(Streaming)
 GRAM_DEVICES: tuple[str, ...] = get_args(GramDevice)
+SOLVE_DEVICES: tuple[str, ...] = get_args(SolveDevice)
 # Options renamed when the recipes began parsing this dataclass itself: former name -> field
 RENAMED_OPTIONS = {
     "num_samples": "calibration_samples", "max_length": "calibration_length", "batch_size": "calibration_batch_size",
@@ -118,7 +120,8 @@ class QuAILoRAConfig:
             not subtracting the matrices q/k/v and gate/up share, so the real peak stays below it.
         gram_device (`str`, defaults to `"model"`): where Gram matrices accumulate: `"model"` (the device of each
             layer) or `"cpu"` (for GPUs with little memory; the per-batch products are still computed on the
-            layer's device, then added on the CPU).
+            layer's device, by blocks of 2048 columns, each added on the CPU; replay's hidden-state cache waits on
+            the CPU too). With `solve_device="cpu"` it is the smallest placement (docs/memory.md).
         keep_gram_statistics (`bool`, defaults to `False`): keep every Gram matrix in `report.gram_statistics` (to
             initialise several ranks from one calibration). This keeps all of them alive at once.
 
@@ -129,7 +132,13 @@ class QuAILoRAConfig:
             SVD of E, LoftQ-style with fixed Q; needs no calibration data).
         als_iterations (`int`, defaults to 20): iterations of `"als"`.
         damping (`float`, defaults to 1e-4): `H ← H + damping · mean(diag H) · I`.
-        solve_dtype (`str`, defaults to `"float64"`): dtype of the solves.
+        solve_dtype (`str`, defaults to `"float64"`): dtype of the solves. `"float32"` halves the solve's workspace;
+            on the real layers of SmolLM2-135M and Gemma-3-270m its calibrated objective is within 1.001× of the
+            float64 optimum (bench/RESULTS.md, issue 34).
+        solve_device (`str`, defaults to `"auto"`): where the solves run: `"model"` (each layer's device), `"cpu"`
+            (the solve's workspace off the GPU; each group is solved in a background thread while the next group is
+            calibrated), or `"auto"`: the model's device when the largest solve fits in its free memory, else the CPU
+            (logged). The factors are the same wherever they are solved.
         report_svd_baseline (`bool`, defaults to `False`): also compute the uncalibrated SVD start's errors for the
             report (`calibrated_error_svd`, `frobenius_error_svd`); this doubles the per-layer work of the
             closed form (the `"als"` and `"svd"` solvers compute that SVD anyway and always report it).
@@ -169,6 +178,9 @@ class QuAILoRAConfig:
     solve_dtype: Dtype = field(
         default="float64", metadata={"help": "Dtype of the solves.", "choices": list(DTYPES)}
     )
+    solve_device: SolveDevice = field(
+        default="auto", metadata={"help": "Where the solves run.", "choices": list(SOLVE_DEVICES)}
+    )
     report_svd_baseline: bool = field(
         default=False, metadata={"help": "Also report the uncalibrated SVD start's errors (doubles closed-form work)."}
     )
@@ -193,6 +205,11 @@ class QuAILoRAConfig:
                 raise ValueError(f"`{name}` must be one of {DTYPES}; got {getattr(self, name)!r}.")
         if self.streaming not in STREAMING_MODES:
             raise ValueError(f"`streaming` must be one of {STREAMING_MODES}; got {self.streaming!r}.")
+        if self.solve_device not in SOLVE_DEVICES:
+            raise ValueError(
+                f"`solve_device` must be one of {SOLVE_DEVICES} ('auto': the model's device when the solve fits in "
+                f"its free memory, else the CPU); got {self.solve_device!r}."
+            )
         if self.gram_device not in GRAM_DEVICES:
             raise ValueError(
                 f"`gram_device` must be one of {GRAM_DEVICES} (the layer's own device, or the CPU); got "

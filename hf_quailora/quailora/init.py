@@ -45,6 +45,7 @@ from ..quantization import (
 )
 from .calibration import GramStatistics, check_dtype, equalize_batch_counts, make_calibration_batches
 from .config import QuAILoRAConfig
+from .placement import choose_solve_device, solve_groups
 from .report import LayerReport, QuAILoRAReport
 from .schedule import Schedule, plan_schedule
 from .solvers import calibrated_error, frobenius_error, solve_als, solve_closed_form, solve_svd, split_for_lora
@@ -127,12 +128,12 @@ def _first_reason(layers: dict) -> str:
     return f"The base of {name.removeprefix('base_model.model.')}: {reason}"
 
 
-def _like_parameters(module, adapter_name: str, lora_B: torch.Tensor, lora_A: torch.Tensor):
-    """The factors cast to their parameters' device and dtype now, not at the final write: the pending factors of
-    every layer then cost one adapter's bytes (e.g. bf16), not the solve dtype's (float64 is 4x bf16)."""
+def _like_parameters(module, adapter_name: str, lora_B: torch.Tensor, lora_A: torch.Tensor, stay: bool = False):
+    """The factors cast to their parameters' dtype (and device, unless `stay`: solved on the CPU, they wait there) now,
+    not at the final write: the pending factors then cost one adapter's bytes, not the solve dtype's."""
     B_param, A_param = module.lora_B[adapter_name].weight, module.lora_A[adapter_name].weight
-    return (lora_B.to(device=B_param.device, dtype=B_param.dtype),
-            lora_A.to(device=A_param.device, dtype=A_param.dtype))
+    return (lora_B.to(device=lora_B.device if stay else B_param.device, dtype=B_param.dtype),
+            lora_A.to(device=lora_A.device if stay else A_param.device, dtype=A_param.dtype))
 
 
 @torch.no_grad()
@@ -160,8 +161,6 @@ def _broadcast_lora(plans: list[_Plan], adapter_name: str) -> None:
     for plan in plans:  # every process ends with rank 0's weights, bit for bit
         for factor in (plan.module.lora_A[adapter_name].weight, plan.module.lora_B[adapter_name].weight):
             torch.distributed.broadcast(factor.data, src=0)
-
-
 
 
 def _check_calibration(model, calibration, plans: list[_Plan], tokenizer, config: QuAILoRAConfig):
@@ -237,13 +236,15 @@ def _statistics_per_group(model, calibration, plans: list[_Plan], schedule: Sche
             del stats  # the group's matrices go before the next group's are collected
 
 
-def _solve_layer(plan: _Plan, weights: FullPrecisionWeights, stats: GramStatistics | None, config: QuAILoRAConfig):
-    """Step 3, one layer: `E = W − Q`, the solver's sorted product `sBA`, LoRA's factors and the report's errors."""
+def _solve_layer(plan: _Plan, weights: FullPrecisionWeights, stats: GramStatistics | None, config: QuAILoRAConfig,
+                 device: torch.device | None = None):
+    """Step 3, one layer: `E = W − Q`, the solver's sorted product `sBA`, LoRA's factors and the report's errors
+    (on `device`; `None`: where the layer lives)."""
     started = time.perf_counter()
     solve_dtype = getattr(torch, config.solve_dtype)
     # E = W − Q in one tensor: W is copied (never the caller's state dict) and Q subtracted in place, so the
     # workspace holds E, not W, Q and E. Solve where the layer lives.
-    Q = dequantize_weight(plan.module.get_base_layer()).to(solve_dtype)
+    Q = dequantize_weight(plan.module.get_base_layer()).to(device=device, dtype=solve_dtype)
     E = weights.get(plan.name).to(device=Q.device, dtype=solve_dtype, copy=True)
     if not torch.isfinite(E).all():
         raise ValueError(f"{plan.name}: the full-precision weight W is not finite.")
@@ -359,20 +360,32 @@ def quailora_init(
     # 2. Calibrate and 3. solve, a group of blocks at a time; each group's Gram matrices are freed before the next
     results = []
     progress = tqdm(total=len(plans), desc=f"QuAILoRA {config.solver}", disable=not config.show_progress, unit="layer")
-    for stats, group in _statistics_per_group(model, calibration, plans, schedule, config, report):
-        report.num_tokens = stats.num_tokens if stats is not None else 0
-        if kept is not None and stats is not kept:
-            kept.matrices.update(stats.matrices)
-            kept.groups.update(stats.groups)
-            kept.num_tokens = stats.num_tokens
-        started = time.perf_counter()
-        for plan in group:
-            lora_B, lora_A, layer_report = _solve_layer(plan, weights, stats, config)
-            results.append((plan, *_like_parameters(plan.module, adapter_name, lora_B, lora_A)))
+    element = torch.finfo(getattr(torch, config.gram_dtype)).bits // 8
+    shapes = {plan.name: plan.shape for plan in plans}
+    gram_bytes = max(sum(shapes[name][1] ** 2 for name in group if name in shapes) for group in schedule.groups)
+    device = choose_solve_device(config, model, list(shapes.values()), gram_bytes * element)
+
+    def solve_group(stats, group):
+        return [(plan, *_like_parameters(plan.module, adapter_name, *solved[:2], stay=device is not None), solved[2])
+                for plan in group for solved in [_solve_layer(plan, weights, stats, config, device)]]
+
+    def calibrated():
+        for stats, group in _statistics_per_group(model, calibration, plans, schedule, config, report):
+            report.num_tokens = stats.num_tokens if stats is not None else 0
+            if kept is not None and stats is not kept:
+                kept.matrices.update(stats.matrices)
+                kept.groups.update(stats.groups)
+                kept.num_tokens = stats.num_tokens
+            yield stats, group
+            del stats
+
+    overlap = device is not None and device.type == "cpu" and not isinstance(calibration, GramStatistics | None)
+    for _, solved, seconds in solve_groups(calibrated(), solve_group, overlap and not config.keep_gram_statistics):
+        for plan, lora_B, lora_A, layer_report in solved:
+            results.append((plan, lora_B, lora_A))
             report.layers.append(layer_report)
             progress.update(1)
-        report.solve_seconds += time.perf_counter() - started
-        del stats
+        report.solve_seconds += seconds
     progress.close()
     report.gram_statistics = kept if config.keep_gram_statistics else None
     # 4. Write, only now that every layer succeeded; then make all processes agree.

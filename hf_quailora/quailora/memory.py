@@ -143,12 +143,26 @@ class InitMemory:
     hidden_state_cache: int
     calibration_step: int
     pending_factors: int
+    gram_product: int = 0  # part of calibration_step: one batch's in×in product at the widest input
+    gram_product_blocked: int = 0  # the same formed by column blocks, when the Gram matrices are on the CPU
 
     @property
     def streamed_peak(self) -> int:
         """Peak extra memory of the default (replay, one block at a time) initialisation."""
         return (self.gram_per_block + self.hidden_state_cache + self.pending_factors
                 + max(self.solve_workspace, self.calibration_step))
+
+    def placed_peak(self, solve_on_cpu: bool = False, gram_on_cpu: bool = False) -> int:
+        """Peak extra memory on the model's device (replay) with the solves (`solve_device="cpu"`) and / or the Gram
+        matrices (`gram_device="cpu"`) on the CPU: the solve's workspace and the pending factors, and / or the Gram
+        matrices and the hidden-state cache, leave it; a Gram matrix on the CPU is formed by column blocks
+        (`quailora/placement.py`)."""
+        step = self.calibration_step - (self.gram_product - self.gram_product_blocked if gram_on_cpu else 0)
+        # with gram_device="cpu" the hidden-state cache waits on the CPU too (one batch of it is in the step)
+        resident = 0 if gram_on_cpu else self.gram_per_block + self.hidden_state_cache
+        if solve_on_cpu:
+            return resident + step
+        return resident + self.pending_factors + max(self.solve_workspace, step)
 
     @property
     def all_at_once_peak(self) -> int:
@@ -207,4 +221,6 @@ def estimate_init_memory(config, num_samples: int = 128, max_length: int = 512, 
         hidden_state_cache=num_samples * max_length * h * activation_bytes,
         calibration_step=calibration_step,
         pending_factors=layers * rank * sum(out + inp for out, inp in shapes) * adapter_bytes,
+        gram_product=widest**2 * max(activation_bytes, 4),
+        gram_product_blocked=widest * min(widest, 2048) * max(activation_bytes, 4),
     )

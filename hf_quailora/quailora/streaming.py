@@ -78,8 +78,10 @@ class _Recorder:
 
 
 @torch.no_grad()
-def record_block_inputs(model, blocks: list[torch.nn.Module], batches: list[dict]) -> tuple[list, list]:
-    """Per batch, the hidden states entering `blocks[0]` and every block's other forward arguments.
+def record_block_inputs(model, blocks: list[torch.nn.Module], batches: list[dict],
+                        cache_device: torch.device | None = None) -> tuple[list, list]:
+    """Per batch, the hidden states entering `blocks[0]` (on `cache_device`; `None`: where they are) and every
+    block's other forward arguments.
 
     Raises:
         ValueError: the blocks are not called one after another, once each (replay cannot reproduce this model;
@@ -99,7 +101,7 @@ def record_block_inputs(model, blocks: list[torch.nn.Module], batches: list[dict
                 f"The model called its {len(blocks)} decoder blocks {len(recorder.calls)} times in one forward, not "
                 "once each in order: block replay cannot reproduce it. Use QuAILoRAConfig(streaming='passes')."
             )
-        hidden_states.append(recorder.hidden)
+        hidden_states.append(recorder.hidden.to(cache_device or recorder.hidden.device))
         arguments.append(recorder.calls)
     return hidden_states, arguments
 
@@ -114,8 +116,9 @@ def _replay_block(block, index: int, hidden_states: list, arguments: list, masks
     device = _block_device(block)
     for batch, (args, kwargs) in enumerate(arguments_of(arguments, index)):
         collector.start_batch(masks[batch])
+        cache = hidden_states[batch].device  # the cache stays where it is (the CPU with gram_device="cpu")
         output = block(hidden_states[batch].to(device), *_to(args, device), **_to(kwargs, device))
-        hidden_states[batch] = output[0] if isinstance(output, tuple) else output
+        hidden_states[batch] = (output[0] if isinstance(output, tuple) else output).to(cache)
 
 
 def arguments_of(arguments: list, index: int) -> Iterator[tuple]:
@@ -147,7 +150,8 @@ def stream_statistics(model, batches: list[dict], modules: Mapping[str, torch.nn
 
 
 def _replay_groups(model, batches, modules, schedule: Schedule, dtype, gram_device, show_progress):
-    hidden_states, arguments = record_block_inputs(model, schedule.blocks, batches)
+    # with gram_device="cpu" the hidden-state cache waits on the CPU too: the GPU holds one batch of it
+    hidden_states, arguments = record_block_inputs(model, schedule.blocks, batches, gram_device)
     masks = [gram_mask(batch) for batch in batches]  # zero for padding batches
     num_tokens = sum(int(mask.sum()) for mask in masks)
     model_device = next(model.parameters()).device

@@ -252,9 +252,9 @@ class RecipeQuAILoRAConfig(QuAILoRAConfig):
 
     Parameters:
         Every field of `QuAILoRAConfig`: `--calibration_samples`, `--calibration_length`, `--calibration_batch_size`,
-        `--solver`, `--als_iterations`, `--damping`, `--solve_dtype`, `--report_svd_baseline`, `--streaming`,
-        `--memory_budget`, `--gram_device`, `--gram_dtype`, `--keep_gram_statistics`, `--show_progress`; their
-        checks run when the arguments are parsed, and their errors name the flag.
+        `--solver`, `--als_iterations`, `--damping`, `--solve_dtype`, `--solve_device`, `--report_svd_baseline`,
+        `--streaming`, `--memory_budget`, `--gram_device`, `--gram_dtype`, `--keep_gram_statistics`,
+        `--show_progress`; their checks run when the arguments are parsed, and their errors name the flag.
 
         > Defaults that differ from `QuAILoRAConfig` (a CPU demo calibrates in seconds)
 
