@@ -1,5 +1,5 @@
 """DynamicRankTrainer under DeepSpeed ZeRO-3 on the CPU (DeepSpeed's CPU accelerator, gloo), for
-tests/test_deepspeed_zero.py.
+tests/dynamic_rank/test_trainer_sharded.py (its settings are those of dynamic_rank_fsdp2.py with an fp32 base).
 
     torchrun --nproc_per_node 2 tests/scripts/dynamic_rank_zero3.py MODEL_DIR OUT_DIR [zero3|plain]
 
