@@ -3,8 +3,9 @@ tests/test_deepspeed_zero.py.
 
     torchrun --nproc_per_node 2 tests/scripts/quailora_zero.py MODEL_DIR OUT_DIR STAGE
 
-STAGE 1 or 2: DeepSpeed ZeRO at that stage (`deepspeed` in the training arguments); 0: no DeepSpeed (the
-one-process reference). The NF4 model gets LoRA r = 4; `QuAILoRAInitCallback` initialises at `on_init_end`, before
+STAGE 1 or 2: DeepSpeed ZeRO at that stage (`deepspeed` in the training arguments); 0: no DeepSpeed (a comparison
+by hand: DeepSpeed steps an fp32 master copy of trl's bf16 factors, this run does not). Micro-batches of 2 on every
+process (one process accumulates 2 of them), as in the two-process run. The NF4 model gets LoRA r = 4; `QuAILoRAInitCallback` initialises at `on_init_end`, before
 DeepSpeed wraps the model; `DynamicRankTrainer` then takes 3 steps, `save_model` and `export_rank` write adapters.
 Every process writes `process-{rank}.pt` with the LoRA weights after the init and after training.
 """
