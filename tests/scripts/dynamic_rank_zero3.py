@@ -16,6 +16,14 @@ import sys
 import torch
 
 
+def _without_shm_collectives() -> None:
+    """Leave DeepSpeed's CPU collectives to gloo: its shared-memory ones are a C++ op that it compiles at the first
+    run (minutes on a loaded 2-core machine), and the tests do not need their speed."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__ = {**deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm": False}
+
+
 def main(model_path: str, output_dir: str, setup: str = "zero3") -> None:
     import deepspeed
     from datasets import Dataset
@@ -25,6 +33,7 @@ def main(model_path: str, output_dir: str, setup: str = "zero3") -> None:
     from hf_quailora import DynamicRankConfig, DynamicRankTrainer, QuAILoRAInitCallback, export_rank
 
     torch.set_num_threads(1)
+    _without_shm_collectives()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     zero3 = {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
                                    "stage3_param_persistence_threshold": 0},  # tiny factors partitioned too,

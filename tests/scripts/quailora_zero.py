@@ -28,6 +28,14 @@ def _lora_weights(model) -> dict:
     return {name: param.detach().float().clone() for name, param in model.named_parameters() if "lora_" in name}
 
 
+def _without_shm_collectives() -> None:
+    """Leave DeepSpeed's CPU collectives to gloo: its shared-memory ones are a C++ op that it compiles at the first
+    run (minutes on a loaded 2-core machine), and the tests do not need their speed."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__ = {**deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm": False}
+
+
 class _Snapshot(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.weights = _lora_weights(model)
@@ -41,6 +49,7 @@ def main(model_dir: str, out_dir: str, stage: str = "0") -> None:
     from hf_quailora.quantization import load_quantized_model
 
     torch.set_num_threads(1)
+    _without_shm_collectives()
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from conftest import TINY_TEXTS
 
