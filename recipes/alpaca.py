@@ -123,7 +123,7 @@ def _train(recipe_args, quailora_args, training_args, model, tokenizer, data):
     trainer = DynamicRankTrainer(model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                                  processing_class=tokenizer, callbacks=callbacks)
     initial = None
-    if not training_args.eval_on_start:  # before training, and before QuAILoRA (it runs at train begin)
+    if not training_args.eval_on_start:  # before training and QuAILoRA (at train begin; DeepSpeed: at init end)
         initial = trainer.evaluate()
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if training_args.eval_on_start:  # evaluated right after on_train_begin, i.e. at the QuAILoRA start
