@@ -11,7 +11,8 @@ run_on_main_process(lambda: save_file(state, path))  # process 0 writes, the oth
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
@@ -35,6 +36,25 @@ def _is_dtensor(tensor) -> bool:
 def has_sharded_parameters(model: torch.nn.Module) -> bool:
     """Whether any parameter of `model` is a `DTensor` (FSDP2, tensor parallelism): gathers are then collectives."""
     return any(_is_dtensor(p) for p in model.parameters())
+
+
+def has_partitioned_parameters(model: torch.nn.Module) -> bool:
+    """Whether any parameter of `model` is DeepSpeed ZeRO-3's (`ds_id`): gathering it is then a collective."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+@contextmanager
+def gathered_parameters(parameters: Iterable[torch.nn.Parameter]) -> Iterator[None]:
+    """Inside the block, ZeRO-3's partitioned parameters among `parameters` are whole, for reading (a collective:
+    every process must enter it, with the same parameters); any other parameter is left as it is."""
+    partitioned = [p for p in parameters if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

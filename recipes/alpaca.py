@@ -36,8 +36,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from hf_quailora import (
     DynamicRankConfig,
     DynamicRankTrainer,
@@ -71,10 +69,10 @@ def _ranks(text: str | None, default: list[int]) -> list[int]:
 def _check(recipe_args: RecipeArguments, training_args: DynamicRankConfig, model_args: RecipeModelConfig) -> None:
     """Fail on bad settings before anything is loaded (the dataclasses checked their own fields when parsed)."""
     check_recipe_arguments(model_args, recipe_args)
-    if recipe_args.quailora:  # FSDP / DeepSpeed asked for by the arguments or `accelerate launch`: refused now
-        from hf_quailora.quailora.callback import check_unsharded_training
+    if recipe_args.quailora:  # FSDP / ZeRO-3 asked for by the arguments or `accelerate launch`: refused now
+        from hf_quailora.quailora.callback import check_verified_setup
 
-        check_unsharded_training(training_args, torch.nn.Module())
+        check_verified_setup(training_args)  # one process, DDP and ZeRO-1/2 pass
     max_rank = check_rank_settings(training_args, model_args.lora_r)  # eval/SoFT/choice ranks too
     check_not_a_file(training_args.output_dir)
     for name in ("sweep_ranks", "export_ranks"):  # only trained ranks can be evaluated or exported
@@ -125,7 +123,7 @@ def _train(recipe_args, quailora_args, training_args, model, tokenizer, data):
     trainer = DynamicRankTrainer(model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                                  processing_class=tokenizer, callbacks=callbacks)
     initial = None
-    if not training_args.eval_on_start:  # before training, and before QuAILoRA (it runs at train begin)
+    if not training_args.eval_on_start:  # before training and QuAILoRA (at train begin; DeepSpeed: at init end)
         initial = trainer.evaluate()
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if training_args.eval_on_start:  # evaluated right after on_train_begin, i.e. at the QuAILoRA start
@@ -174,7 +172,9 @@ def _sweep_and_export(args, trainer, tokenizer, initial, final, summary, started
     from hf_quailora.evaluation.reporting import write_rank_report
 
     data_args, training_args, model_args, recipe_args = args
-    start_label = "start" if training_args.eval_on_start or not recipe_args.quailora else "before QuAILoRA"
+    # DeepSpeed: the callback initialised at on_init_end, before the first evaluation
+    early = any(getattr(callback, "_initialised", False) for callback in trainer.callback_handler.callbacks)
+    start_label = "start" if training_args.eval_on_start or not recipe_args.quailora or early else "before QuAILoRA"
     rows = _loss_rows(trainer, {start_label: initial, "after training": final}, data_args.dataset_name)
     if recipe_args.sweep_tasks:
         from hf_quailora.evaluation.lm_eval_bridge import evaluate_ranks

@@ -20,6 +20,8 @@ TINY_DISTINCT_INPUTS = TINY_NUM_BLOCKS * 4  # attention in (q/k/v), o_proj in, M
 require_bitsandbytes = pytest.mark.skipif(
     importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes"
 )
+# DeepSpeed is the `deepspeed` extra (`pip install -e ".[deepspeed]"`); on a CPU it runs on its CPU accelerator
+require_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
 require_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

@@ -30,7 +30,13 @@ from typing import NamedTuple
 
 from torch import nn
 
-from .._dist_utils import full_tensor, has_sharded_parameters, run_on_main_process
+from .._dist_utils import (
+    full_tensor,
+    gathered_parameters,
+    has_partitioned_parameters,
+    has_sharded_parameters,
+    run_on_main_process,
+)
 from .._io_utils import ADAPTER_CONFIG, check_not_a_file, staged_folder
 from .._peft_utils import adapter_facts, record_adapter_facts, store_config_facts
 from .model_card import carry_card, write_adapter_card
@@ -75,17 +81,21 @@ def _export_alphas(layers: dict, adapter_name: str, b: int, rank_scaling: str) -
 def _sliced_state(model, layers: dict, adapter_name: str, b: int) -> dict:
     """The adapter's state dict with every LoRA factor cut to its first b components (other tensors unchanged).
 
-    Sharded factors (FSDP2's `DTensor`s) are gathered whole first, on every process, in the state dict's order."""
+    Sharded factors (FSDP2's `DTensor`s, ZeRO-3's partitioned parameters) are gathered whole first, on every process,
+    in the state dict's order."""
     from peft.utils import get_peft_model_state_dict
 
     sliced = {}
-    for key, tensor in get_peft_model_state_dict(model, adapter_name=adapter_name).items():
-        tensor = full_tensor(tensor)
+    adapter = [p for name, p in model.named_parameters() if "lora_" in name or p.requires_grad]
+    with gathered_parameters(adapter):
+        state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        state = {key: full_tensor(tensor).detach().clone() for key, tensor in state.items()}
+    for key, tensor in state.items():
         if key.endswith(".lora_A.weight") and key[: -len(".lora_A.weight")] in layers:
             tensor = tensor[:b]
         elif key.endswith(".lora_B.weight") and key[: -len(".lora_B.weight")] in layers:
             tensor = tensor[:, :b]
-        sliced[key] = tensor.detach().contiguous().clone()
+        sliced[key] = tensor.contiguous()
     return sliced
 
 
@@ -220,7 +230,8 @@ def export_rank(
             write_adapter_card(tmp, metadata)
             config.save_pretrained(str(tmp))
 
-    if has_sharded_parameters(model):  # called on every process (the gather above): process 0 writes, all wait
+    if has_sharded_parameters(model) or has_partitioned_parameters(model):  # called on every process (the gather
+        # above): process 0 writes, all wait
         run_on_main_process(write, what="export_rank")
     else:
         write()

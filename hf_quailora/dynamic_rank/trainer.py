@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from trl import SFTTrainer
 
+from .._dtensor_casts import finish_dtensor_casts
 from .config import DynamicRankConfig
 from .mixin import RANK_STATE_NAME, DynamicRankMixin
 
@@ -74,3 +75,4 @@ class DynamicRankTrainer(DynamicRankMixin, SFTTrainer):
         if not isinstance(args, DynamicRankConfig):
             raise TypeError(f"`args` must be a DynamicRankConfig; got {type(args).__name__}.")
         super().__init__(model, args, *positional, **kwargs)
+        finish_dtensor_casts(self.model)  # trl's bf16 cast of a quantized model's factors misses FSDP2's shards

@@ -121,6 +121,44 @@ def check_unsharded_training(args, model: torch.nn.Module) -> None:
         raise _refuse(setup)
 
 
+def _zero_stage(args) -> int | None:
+    """The ZeRO stage DeepSpeed is asked for, by the training arguments or `accelerate launch`; `None` without it."""
+    hf_config = getattr(args, "hf_deepspeed_config", None)  # set by TrainingArguments from `deepspeed`
+    if hf_config is not None:
+        return int(hf_config.get_value("zero_optimization.stage", 0) or 0)
+    plugin = getattr(args, "deepspeed_plugin", None)
+    if plugin is not None:
+        return int(plugin.zero_stage)
+    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+    return None
+
+
+def check_verified_setup(args) -> None:
+    """Raise a `ValueError` before anything loads when a run asks for a set-up that the in-process init (`on_init_end`,
+    before the Trainer wraps the model) has not been verified under end to end: FSDP (accelerate does not wrap on a
+    CPU, so no test reaches the wrap), and DeepSpeed ZeRO-3 (transformers partitions the model as it loads it, so
+    no process holds whole weights). One process, DDP and DeepSpeed ZeRO-1/2 pass (see docs/launchers.md).
+
+    Args:
+        args (`TrainingArguments`): the run's training arguments (`accelerate launch`'s environment is read too).
+
+    Raises:
+        ValueError: FSDP or ZeRO-3, naming `hf-quailora init` (the route that works).
+
+    Example:
+
+    ```python
+    check_verified_setup(training_args)  # in a recipe, before the model loads
+    ```
+    """
+    stage = _zero_stage(args)
+    if stage is not None and stage >= 3:
+        raise _refuse("DeepSpeed ZeRO-3 (transformers partitions the parameters as the model loads)")
+    if stage is None and _wrapping_setup(args) is not None:
+        raise _refuse(_wrapping_setup(args))
+
+
 class QuAILoRAInitCallback(TrainerCallback):
     """Run `quailora_init` on the trainer's model before the first optimizer step: at `on_train_begin` for one process
     and DDP, at `on_init_end` (before the Trainer wraps the model) when FSDP or DeepSpeed is asked for.

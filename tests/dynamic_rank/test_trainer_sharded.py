@@ -1,6 +1,8 @@
 """DynamicRankTrainer on FSDP2 in two CPU processes (torchrun, gloo) against one process: steps, `save_model` and
 `export_rank` agree to 1e-5 relative, with the LoRA factors replicated (sharded at load time by transformers'
-`DistributedConfig(fsdp_size=2)`) or sharded themselves (`fully_shard` after peft: `DTensor` factors)."""
+`DistributedConfig(fsdp_size=2)`) or sharded themselves (`fully_shard` after peft: `DTensor` factors), on an fp32
+base and on an NF4 base (whose factors trl casts to bf16: the one-process run accumulates the same micro-batches).
+The same run under DeepSpeed ZeRO-3 (factors partitioned) agrees with the one-process fp32 run too."""
 
 import os
 import subprocess
@@ -10,20 +12,30 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from testing_utils import SCRIPTS_DIR, require_bitsandbytes
+from testing_utils import SCRIPTS_DIR, require_bitsandbytes, require_deepspeed
 
 
 SCRIPT = os.path.join(SCRIPTS_DIR, "dynamic_rank_fsdp2.py")
+ZERO3_SCRIPT = os.path.join(SCRIPTS_DIR, "dynamic_rank_zero3.py")
 FILES = ("saved/adapter_model.safetensors", "rank-4/adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def one_process_fp32(tiny_model_path, tmp_path_factory):
+    """The one-process fp32 run that every fp32 set-up is compared with (the same for each route): run once."""
+    one = tmp_path_factory.mktemp("fsdp2") / "one"
+    _run(tiny_model_path, one, 1, "load", "fp32")
+    return one
 
 
 def _run(model_path, out, nproc: int, route: str, base: str, truncation: str = "slice") -> None:
     out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
     port = 29600 + 10 * nproc + os.getpid() % 1000 + (route == "fully_shard") + 2 * (base == "nf4") + 4 * (
-        truncation == "static")
+        truncation == "static") + 8 * (route == "zero3")
+    script, extra = (ZERO3_SCRIPT, ["zero3"]) if route == "zero3" else (SCRIPT, [route, base, truncation])
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(port), SCRIPT, model_path, str(out), route, base, truncation]
+               str(port), script, model_path, str(out), *extra]
     # a process left waiting in a collective would hang: the timeout ends the test as a failure
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -32,7 +44,6 @@ def _run(model_path, out, nproc: int, route: str, base: str, truncation: str = "
 def _assert_close(got: dict, want: dict, what: str) -> None:
     assert got.keys() == want.keys(), what
     for key, value in want.items():
-        # NF4: one process keeps the factors in bf16, FSDP2 in float32 with the same values: compare in want's dtype
         error = (got[key].to(value.dtype).float() - value.float()).norm() / value.float().norm().clamp_min(1e-12)
         assert error < 1e-5, f"{what} {key}: relative error {error:.2e}"
 
@@ -42,14 +53,19 @@ def _assert_close(got: dict, want: dict, what: str) -> None:
     ("fully_shard", "fp32"),
     pytest.param("fully_shard", "nf4", marks=require_bitsandbytes),
 ])
-def test_fsdp2_equals_one_process(tiny_model_path, tmp_path, route, base):
+def test_fsdp2_equals_one_process(tiny_model_path, tmp_path, request, route, base):
     two, one = tmp_path / "two", tmp_path / "one"
     _run(tiny_model_path, two, 2, route, base)
-    _run(tiny_model_path, one, 1, route, base)
+    if base == "fp32":
+        one = request.getfixturevalue("one_process_fp32")
+    else:
+        _run(tiny_model_path, one, 1, route, base)
     process0, process1 = torch.load(two / "process-0.pt"), torch.load(two / "process-1.pt")
     single = torch.load(one / "process-0.pt")
     if route == "fully_shard":
         assert process0["lora_types"] == ["DTensor"]  # the factors themselves were sharded
+    if base == "nf4":  # trl's bf16 cast reached the local shards too (else the first fused AdamW step fails)
+        assert {value.dtype for value in process0["weights"].values()} == {torch.bfloat16}
     assert process0["rank_history"] == process1["rank_history"] == single["rank_history"]
     _assert_close(process0["weights"], single["weights"], "weights")
     _assert_close(process1["weights"], single["weights"], "weights of process 1")
@@ -58,12 +74,11 @@ def test_fsdp2_equals_one_process(tiny_model_path, tmp_path, route, base):
     assert (two / "saved" / "dynamic_rank.json").is_file() and (two / "rank-4" / "dynamic_rank.json").is_file()
 
 
-def test_fsdp2_static_rank_path_equals_one_process_slicing(tiny_model_path, tmp_path):
+def test_fsdp2_static_rank_path_equals_one_process_slicing(tiny_model_path, tmp_path, one_process_fp32):
     """The static-shape truncation of `torch_compile=True` (a mask inside the factors' forward) on sharded `DTensor`
     factors gives the one-process slicing run's weights and exports (issue "One compiled graph for every rank")."""
-    two, one = tmp_path / "two", tmp_path / "one"
+    two, one = tmp_path / "two", one_process_fp32
     _run(tiny_model_path, two, 2, "fully_shard", "fp32", "static")
-    _run(tiny_model_path, one, 1, "fully_shard", "fp32")
     process0, single = torch.load(two / "process-0.pt"), torch.load(one / "process-0.pt")
     assert process0["lora_types"] == ["DTensor"]
     assert process0["factor_classes"] == ["_MaskedLoraLinear"] and single["factor_classes"] == ["Linear"]
@@ -71,3 +86,24 @@ def test_fsdp2_static_rank_path_equals_one_process_slicing(tiny_model_path, tmp_
     _assert_close(process0["weights"], single["weights"], "weights")
     for name in FILES:
         _assert_close(load_file(two / name), load_file(one / name), name)
+
+
+@require_deepspeed
+def test_zero3_refuses_the_init_and_gathers_partitioned_factors(tiny_model_path, tmp_path, one_process_fp32):
+    """DeepSpeed ZeRO-3 (CPU accelerator, gloo): the base partitioned at load, so `QuAILoRAInitCallback` refuses it
+    naming `hf-quailora init`; the partitioned factors train as on one process; `save_model` (transformers'
+    consolidated state dict) and `export_rank` (`GatheredParameters`, process 0 writes) equal one process."""
+    two = tmp_path / "two"
+    _run(tiny_model_path, two, 2, "zero3", "fp32")
+    process0, process1 = torch.load(two / "process-0.pt"), torch.load(two / "process-1.pt")
+    single = torch.load(one_process_fp32 / "process-0.pt")
+    assert process0["engine"] == "DeepSpeedEngine"
+    assert process0["partitioned"] == ["Parameter(0,)"]  # the factors themselves were partitioned
+    for process in (process0, process1):
+        assert "DeepSpeed ZeRO-3" in process["refusal"] and "hf-quailora init" in process["refusal"]
+    assert process0["rank_history"] == process1["rank_history"] == single["rank_history"]
+    _assert_close(process0["weights"], single["weights"], "weights")
+    _assert_close(process1["weights"], single["weights"], "weights of process 1")
+    for name in FILES:  # written by process 0 only, from factors gathered whole
+        _assert_close(load_file(two / name), load_file(one_process_fp32 / name), name)
+    assert (two / "saved" / "dynamic_rank.json").is_file() and (two / "rank-4" / "dynamic_rank.json").is_file()

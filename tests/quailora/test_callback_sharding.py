@@ -110,3 +110,24 @@ def test_tensor_parallel_parameters_are_refused_naming_one(tiny_model_path, tiny
         callback.on_train_begin(sft_args(tmp_path), TrainerState(), TrainerControl(), model=model,
                                 processing_class=tokenizer)
     assert callback.report is None
+
+
+@pytest.mark.parametrize("env, refused", [
+    ({}, None),  # one process or DDP
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, None),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "DeepSpeed ZeRO-3"),
+    ({"ACCELERATE_USE_FSDP": "true"}, "FSDP"),
+])
+def test_verified_setups_pass_the_recipe_check_and_the_rest_name_hf_quailora_init(tmp_path, monkeypatch, env, refused):
+    from hf_quailora.quailora.callback import check_verified_setup
+
+    for name in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_USE_FSDP"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    if refused is None:
+        check_verified_setup(args)
+    else:
+        with pytest.raises(ValueError, match=f"(?s){refused}.*hf-quailora init"):
+            check_verified_setup(args)

@@ -211,6 +211,16 @@ def test_sharded_launch_is_refused_before_loading(tmp_path, monkeypatch):
         recipe["main"](*recipe["parse_args_and_config"](args=args))
 
 
+def test_zero3_launch_is_refused_before_loading(tmp_path, monkeypatch):
+    # What `accelerate launch` sets for ZeRO-3: transformers would partition the model as it loads.
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    recipe = load_recipe()
+    args = ["--output_dir", str(tmp_path / "run"), "--model_name_or_path", str(tmp_path / "no-model"), "--sweep_tasks", ""]
+    with pytest.raises(ValueError, match="(?s)cannot initialise under DeepSpeed ZeRO-3.*hf-quailora init"):
+        recipe["main"](*recipe["parse_args_and_config"](args=args))
+
+
 @require_bitsandbytes
 def test_recipe_runs_data_parallel_on_two_processes(tiny_model_path, tmp_path):
     """`torchrun --nproc_per_node 2` (gloo, CPU): the whole recipe completes; the trainer raises if ranks ever differ."""
