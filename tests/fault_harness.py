@@ -35,6 +35,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -66,6 +67,7 @@ class _Injector:
         self.fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
 
     def log(self, **event) -> None:
+        event["t"] = round(time.monotonic(), 3)
         os.write(self.fd, (json.dumps(event) + "\n").encode())  # unbuffered: a kill loses nothing logged
 
     def begin(self, moment: str) -> None:
@@ -166,7 +168,7 @@ def _build(model_dir: str, out: str, injector: _Injector):
     data = Dataset.from_dict({"text": TEXTS})
     init = Init(calibration_dataset=TEXTS[:8], calibration_samples=8, calibration_length=32)
     trainer = Trainer(model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[init, Steps()])
-    trainer.add_callback(Sweep(trainer, ranks=[2, 8], tasks="quailora_wiki_ppl", limit=1, max_length=256,
+    trainer.add_callback(Sweep(trainer, ranks=[2], tasks="quailora_wiki_ppl", limit=1, max_length=256,
                                batch_size=2))
     return trainer, init
 
@@ -190,8 +192,18 @@ def _attempt(model_dir: str, out: str, plan: dict | None, log_path: str) -> None
     injector.log(event="done", rank_history=trainer.rank_history, init_ran=init.report is not None)
 
 
+def warm_imports() -> None:
+    """Import once, before the forks, what every attempt would otherwise import again (lm-eval, matplotlib)."""
+    import lm_eval.evaluator  # noqa: F401
+    import lm_eval.models.huggingface  # noqa: F401
+    import matplotlib.pyplot  # noqa: F401 (the sweep's results.png)
+
+    import hf_quailora.evaluation.lm_eval_bridge  # noqa: F401
+
+
 def run_attempt(model_dir: str, out: str, plan: dict | None, log_path: str) -> int:
     """Fork, run one attempt in the child; return its wait status as a signal number (9: killed) or -exit code."""
+    warm_imports()
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -321,10 +333,11 @@ class Harness:
                                "export": {k: tuple(v.shape) for k, v in export.items()}}}
         return self.ref
 
-    def draw_plan(self, rng, moment: str) -> dict:
-        """A kill at a uniformly drawn occurrence of `moment` in the reference run, at a uniformly drawn tick of it."""
+    def draw_plan(self, rng, moment: str, occurrence: int | None = None) -> dict:
+        """A kill at a uniformly drawn occurrence of `moment` in the reference run (or the given one), at a uniformly
+        drawn tick of it."""
         keys = sorted(key for key in self.ref["ticks"] if key[0] == moment and self.ref["ticks"][key] > 0)
-        _, occurrence = keys[rng.randrange(len(keys))]
+        occurrence = keys[rng.randrange(len(keys))][1] if occurrence is None else occurrence
         return {"moment": moment, "occurrence": occurrence, "tick": rng.randint(1, self.ref["ticks"][moment, occurrence])}
 
     def trial(self, plans: list[dict], name: str) -> dict:
@@ -337,22 +350,26 @@ class Harness:
             status = run_attempt(self.model_dir, str(out), plan, log)
             events = read_log(log)
             finished |= {e["step"] for e in events if e["event"] == "checkpoint_done"}
-            unloadable += [f"after {plan}: {p}" for p in check_disk(str(out), self.ref["shapes"])]
+            found = check_disk(str(out), self.ref["shapes"])
             on_disk = complete_checkpoints(str(out))
-            if finished and max(finished) not in on_disk and not any(n > max(finished) for n in on_disk):
-                lost.append(f"after {plan}: checkpoint-{max(finished)}")
-            if plan is None and status != 0:
-                raise RuntimeError(f"{name}: the resumed run failed ({status}); see its traceback above")
+            gone = [f"checkpoint-{max(finished)}"] if finished and not any(n >= max(finished) for n in on_disk) else []
+            unloadable += [f"after {plan}: {p}" for p in found]
+            lost += [f"after {plan}: {p}" for p in gone]
             if plan is not None and status == signal.SIGKILL:
-                kills.append(next(e for e in reversed(events) if e["event"] == "kill"))
-        return self._compare(out, read_log(log), kills, unloadable, lost)
+                kill = next(e for e in reversed(events) if e["event"] == "kill")
+                kills.append({**kill, "unloadable": found, "lost": gone})
+        return self._compare(out, read_log(log), kills, unloadable, lost, finished=status == 0)
 
-    def _compare(self, out: Path, events: list[dict], kills, unloadable, lost) -> dict:
+    def _compare(self, out: Path, events: list[dict], kills, unloadable, lost, finished: bool) -> dict:
+        """The outcome of a trial; `finished`: whether its last attempt ran to the end (else it could not resume)."""
+        if not finished:
+            return {"kills": kills, "unloadable": unloadable, "lost": lost, "init_recomputed": 0, "finished": False,
+                    "equal": False, "same_ranks": False}
         starts = [i for i, e in enumerate(events) if e["event"] == "start"]
         recomputed = sum(1 for i in starts if events[i]["resume"] and any(
             e["event"] == "init_ran" for e in events[i:next((j for j in starts if j > i), len(events))]))
         done = events[-1]
-        return {"kills": kills, "unloadable": unloadable, "lost": lost, "init_recomputed": recomputed,
+        return {"kills": kills, "unloadable": unloadable, "lost": lost, "init_recomputed": recomputed, "finished": True,
                 "equal": same_tensors(adapter_tensors(out / "final"), self.ref["final"])
                 and same_tensors(adapter_tensors(out / f"rank-{EXPORT_RANK}"), self.ref["export"]),
                 "same_ranks": done["rank_history"] == self.ref["rank_history"]}
