@@ -123,7 +123,7 @@ def _moment(injector: _Injector, moment: str, fn, *args, **kwargs):
         injector.end()
 
 
-def _build(model_dir: str, out: str, injector: _Injector):
+def _build(model_dir: str, out: str, injector: _Injector, **overrides):
     """The trainer of one attempt, with the moments marked: subclasses of the library's classes, hooks on modules."""
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
@@ -158,13 +158,14 @@ def _build(model_dir: str, out: str, injector: _Injector):
 
     model, tokenizer = load_quantized_model(model_dir, quantization="nf4")
     torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules="all-linear", lora_dropout=float(os.environ.get("HFQ_DROPOUT", "0.1"))))
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1))
     for module in model.modules():
         module.register_forward_pre_hook(lambda *_: injector.tick())
-    args = DynamicRankConfig(output_dir=out, max_steps=MAX_STEPS, per_device_train_batch_size=2, learning_rate=1e-2,
-                             logging_steps=1, save_strategy="steps", save_steps=SAVE_STEPS, save_total_limit=2,
-                             report_to="none", use_cpu=True, max_length=32, seed=0, min_rank=1,
-                             rank_scaling="constant", dataloader_num_workers=0, bf16=False)
+    settings = dict(output_dir=out, max_steps=MAX_STEPS, per_device_train_batch_size=2, learning_rate=1e-2,
+                    logging_steps=1, save_strategy="steps", save_steps=SAVE_STEPS, save_total_limit=2,
+                    report_to="none", use_cpu=True, max_length=32, seed=0, min_rank=1, rank_scaling="constant",
+                    dataloader_num_workers=0, bf16=False)
+    args = DynamicRankConfig(**{**settings, **overrides})
     data = Dataset.from_dict({"text": TEXTS})
     init = Init(calibration_dataset=TEXTS[:8], calibration_samples=8, calibration_length=32)
     trainer = Trainer(model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[init, Steps()])

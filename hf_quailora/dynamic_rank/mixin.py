@@ -54,7 +54,7 @@ from .checkpoints import (
 from .faults import NonFiniteCheck, hold_output_dir
 from .model_card import carry_card, write_adapter_card
 from .rank_mask import COMPILE_WATCH, enable_static_rank
-from .sampler import RankSampler, SubModel, step_plan
+from .sampler import RankSampler, SubModel, check_same_rank, step_plan
 from .spec import (
     DEFAULT_UPDATE_RULE,
     METADATA_FILE,
@@ -206,16 +206,7 @@ class DynamicRankMixin:
     def _draw_rank(self) -> int:
         rank = self.rank_sampler.sample()
         if is_distributed():
-            # Every process draws from the same seeded generator; a different draw means a different seed or state,
-            # and averaging gradients of different sub-models would be silently wrong.
-            device = self.args.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-            reference = torch.tensor([rank], device=device)
-            torch.distributed.broadcast(reference, src=0)
-            if int(reference.item()) != rank:
-                raise RuntimeError(
-                    f"Process {torch.distributed.get_rank()} drew rank {rank} but process 0 drew "
-                    f"{int(reference.item())}: the processes' rank samplers differ (same `rank_seed` everywhere?)."
-                )
+            check_same_rank(rank, self.args.device)  # sampler.py: a broadcast from process 0
         self.current_rank = rank
         self.rank_history.append([self.state.global_step, rank])
         if hasattr(self, "_metrics"):  # trl averages its metrics over the logging window in log()
