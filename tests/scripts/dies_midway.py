@@ -75,7 +75,7 @@ def _process(rank: int, port: int, model_dir: str, out: str, point: str) -> None
     if rank == 1:
         _kill_at(point, injector)
     trainer, _ = fault_harness._build(model_dir, os.path.join(out, point), injector, ddp_backend="gloo",
-                                      save_strategy="no")
+                                      save_strategy="no", max_steps=2)
     trainer.train()
     injector.log(event="done")
 
