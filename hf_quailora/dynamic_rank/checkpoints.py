@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .._dist_utils import is_distributed, run_on_main_process
+from .._dist_utils import is_distributed, naming_collective, run_on_main_process
 from .._io_utils import raise_if_disk_full, tree_bytes, write_file_atomically
 
 
@@ -92,8 +92,9 @@ def save_checkpoint_atomically(trainer, trial, save: Callable[[], None]) -> None
             _fix_best_checkpoint(trainer, staged, final)
             state = rank_state(trainer)
             write_file_atomically(os.path.join(staged, RANK_STATE_NAME), lambda tmp: torch.save(state, tmp))
-        if is_distributed():
-            torch.distributed.barrier()  # every process has written its files (RNG state, shards) into staging
+        if is_distributed():  # every process has written its files (RNG state, shards) into staging
+            with naming_collective(f"the wait for every process to write {name}"):
+                torch.distributed.barrier()
         run_on_main_process(lambda: _publish(staged, final) if trainer.args.should_save else None,
                             what="publishing the checkpoint")
     except BaseException as error:

@@ -3,7 +3,8 @@
     python tests/scripts/dies_midway.py MODEL_DIR OUT_DIR POINT [POINT ...]
 
 POINT is `gram` (the all-reduce of the QuAILoRA init's Gram matrices), `rank` (the broadcast of the rank drawn for
-step 2), `sweep` (the lm-eval sweep at train end) or `rank_stuck` (process 1 stops with SIGSTOP instead of dying at
+step 2), `checkpoint` (process 1 has written its part of checkpoint-2 and dies before process 0 publishes it),
+`sweep` (the lm-eval sweep at train end) or `rank_stuck` (process 1 stops with SIGSTOP instead of dying at
 the rank broadcast: alive but stuck, its connections stay open, so process 0 waits until the process group's timeout,
 set to STUCK_TIMEOUT_S here). For each point this launcher, which imports torch, transformers,
 trl, peft and lm-eval once, forks two processes with torchrun's environment (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
@@ -38,7 +39,7 @@ def _kill_at(point: str, injector) -> None:
         injector.log(event="kill", moment=point)
         os.kill(os.getpid(), signal.SIGSTOP if point == "rank_stuck" else signal.SIGKILL)
 
-    real_all_reduce, real_broadcast = dist.all_reduce, dist.broadcast
+    real_all_reduce, real_broadcast, real_barrier = dist.all_reduce, dist.broadcast, dist.barrier
 
     def all_reduce(tensor, *args, **kwargs):
         if point == "gram" and injector.moment == "init" and tensor.dim() == 2:  # a Gram matrix
@@ -50,7 +51,12 @@ def _kill_at(point: str, injector) -> None:
             die()
         return real_broadcast(tensor, *args, **kwargs)
 
-    dist.all_reduce, dist.broadcast = all_reduce, broadcast
+    def barrier(*args, **kwargs):
+        if point == "checkpoint" and injector.moment == "checkpoint" and injector.occurrences["checkpoint"] == 2:
+            die()  # it has written its part of checkpoint-2 into the staging folder
+        return real_barrier(*args, **kwargs)
+
+    dist.all_reduce, dist.broadcast, dist.barrier = all_reduce, broadcast, barrier
     if point == "sweep":
         begin = injector.begin
 
@@ -74,8 +80,9 @@ def _process(rank: int, port: int, model_dir: str, out: str, point: str) -> None
     injector = fault_harness._Injector(None, os.path.join(out, f"{point}-{rank}.log"))
     if rank == 1:
         _kill_at(point, injector)
-    trainer, _ = fault_harness._build(model_dir, os.path.join(out, point), injector, ddp_backend="gloo",
-                                      save_strategy="no", max_steps=2)
+    saving = dict(save_strategy="steps", save_steps=1) if point == "checkpoint" else dict(save_strategy="no")
+    trainer, _ = fault_harness._build(model_dir, os.path.join(out, point), injector, ddp_backend="gloo", max_steps=2,
+                                      **saving)
     trainer.train()
     injector.log(event="done")
 
