@@ -22,7 +22,7 @@ Example:
 ```python
 harness = Harness(model_dir, work_dir)
 reference = harness.reference()  # an uninterrupted run: its ticks per moment, its adapters
-outcome = harness.trial({"moment": "checkpoint", "occurrence": 1, "tick": 7}, "trial-0")
+outcome = harness.trial([{"moment": "checkpoint", "occurrence": 1, "tick": 7}], "trial-0")
 assert outcome["unloadable"] == [] and outcome["lost"] == [] and outcome["equal"]
 ```
 """
