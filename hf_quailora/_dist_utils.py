@@ -105,3 +105,34 @@ def run_on_main_process(fn: Callable[[], T], what: str = "writing") -> T | None:
     if failed.item():
         raise RuntimeError(f"{what} failed on process 0; see its error.")
     return result
+
+
+@contextmanager
+def naming_collective(what: str) -> Iterator[None]:
+    """Re-raise a collective that failed inside the block (another process died, or the process group timed out) as a
+    `RuntimeError` that names `what`, this process, and the bound on such a wait.
+
+    A dead process closes its connections: gloo and NCCL then fail the collective on the others at once. A process
+    that is alive but stuck is waited for until the process group's timeout: `ddp_timeout` of the training arguments
+    (seconds; transformers' default 1800), which transformers does not pass on a CPU (`use_cpu=True`): there, call
+    `torch.distributed.init_process_group("gloo", timeout=...)` before building the training arguments.
+
+    Example:
+
+    ```python
+    with naming_collective("the all-reduce of the QuAILoRA init's Gram matrices"):
+        torch.distributed.all_reduce(matrix)
+    ```
+    """
+    try:
+        yield
+    except RuntimeError as error:  # DistBackendError is one; gloo reports a closed connection as a plain one
+        if not is_distributed():
+            raise
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        raise RuntimeError(
+            f"Process {rank} of {world}: {what} failed, most likely because another process of this run died or "
+            "stopped answering; its log says why. This process stops too. (A process alive but stuck is waited for up "
+            "to the process group's timeout: `ddp_timeout` of the training arguments, or on a CPU, where transformers "
+            f"does not pass it, `timeout=` of `torch.distributed.init_process_group`.) The collective's error: {error}"
+        ) from error

@@ -8,8 +8,7 @@
 - `hold_output_dir`: one run per `output_dir`. A lock file (`.hf_quailora.lock`, with the holder's pid, host and
   start time) locked with `fcntl.flock`, which the operating system releases when the process dies, so a killed
   run's leftover never blocks the next one (it is taken over with a warning).
-- `discard_failed_checkpoint`: a checkpoint save that fails (a full disk, an interrupt) removes its half-written
-  `checkpoint-N` folder, so the last checkpoint on disk is a complete one; a full disk raises `DiskFullError`.
+- A checkpoint save that fails or is killed never leaves a half-written `checkpoint-N` (checkpoints.py).
 
 See docs/limits.md ("Faults") for what is covered and what is not yet.
 
@@ -29,7 +28,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import socket
 import sys
 import time
@@ -41,7 +39,6 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from .._dist_utils import _collective_device, _is_dtensor, is_distributed, run_on_main_process
-from .._io_utils import raise_if_disk_full, tree_bytes
 
 
 try:
@@ -233,33 +230,3 @@ def hold_output_dir(folder: str | os.PathLike) -> Iterator[OutputDirLock | None]
         yield held
     finally:
         lock.release()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# A checkpoint save that fails
-
-
-@contextlib.contextmanager
-def discard_failed_checkpoint(folder: str, writes: bool) -> Iterator[None]:
-    """Remove `folder` (a `checkpoint-N` this save creates) when the block raises; a full disk becomes `DiskFullError`.
-
-    Args:
-        folder (`str`): the checkpoint folder being written.
-        writes (`bool`): whether this process writes it (`args.should_save`); the others only re-raise.
-    """
-    existed = os.path.exists(folder)
-    try:
-        yield
-    except BaseException as error:
-        if not writes or existed:
-            raise
-        written = tree_bytes(folder)
-        shutil.rmtree(folder, ignore_errors=True)
-
-        def sizes():  # what this checkpoint had written, and the one now last (its size is the best estimate)
-            earlier = get_last_checkpoint(os.path.dirname(folder) or ".")
-            return written, tree_bytes(earlier) if earlier else 0
-
-        if isinstance(error, Exception):
-            raise_if_disk_full(error, folder, sizes)
-        raise

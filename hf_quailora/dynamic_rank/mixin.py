@@ -30,6 +30,7 @@ trainer.train()
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -37,16 +38,23 @@ from dataclasses import dataclass, fields
 
 import torch
 from transformers.trainer import TRAINING_ARGS_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint
 
 from .._dist_utils import full_tensor, has_sharded_parameters, is_distributed, run_on_main_process
-from .._io_utils import staged_folder, write_file_atomically
+from .._io_utils import staged_folder
 from .._peft_utils import active_adapter_name, common_lora_rank, record_adapter_facts
 from ..quantization import prepare_for_exact_weights
-from .faults import NonFiniteCheck, discard_failed_checkpoint, hold_output_dir
+from .checkpoints import (
+    RANK_STATE_NAME,  # noqa: F401 (importable from here, as before)
+    keep_parameter_dtypes,
+    load_rank_state,
+    remove_stale_staging,
+    save_checkpoint_atomically,
+)
+from .faults import NonFiniteCheck, hold_output_dir
 from .model_card import carry_card, write_adapter_card
 from .rank_mask import COMPILE_WATCH, enable_static_rank
-from .sampler import RankSampler, SubModel, step_plan
+from .sampler import RankSampler, SubModel, check_same_rank, step_plan
 from .spec import (
     DEFAULT_UPDATE_RULE,
     METADATA_FILE,
@@ -67,7 +75,6 @@ from .truncation import find_dynamic_rank_layers, use_rank
 
 logger = logging.getLogger(__name__)
 
-RANK_STATE_NAME = "dynamic_rank_state.pt"
 _TIMING_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second", "_preparation_time")
 _NOT_PER_RANK = ("num_tokens",)  # trl's count of training tokens seen, logged with evaluations too
 
@@ -199,16 +206,7 @@ class DynamicRankMixin:
     def _draw_rank(self) -> int:
         rank = self.rank_sampler.sample()
         if is_distributed():
-            # Every process draws from the same seeded generator; a different draw means a different seed or state,
-            # and averaging gradients of different sub-models would be silently wrong.
-            device = self.args.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-            reference = torch.tensor([rank], device=device)
-            torch.distributed.broadcast(reference, src=0)
-            if int(reference.item()) != rank:
-                raise RuntimeError(
-                    f"Process {torch.distributed.get_rank()} drew rank {rank} but process 0 drew "
-                    f"{int(reference.item())}: the processes' rank samplers differ (same `rank_seed` everywhere?)."
-                )
+            check_same_rank(rank, self.args.device)  # sampler.py: a broadcast from process 0
         self.current_rank = rank
         self.rank_history.append([self.state.global_step, rank])
         if hasattr(self, "_metrics"):  # trl averages its metrics over the logging window in log()
@@ -357,30 +355,21 @@ class DynamicRankMixin:
         if self.args.should_save and not os.path.isfile(os.path.join(folder, METADATA_FILE)):
             self._metadata().save(folder)  # save paths that bypass _save (sharded FSDP, XLA)
 
-    def _rank_state(self) -> dict:
-        return {"sampler": self.rank_sampler.state_dict(), "rank_history": [list(item) for item in self.rank_history]}
+    def _save_checkpoint(self, model, trial):  # staged, then published by one rename (checkpoints.py)
+        save_checkpoint_atomically(self, trial, functools.partial(super()._save_checkpoint, model, trial))
 
-    def _save_checkpoint(self, model, trial):
-        folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        with discard_failed_checkpoint(folder, self.args.should_save):  # no half checkpoint is left to resume from
-            super()._save_checkpoint(model, trial)
-            if self.args.should_save:
-                state = self._rank_state()
-                write_file_atomically(os.path.join(folder, RANK_STATE_NAME), lambda tmp: torch.save(state, tmp))
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        with keep_parameter_dtypes(model if model is not None else self.model):  # peft widens bf16 (checkpoints.py)
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
-    def _load_rank_state(self, checkpoint: str) -> None:
-        path = os.path.join(checkpoint, RANK_STATE_NAME)
-        if not os.path.isfile(path):
-            raise ValueError(
-                f"Checkpoint {checkpoint} has no {RANK_STATE_NAME}: it was not written by DynamicRankTrainer, so the "
-                "rank sequence cannot be resumed. Resume from a DynamicRankTrainer checkpoint or start a new run."
-            )
-        state = torch.load(path, weights_only=True)
-        try:
-            self.rank_sampler.load_state_dict(state["sampler"])
-        except ValueError as error:
-            raise ValueError(f"Cannot resume from {checkpoint}: {error}") from None
-        self.rank_history = [list(item) for item in state["rank_history"]]
+    def _get_output_dir(self, trial) -> str:
+        return getattr(self, "_checkpoint_staging", None) or super()._get_output_dir(trial)
+
+    def _run_epoch(self, *args, **kwargs):
+        if 0 < self.state.max_steps <= self.state.global_step:  # resumed from the last step: transformers would
+            self.control.should_training_stop = True  # train one more step
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         with hold_output_dir(self.args.output_dir):  # a second live run on this folder is refused (faults.py)
@@ -392,7 +381,9 @@ class DynamicRankMixin:
             if resume_from_checkpoint is None:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir}).")
         if resume_from_checkpoint:
-            self._load_rank_state(resume_from_checkpoint)
+            load_rank_state(self, resume_from_checkpoint)
+        if self.args.should_save:
+            remove_stale_staging(self.args.output_dir)  # what a killed checkpoint save left (checkpoints.py)
         self._plan, self._plan_step, self.current_rank = None, None, None
         if not resume_from_checkpoint:
             self._warn_about_quailora_scaling()

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._dist_utils import naming_collective
 from .spec import RankDistribution, check_rank_sampling
 
 
@@ -74,6 +75,27 @@ def step_plan(config, draw_rank: Callable[[], int]) -> list[SubModel]:
         weights = config.soft_weights or [1.0] * len(config.soft_ranks)
         return [SubModel(rank=b, weight=float(w)) for b, w in zip(config.soft_ranks, weights)]
     return [SubModel(rank=draw_rank())]
+
+
+def check_same_rank(rank: int, device: torch.device) -> None:
+    """Under `torch.distributed`, check that this process drew the rank process 0 drew (one broadcast).
+
+    Every process draws from the same seeded generator; a different draw means a different seed or state, and averaging
+    gradients of different sub-models would be silently wrong. A process that died fails the broadcast on the others
+    at once (`naming_collective`).
+
+    Raises:
+        RuntimeError: the draws differ, or another process died or stopped answering.
+    """
+    device = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    reference = torch.tensor([rank], device=device)
+    with naming_collective("the broadcast of the LoRA rank drawn for this step"):
+        torch.distributed.broadcast(reference, src=0)
+    if int(reference.item()) != rank:
+        raise RuntimeError(
+            f"Process {torch.distributed.get_rank()} drew rank {rank} but process 0 drew "
+            f"{int(reference.item())}: the processes' rank samplers differ (same `rank_seed` everywhere?)."
+        )
 
 
 class RankSampler:

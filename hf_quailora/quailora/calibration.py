@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .._dist_utils import is_distributed
+from .._dist_utils import is_distributed, naming_collective
 from ..tokens import check_token_ids
 from .placement import add_gram, add_gram_by_blocks
 
@@ -317,14 +317,15 @@ def finish_statistics(stats: GramStatistics, modules: Mapping[str, torch.nn.Modu
     if missing:
         raise ValueError(f"These layers never ran during calibration: {missing[:5]}{' …' if len(missing) > 5 else ''}")
     if is_distributed():
-        count = torch.tensor([num_tokens], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(count)
-        stats.num_tokens = int(count.item())
-        for name in sorted(stats.matrices):  # same order on every process
-            matrix = stats.matrices[name]
-            reduced = matrix.to(device)  # gloo/nccl reduce on the process's device
-            torch.distributed.all_reduce(reduced)
-            stats.matrices[name] = reduced.to(matrix.device)
+        with naming_collective("the all-reduce of the QuAILoRA init's Gram matrices"):
+            count = torch.tensor([num_tokens], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(count)
+            stats.num_tokens = int(count.item())
+            for name in sorted(stats.matrices):  # same order on every process
+                matrix = stats.matrices[name]
+                reduced = matrix.to(device)  # gloo/nccl reduce on the process's device
+                torch.distributed.all_reduce(reduced)
+                stats.matrices[name] = reduced.to(matrix.device)
     if stats.num_tokens == 0:
         raise ValueError("Calibration saw no non-padding tokens; check the attention masks of the calibration data.")
     for name, matrix in stats.matrices.items():

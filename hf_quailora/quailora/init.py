@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .._dist_utils import is_distributed
+from .._dist_utils import is_distributed, naming_collective
 from .._peft_utils import record_adapter_facts, require_lora_layers
 from ..quantization import (
     dequantize_weight,
@@ -158,9 +158,10 @@ def _revive_dead_components(B: torch.Tensor, A: torch.Tensor, gains: torch.Tenso
 def _broadcast_lora(plans: list[_Plan], adapter_name: str) -> None:
     if not is_distributed():
         return
-    for plan in plans:  # every process ends with rank 0's weights, bit for bit
-        for factor in (plan.module.lora_A[adapter_name].weight, plan.module.lora_B[adapter_name].weight):
-            torch.distributed.broadcast(factor.data, src=0)
+    with naming_collective("the broadcast of process 0's QuAILoRA factors"):
+        for plan in plans:  # every process ends with rank 0's weights, bit for bit
+            for factor in (plan.module.lora_A[adapter_name].weight, plan.module.lora_B[adapter_name].weight):
+                torch.distributed.broadcast(factor.data, src=0)
 
 
 def _check_calibration(model, calibration, plans: list[_Plan], tokenizer, config: QuAILoRAConfig):
