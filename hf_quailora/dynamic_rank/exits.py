@@ -125,8 +125,8 @@ def find_depth_path(model: nn.Module) -> DepthPath:
     known = DEPTH_PATHS.get(model_type)
     layers = _get(lm, known[0]) if known else None
     if known is None or not isinstance(layers, nn.ModuleList):
-        norms = [name for name, module in lm.named_modules() if "norm" in name.rsplit(".", 1)[-1]
-                 and not any(ch.isdigit() for ch in name)]
+        norms = [name for name, module in lm.named_modules()  # norm modules outside the numbered layers
+                 if "norm" in type(module).__name__.lower() and not any(ch.isdigit() for ch in name)]
         raise ValueError(
             f"Depth exits are not supported on model family {model_type!r} ({type(lm).__name__}): its final norm is "
             f"not known. Top-level modules: {[name for name, _ in lm.named_children()]}; norms outside the layers: "
