@@ -8,7 +8,7 @@ import torch
 import transformers
 from peft import PeftModel
 
-from hf_quailora import DynamicRankConfig, export_rank, exit_layers, use_exit, use_rank
+from hf_quailora import DynamicRankConfig, exit_layers, export_rank, use_exit, use_rank
 from hf_quailora.dynamic_rank.exits import find_depth_path
 
 from testing_utils import REPO_ROOT, R, make_model, make_trainer, one_thread  # noqa: F401 (autouse fixture)
