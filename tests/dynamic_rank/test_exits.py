@@ -95,6 +95,15 @@ def test_training_sums_the_exit_losses_and_keeps_checkpointing_and_accumulation(
     assert any(d.abs().max() > 0 for d in delta.values())
 
 
+def test_with_soft_ranks_the_loss_runs_over_the_rank_by_exit_grid(tiny_model_path, tiny_texts, tmp_path):
+    trainer, metrics, _ = _eval_then_one_step(tiny_model_path, tiny_texts, tmp_path, soft_ranks=[2, R],
+                                              soft_weights=[2.0, 1.0])
+    logged = next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
+    expected = sum(w_b * v_k * metrics[f"eval_loss@e{k}r{b}"] for b, w_b in ((2, 2.0), (R, 1.0))
+                   for k, v_k in ((1, 0.5), (2, 1.0)))
+    assert logged == pytest.approx(expected, rel=1e-4)
+
+
 def test_evaluation_at_an_exit_and_rank_matches_use_exit_with_use_rank(tiny_model_path, tiny_texts, tmp_path):
     trainer = make_trainer(tiny_model_path, tiny_texts, tmp_path, eval_exits=[1], eval_ranks=[2, R])
     metrics = trainer.evaluate()
