@@ -58,6 +58,7 @@ def parse_args(argv=None):
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-cost", action="store_true")
     parser.add_argument("--output", default="bench/results/soft_depth.json")
+    parser.add_argument("--report", nargs="+", help="print the tables of these result JSON files and stop")
     parser.add_argument("--probe", choices=["plain", "soft"], help=argparse.SUPPRESS)  # a fresh process per case
     return parser.parse_args(argv)
 
@@ -217,7 +218,7 @@ def quality_table(model_name, result) -> str:
         for metric in ("loss", "perplexity"):
             for arm in ("soft", "sft", "sft+ict"):
                 mean, std = _mean_std([run[arm][str(k)][metric] for run in runs])
-                cells.append(f"{mean:.3f} ± {std:.3f}" if metric == "loss" else f"{mean:.1f} ± {std:.1f}")
+                cells.append(f"{mean:.3f} ± {std:.3f}" if metric == "loss" else f"{mean:.3g} ± {std:.2g}")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -281,11 +282,27 @@ def cost_table(costs) -> str:
     return "\n".join(lines)
 
 
+def report(paths) -> None:
+    quality, costs = {}, {}
+    for path in paths:
+        with open(path) as handle:
+            record = json.load(handle)
+        print(f"{path}: {json.dumps(record['settings'])}")
+        quality.update(record["quality"])
+        costs.update(record["cost"])
+    for model_name, result in quality.items():
+        print(quality_table(model_name, result))
+    if costs:
+        print(cost_table(costs))
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.probe:
         return probe(args, args.probe)
+    if args.report:
+        return report(args.report)
     models = [name.strip() for name in args.models.split(",") if name.strip()]
     seeds = [int(seed) for seed in args.seeds.split(",")]
     results = {"settings": vars(args), "quality": {}, "cost": {}}
