@@ -371,12 +371,17 @@ def load_dynamic_rank_adapter(
         logger.warning("%s has no %s: not a dynamic-rank adapter; only its own rank is meaningful, and its base "
                        "loads in full precision unless a quantization is given.", saved.path, METADATA_FILE)
     quantization = _base_quantization(saved, quantization, allow_other_base)
+    exit_k = metadata.exported_exit if metadata is not None else None  # export_rank(exit=k): a base of k layers
     if isinstance(base, (str, os.PathLike)):
         _check_loadable(saved, quantization)
-        base, loaded_tokenizer = load_quantized_model(base, quantization or "none")
+        depth = {} if exit_k is None else {"num_hidden_layers": exit_k}
+        base, loaded_tokenizer = load_quantized_model(base, quantization or "none", **depth)
         tokenizer = tokenizer or loaded_tokenizer
     else:
         _check_given_base(base, saved, quantization, allow_other_base)
+        if exit_k not in (None, base.config.get_text_config().num_hidden_layers):
+            raise ValueError(f"{saved.path} holds exit {exit_k} (the layers below it only): give a base loaded with "
+                             f"num_hidden_layers={exit_k}, or the base's name.")
     model = PeftModel.from_pretrained(base, saved.path, adapter_name=adapter_name)
     model.eval()
     record_adapter_facts(model, adapter_name, source_dir=saved.path)

@@ -55,3 +55,11 @@ def test_cli_eval_exits_and_export_exit(tiny_model_path, tiny_adapter, tmp_path,
     keys = load_file(str(tmp_path / "e1r2" / "adapter_model.safetensors"))
     assert keys and not any(".layers.1." in key for key in keys)
     assert json.loads((tmp_path / "e1r2" / "dynamic_rank.json").read_text())["exported_exit"] == 1
+    # the loader gives an exported exit its base of 1 layer: the same numbers as exit 1 of the full adapter
+    assert cli_main(["eval", "--model", tiny_model_path, "--adapter", str(tmp_path / "e1r2"), "--ranks", "2",
+                     "--tasks", TASK, "--limit", "1", "--max_length", "4096", "--no_base_baseline",
+                     "--output_dir", str(tmp_path / "exported")]) == 0
+    exported = json.loads((tmp_path / "exported" / "results.json").read_text())
+    value = {(row["model"], row["metric"]): row["value"] for row in rows}
+    for row in exported:
+        assert row["value"] == pytest.approx(value[("dynamic-rank LoRA @ exit 1", row["metric"])], rel=1e-5)
