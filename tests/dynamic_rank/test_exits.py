@@ -164,3 +164,25 @@ def test_an_exit_above_the_depth_and_an_unknown_family_are_refused_before_traini
     with pytest.raises(ValueError, match="family 'falcon'"):
         with use_exit(falcon, 1):
             pass
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2"])  # gemma2: soft-capped logits
+def test_the_fused_exit_head_gives_the_loss_and_gradient_of_plain_autograd(name, monkeypatch):
+    from hf_quailora.dynamic_rank import exits
+
+    model = _family_model(name)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    depth = find_depth_path(model)
+    torch.manual_seed(1)
+    hidden = torch.randn(2, 9, 64, requires_grad=True)
+    labels = torch.randint(0, 64, (2, 9))
+    labels[0, :3] = -100
+    monkeypatch.setattr(exits, "EXIT_CHUNK_TOKENS", 5)  # several chunks
+    fused = exits._exit_nll(depth, hidden, labels)
+    (grad,) = torch.autograd.grad(fused, hidden)
+    logits = depth.logits(hidden[:, :-1]).reshape(-1, 64)
+    expected = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), reduction="sum")
+    (expected_grad,) = torch.autograd.grad(expected, hidden)
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
