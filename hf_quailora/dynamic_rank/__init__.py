@@ -12,7 +12,7 @@
 | `model_card` | the deployment section of every adapter folder's README.md |
 | `config` | `DynamicRankConfig(SFTConfig)` |
 | `mixin` | `DynamicRankMixin` (any transformers `Trainer`): one loop over the step plan, evaluation at every eval rank; `DynamicRankSettings` |
-| `exits` | SoFT by depth: `use_exit` (the first k layers, then the model's own norm and head), `exit_layers`, `DepthExits` (exit losses, evaluation per exit); `settings`: `DynamicRankSettings` |
+| `exits` | SoFT by depth: `use_exit` (the first k layers, then the model's own norm and head), `exit_layers`, `DepthExits` (exit losses, evaluation per exit); `exit_loss`: one exit's chunked NLL; `settings`: `DynamicRankSettings` |
 | `trainer` | `DynamicRankTrainer(DynamicRankMixin, SFTTrainer)` |
 
 This subpackage builds on `hf_quailora.quailora` (it recognises a QuAILoRA start); the start never imports it.

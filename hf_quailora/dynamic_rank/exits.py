@@ -32,11 +32,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .._peft_utils import unwrap_model
+from .exit_loss import exit_nll
 from .spec import check_integer
 
 
@@ -49,7 +48,6 @@ DEPTH_PATHS: dict[str, tuple[str, tuple[str, ...]]] = {
     "opt": ("model.decoder.layers", ("model.decoder.final_layer_norm", "model.decoder.project_out")),
     "bloom": ("transformer.h", ("transformer.ln_f",)),
 }
-EXIT_CHUNK_TOKENS = 1024  # tokens per exit-logits chunk: at most this many rows of vocabulary-sized logits at once
 # Options whose loss is not the token NLL that the exits compute, or that a module swap would break
 _EXCLUSIVE = {"torch_compile": False, "use_liger_kernel": False, "label_smoothing_factor": 0.0, "loss_type": "nll"}
 
@@ -216,63 +214,6 @@ def use_exit(model: nn.Module, k: int) -> Iterator[nn.Module]:
         depth.config.num_hidden_layers = saved
 
 
-class _HeadNLL(torch.autograd.Function):
-    """Σ of the token NLL of `head(x)` (soft-capped), with `∂/∂x` computed in the forward, chunk by chunk: the head
-    runs twice per exit (logits, then the gradient's product with W) instead of three times (forward, recomputation,
-    backward), and at most one chunk of vocabulary-sized logits is alive. Only for a frozen head."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, labels, softcap):
-        total, grad = x.new_zeros((), dtype=torch.float32), torch.empty_like(x)
-        for start in range(0, labels.numel(), EXIT_CHUNK_TOKENS):
-            y = labels[start : start + EXIT_CHUNK_TOKENS]
-            logits = F.linear(x[start : start + EXIT_CHUNK_TOKENS], weight, bias).float()
-            capped = None
-            if softcap is not None:  # z = c · tanh(logits / c), ∂z/∂logits = 1 − tanh²
-                capped = torch.tanh(logits / softcap)
-                logits = capped * softcap
-            target = logits.gather(1, y[:, None]).squeeze(1)
-            log_z = torch.logsumexp(logits, dim=-1)
-            total += (log_z - target).sum()
-            probs = logits.sub_(log_z[:, None]).exp_()  # ∂NLL/∂z = softmax(z) − onehot(y), in place
-            probs[torch.arange(y.numel(), device=y.device), y] -= 1
-            if capped is not None:
-                probs.mul_(1 - capped * capped)
-            grad[start : start + EXIT_CHUNK_TOKENS] = (probs.to(weight.dtype) @ weight).to(x.dtype)
-        ctx.save_for_backward(grad)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None, None, None
-
-
-def _exit_nll(depth: DepthPath, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Σ of the token NLL of one exit, in chunks of `EXIT_CHUNK_TOKENS` tokens: at most one chunk's
-    vocabulary-sized logits are alive. A frozen head (the usual LoRA case) goes through `_HeadNLL`; a trainable one
-    through chunks whose logits are recomputed in backward."""
-
-    def chunk_nll(h, y):
-        return F.cross_entropy(depth.logits(h).float(), y, ignore_index=-100, reduction="sum")
-
-    hidden = hidden[:, :-1].reshape(-1, hidden.size(-1))  # position t predicts token t + 1
-    labels = labels[:, 1:].reshape(-1).to(hidden.device)
-    keep = labels != -100
-    hidden, labels = hidden[keep], labels[keep]
-    total = hidden.sum() * 0.0  # connected to the graph even when no token counts
-    head = depth.head
-    frozen = isinstance(head, nn.Linear) and not any(p.requires_grad for p in head.parameters())
-    if frozen and labels.numel():
-        for module in depth.outputs:  # the final norm (and OPT's project_out), through autograd
-            hidden = module(hidden)
-        return total + _HeadNLL.apply(hidden, head.weight, head.bias, labels, depth.softcap)
-    for start in range(0, labels.numel(), EXIT_CHUNK_TOKENS):
-        end = start + EXIT_CHUNK_TOKENS
-        total = total + checkpoint(chunk_nll, hidden[start:end], labels[start:end], use_reentrant=False)
-    return total
-
-
 def check_exit_options(args) -> None:
     """Refuse the trainer options that `soft_exits` cannot combine with, naming them (before any model runs).
 
@@ -302,7 +243,7 @@ class DepthExits:
 
     Training: the forward runs on the first `max(soft_exits)` layers (`use_exit`), whose output goes through the
     trainer's own loss (trl's, or the model's); forward hooks keep the hidden states after each smaller exit, and
-    each exit's NLL (`_exit_nll`: the model's norm, LM head and soft-cap, in checkpointed chunks) joins the loss with
+    each exit's NLL (`exit_loss.exit_nll`: the model's norm, LM head and soft-cap, in checkpointed chunks) joins the loss with
     its weight, normalised as the trainer normalises its own (`num_items_in_batch`, else the valid tokens). So one
     backward serves every exit, under the step's rank, and gradient checkpointing and accumulation are unchanged.
 
@@ -352,7 +293,7 @@ class DepthExits:
             average = getattr(self.trainer.args, "average_tokens_across_devices", False)
             denominator = num_items_in_batch / (processes if average else 1)
         for k in lower:
-            loss = loss + self.weights[k] * _exit_nll(self.depth, hidden.pop(k), labels) / denominator
+            loss = loss + self.weights[k] * exit_nll(self.depth, hidden.pop(k), labels) / denominator
         return (loss, result[1]) if return_outputs else loss
 
     def evaluation_loop(self, per_rank_loop, loop_args, prefix: str):

@@ -168,7 +168,7 @@ def test_an_exit_above_the_depth_and_an_unknown_family_are_refused_before_traini
 
 @pytest.mark.parametrize("name", ["llama", "gemma2"])  # gemma2: soft-capped logits
 def test_the_fused_exit_head_gives_the_loss_and_gradient_of_plain_autograd(name, monkeypatch):
-    from hf_quailora.dynamic_rank import exits
+    from hf_quailora.dynamic_rank import exit_loss
 
     model = _family_model(name)
     for param in model.parameters():
@@ -178,8 +178,8 @@ def test_the_fused_exit_head_gives_the_loss_and_gradient_of_plain_autograd(name,
     hidden = torch.randn(2, 9, 64, requires_grad=True)
     labels = torch.randint(0, 64, (2, 9))
     labels[0, :3] = -100
-    monkeypatch.setattr(exits, "EXIT_CHUNK_TOKENS", 5)  # several chunks
-    fused = exits._exit_nll(depth, hidden, labels)
+    monkeypatch.setattr(exit_loss, "EXIT_CHUNK_TOKENS", 5)  # several chunks
+    fused = exit_loss.exit_nll(depth, hidden, labels)
     (grad,) = torch.autograd.grad(fused, hidden)
     logits = depth.logits(hidden[:, :-1]).reshape(-1, 64)
     expected = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), reduction="sum")
