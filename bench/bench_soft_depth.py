@@ -59,7 +59,7 @@ def parse_args(argv=None):
     parser.add_argument("--skip-cost", action="store_true")
     parser.add_argument("--output", default="bench/results/soft_depth.json")
     parser.add_argument("--report", nargs="+", help="print the tables of these result JSON files and stop")
-    parser.add_argument("--probe", choices=["plain", "soft"], help=argparse.SUPPRESS)  # a fresh process per case
+    parser.add_argument("--probe", choices=["plain", "soft", "soft-checkpoint"], help=argparse.SUPPRESS)  # a fresh process per case
     return parser.parse_args(argv)
 
 
@@ -241,10 +241,14 @@ def probe(args, kind):
         def on_step_end(self, *a, **k):
             self.times.append(time.perf_counter() - self.begun)
 
+    if kind == "soft-checkpoint":  # the exit heads recomputed in backward instead of the fused head
+        from hf_quailora.dynamic_rank import exit_loss
+
+        exit_loss.FUSED_HEAD = False
     model_name = args.models
     tokenizer, train, held_out, _, _ = load_data(args, model_name)
     model = fresh_model(args, model_name)
-    exits = exit_layers([0.25, 0.5, 0.75, 1.0], find_depth_path(model).num_layers) if kind == "soft" else None
+    exits = exit_layers([0.25, 0.5, 0.75, 1.0], find_depth_path(model).num_layers) if kind != "plain" else None
     with tempfile.TemporaryDirectory() as work:
         trainer = build_trainer(args, model, tokenizer, train, held_out, 0, work, exits=exits,
                                 steps=args.timing_steps + 1)
@@ -261,7 +265,7 @@ def probe(args, kind):
 
 def cost(args, model_name):
     out = {}
-    for kind in ("plain", "soft"):
+    for kind in ("plain", "soft", "soft-checkpoint"):
         command = [sys.executable, os.path.abspath(__file__), "--probe", kind, "--models", model_name,
                    "--threads", str(args.threads), "--timing-steps", str(args.timing_steps), "--batch-size",
                    str(args.batch_size), "--max-length", str(args.max_length), "--rank", str(args.rank)]
@@ -272,13 +276,17 @@ def cost(args, model_name):
 
 def cost_table(costs) -> str:
     lines = ["\n#### Cost of a 4-exit SoFT step against a plain step (fresh process each)\n",
-             "| model | plain step s | SoFT step s | time ratio | plain peak RSS MiB | SoFT peak RSS MiB | RSS ratio |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | exit head | plain step s | SoFT step s | time ratio | plain peak RSS MiB | SoFT peak RSS MiB | "
+             "RSS ratio |", "|---|---|---|---|---|---|---|---|"]
     for model_name, c in costs.items():
-        p, s = c["plain"], c["soft"]
-        lines.append(f"| {model_name} | {p['step_seconds']:.2f} | {s['step_seconds']:.2f} | "
-                     f"{s['step_seconds'] / p['step_seconds']:.2f}× | {p['peak_rss_mib']:.0f} | "
-                     f"{s['peak_rss_mib']:.0f} | {s['peak_rss_mib'] / p['peak_rss_mib']:.2f}× |")
+        p = c["plain"]
+        for kind, head in (("soft", "fused"), ("soft-checkpoint", "checkpointed")):
+            if kind not in c:
+                continue
+            s = c[kind]
+            lines.append(f"| {model_name} | {head} | {p['step_seconds']:.2f} | {s['step_seconds']:.2f} | "
+                         f"{s['step_seconds'] / p['step_seconds']:.2f}× | {p['peak_rss_mib']:.0f} | "
+                         f"{s['peak_rss_mib']:.0f} | {s['peak_rss_mib'] / p['peak_rss_mib']:.2f}× |")
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 
 EXIT_CHUNK_TOKENS = 1024  # tokens per exit-logits chunk: at most this many rows of vocabulary-sized logits at once
+FUSED_HEAD = True  # False: always the checkpointed chunks (bench/bench_soft_depth.py compares the two)
 
 
 class _HeadNLL(torch.autograd.Function):
@@ -76,7 +77,7 @@ def exit_nll(depth, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     total = hidden.sum() * 0.0  # connected to the graph even when no token counts
     head = depth.head
     frozen = isinstance(head, nn.Linear) and not any(p.requires_grad for p in head.parameters())
-    if frozen and labels.numel():
+    if FUSED_HEAD and frozen and labels.numel():
         for module in depth.outputs:  # the final norm (and OPT's project_out), through autograd
             hidden = module(hidden)
         return total + _HeadNLL.apply(hidden, head.weight, head.bias, labels, depth.softcap)
