@@ -232,14 +232,15 @@ def probe(args, kind):
     from hf_quailora import exit_layers
     from hf_quailora.dynamic_rank.exits import find_depth_path
 
-    class Timer(TrainerCallback):
-        times, begun = [], None
+    class Timer(TrainerCallback):  # wall and process CPU time (one thread: robust to other work on the machine)
+        times, cpu_times, begun = [], [], None
 
         def on_step_begin(self, *a, **k):
-            self.begun = time.perf_counter()
+            self.begun = (time.perf_counter(), time.process_time())
 
         def on_step_end(self, *a, **k):
-            self.times.append(time.perf_counter() - self.begun)
+            self.times.append(time.perf_counter() - self.begun[0])
+            self.cpu_times.append(time.process_time() - self.begun[1])
 
     if kind == "soft-checkpoint":  # the exit heads recomputed in backward instead of the fused head
         from hf_quailora.dynamic_rank import exit_loss
@@ -260,7 +261,8 @@ def probe(args, kind):
         trainer.train()
         with open("/proc/self/status") as handle:
             peak = next(int(line.split()[1]) / 1024 for line in handle if line.startswith("VmHWM:"))
-    print(json.dumps({"step_seconds": statistics.median(timer.times[1:]), "peak_rss_mib": peak, "exits": exits}))
+    print(json.dumps({"step_seconds": statistics.median(timer.times[1:]), "peak_rss_mib": peak, "exits": exits,
+                      "step_cpu_seconds": statistics.median(timer.cpu_times[1:])}))
 
 
 def cost(args, model_name):
@@ -276,16 +278,18 @@ def cost(args, model_name):
 
 def cost_table(costs) -> str:
     lines = ["\n#### Cost of a 4-exit SoFT step against a plain step (fresh process each)\n",
-             "| model | exit head | plain step s | SoFT step s | time ratio | plain peak RSS MiB | SoFT peak RSS MiB | "
-             "RSS ratio |", "|---|---|---|---|---|---|---|---|"]
+             "| model | exit head | plain step CPU s | SoFT step CPU s | CPU-time ratio | wall-time ratio | plain peak RSS "
+             "MiB | SoFT peak RSS MiB | RSS ratio |", "|---|---|---|---|---|---|---|---|---|"]
     for model_name, c in costs.items():
         p = c["plain"]
         for kind, head in (("soft", "fused"), ("soft-checkpoint", "checkpointed")):
             if kind not in c:
                 continue
             s = c[kind]
-            lines.append(f"| {model_name} | {head} | {p['step_seconds']:.2f} | {s['step_seconds']:.2f} | "
-                         f"{s['step_seconds'] / p['step_seconds']:.2f}× | {p['peak_rss_mib']:.0f} | "
+            cpu = p.get("step_cpu_seconds"), s.get("step_cpu_seconds")
+            cpu_cells = f"{cpu[0]:.2f} | {cpu[1]:.2f} | {cpu[1] / cpu[0]:.2f}×" if None not in cpu else "– | – | –"
+            lines.append(f"| {model_name} | {head} | {cpu_cells} | {s['step_seconds'] / p['step_seconds']:.2f}× | "
+                         f"{p['peak_rss_mib']:.0f} | "
                          f"{s['peak_rss_mib']:.0f} | {s['peak_rss_mib'] / p['peak_rss_mib']:.2f}× |")
     return "\n".join(lines)
 
