@@ -15,9 +15,11 @@ from .dynamic_rank import (
     DynamicRankSettings,
     DynamicRankTrainer,
     RankSampler,
+    exit_layers,
     export_merged,
     export_rank,
     load_dynamic_rank_adapter,
+    use_exit,
     use_rank,
 )
 from .embedded import ensure_embedded_data, load_alpaca_sft, load_dataset_any, resolve
@@ -45,6 +47,7 @@ __all__ = [
     "disable_bnb_cpu_fast_path",
     "ensure_embedded_data",
     "evaluate_ranks",
+    "exit_layers",
     "export_merged",
     "export_rank",
     "find_lora_layers",
@@ -56,6 +59,7 @@ __all__ = [
     "quailora_init",
     "quiet_bnb_warnings",
     "resolve",
+    "use_exit",
     "use_rank",
     "write_file_atomically",
 ]

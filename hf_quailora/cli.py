@@ -48,6 +48,8 @@ def make_parser() -> argparse.ArgumentParser:
                                    "results.png.")
     _add_model_arguments(evaluate)
     evaluate.add_argument("--ranks", required=True, help="comma-separated ranks, e.g. 1,2,4,8")
+    evaluate.add_argument("--exits", default=None,
+                          help="SoFT by depth: comma-separated exits (layer counts), each rank evaluated at each")
     evaluate.add_argument("--tasks", default="quailora_wiki_ppl",
                           help="comma-separated lm-eval tasks; offline: quailora_wiki_ppl, quailora_alpaca_loss, "
                           "quailora_alpaca_mc, quailora_wiki_cloze; others need the Hub or --include_path (default: %(default)s)")
@@ -69,6 +71,8 @@ def make_parser() -> argparse.ArgumentParser:
                                  "dequantized weight the adapter was trained on), for serving without peft.")
     _add_model_arguments(export)
     export.add_argument("--rank", type=int, required=True, help="the rank b to export")
+    export.add_argument("--exit", type=int, default=None,
+                        help="SoFT by depth: keep only the layers below this exit (load on a base with that many)")
     export.add_argument("--output_dir", required=True,
                         help="folder for adapter_config.json and the weights (never the --adapter folder)")
     export.add_argument("--overwrite", action="store_true",
@@ -110,6 +114,7 @@ def _evaluate(args) -> None:
 
     # Everything that can be checked without the model, first.
     ranks = parse_ranks(args.ranks)
+    exits = parse_ranks(args.exits) if args.exits is not None else None  # layer counts, checked against the model
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     check_lm_eval_options(limit, args.batch_size, args.max_length, args.num_fewshot)
     check_output_dir(args.output_dir, args.overwrite)
@@ -126,7 +131,7 @@ def _evaluate(args) -> None:
         output_dir=args.output_dir, overwrite=args.overwrite,
         baselines=None if args.no_base_baseline else {"base model": "no_adapter"}, rank_scaling=loaded.rank_scaling,
         limit=limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size, max_length=args.max_length,
-        apply_chat_template=args.apply_chat_template,
+        apply_chat_template=args.apply_chat_template, exits=exits,
     )
     print(rows_to_markdown(rows))
     print(f"Results written to {args.output_dir}/results.json, results.md, results.png")
@@ -151,6 +156,8 @@ def _export(args) -> None:
     from .dynamic_rank.export import check_export_dir, export_rank
 
     if args.merged:
+        if args.exit is not None:
+            raise SystemExit("hf-quailora export: --exit is not supported with --merged yet; export an adapter.")
         return _export_merged(args)
     if args.dtype is not None:
         raise SystemExit("hf-quailora export: --dtype is only used with --merged (an adapter keeps its own dtype).")
@@ -159,8 +166,9 @@ def _export(args) -> None:
     trained.check([args.rank], "--rank")
     loaded = _load(args, saved)
     path = export_rank(loaded.model, args.rank, args.output_dir, rank_scaling=loaded.rank_scaling,
-                       overwrite=args.overwrite)
-    print(f"Rank {args.rank} exported as a plain peft adapter to {path}")
+                       overwrite=args.overwrite, exit=args.exit)
+    at_exit = f" (layers below {args.exit}: load on a base with num_hidden_layers={args.exit})" if args.exit else ""
+    print(f"Rank {args.rank} exported as a plain peft adapter to {path}{at_exit}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,11 +77,30 @@ def _check(recipe_args: RecipeArguments, training_args: DynamicRankConfig, model
     check_not_a_file(training_args.output_dir)
     for name in ("sweep_ranks", "export_ranks"):  # only trained ranks can be evaluated or exported
         check_ranks(_ranks(getattr(recipe_args, name), []), 1, max_rank, name, "the trained range (up to max_rank)")
+    if training_args.soft_exits or training_args.eval_exits:
+        _check_exits(model_args, training_args)
     if recipe_args.sweep_tasks:
         from hf_quailora.evaluation.lm_eval_bridge import check_lm_eval_options, resolve_tasks
 
         check_lm_eval_options(limit=recipe_args.sweep_limit)
         resolve_tasks(recipe_args.sweep_tasks)
+
+
+def _check_exits(model_args: RecipeModelConfig, training_args: DynamicRankConfig) -> None:
+    """`--soft_exits` / `--eval_exits` against the model's depth, read from its config before the weights load."""
+    from transformers import AutoConfig
+
+    from hf_quailora.dynamic_rank.exits import DEPTH_PATHS, check_exits
+    from hf_quailora.embedded.models import resolve
+
+    config = AutoConfig.from_pretrained(resolve(model_args.model_name_or_path), revision=model_args.model_revision,
+                                        trust_remote_code=training_args.trust_remote_code).get_text_config()
+    if config.model_type not in DEPTH_PATHS:
+        raise ValueError(f"`--soft_exits`/`--eval_exits` are not supported on model family {config.model_type!r}; "
+                         f"supported: {sorted(DEPTH_PATHS)}.")
+    for name in ("soft_exits", "eval_exits"):
+        if getattr(training_args, name):
+            check_exits(getattr(training_args, name), config.num_hidden_layers, name)
 
 
 def _check_chat_template(model_args: RecipeModelConfig, training_args: DynamicRankConfig) -> None:
@@ -142,10 +161,12 @@ def _loss_rows(trainer, evaluations: dict, dataset: str) -> list[dict]:
     rows = []
     for label, metrics in evaluations.items():
         for b in trainer.eval_ranks if metrics else []:
-            loss = metrics.get(f"eval_loss@r{b}")
-            if loss is not None:
-                rows.append({"model": label, "rank": b, "task": f"{_dataset_label(dataset)} held-out",
-                             "metric": "eval_loss", "value": loss, "stderr": None})
+            exits = trainer.depth_exits.eval_exits if trainer.depth_exits is not None else []
+            for name, key in [(label, f"eval_loss@r{b}"), *((f"{label} @ exit {k}", f"eval_loss@e{k}r{b}")
+                                                             for k in exits)]:
+                if metrics.get(key) is not None:
+                    rows.append({"model": name, "rank": b, "task": f"{_dataset_label(dataset)} held-out",
+                                 "metric": "eval_loss", "value": metrics[key], "stderr": None})
     return rows
 
 

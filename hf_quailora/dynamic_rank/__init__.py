@@ -12,12 +12,14 @@
 | `model_card` | the deployment section of every adapter folder's README.md |
 | `config` | `DynamicRankConfig(SFTConfig)` |
 | `mixin` | `DynamicRankMixin` (any transformers `Trainer`): one loop over the step plan, evaluation at every eval rank; `DynamicRankSettings` |
+| `exits` | SoFT by depth: `use_exit` (the first k layers, then the model's own norm and head), `exit_layers`, `DepthExits` (exit losses, evaluation per exit); `exit_loss`: one exit's chunked NLL; `settings`: `DynamicRankSettings` |
 | `trainer` | `DynamicRankTrainer(DynamicRankMixin, SFTTrainer)` |
 
 This subpackage builds on `hf_quailora.quailora` (it recognises a QuAILoRA start); the start never imports it.
 """
 
 from .config import DynamicRankConfig
+from .exits import exit_layers, use_exit
 from .export import export_rank, load_dynamic_rank_adapter
 from .merge import export_merged
 from .mixin import DynamicRankMixin, DynamicRankSettings
@@ -38,7 +40,9 @@ __all__ = [
     "disable_static_rank",
     "enable_static_rank",
     "export_merged",
+    "exit_layers",
     "export_rank",
     "load_dynamic_rank_adapter",
+    "use_exit",
     "use_rank",
 ]

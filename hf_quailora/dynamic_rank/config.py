@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from trl import SFTConfig
 
+from .exits import check_exit_options, check_exit_settings
 from .faults import NONFINITE_ACTIONS
 from .spec import (
     DEFAULT_UPDATE_RULE,
@@ -76,12 +77,21 @@ class DynamicRankConfig(SFTConfig):
         soft_ranks (`list[int]`, *optional*): when set, SoFT mode: the loss of every step is the weighted sum of the
             losses at these ranks (no sampling).
         soft_weights (`list[float]`, *optional*): weights of `soft_ranks` (1 each when omitted).
+        soft_exits (`list[int]`, *optional*): SoFT by depth: exits as layer counts (`exits.exit_layers` turns
+            fractions of the depth into counts); the loss of every step is the weighted sum of the losses of the
+            sub-models "first k layers, then the model's own final norm and LM head", from one forward pass. Each
+            exit runs at the step's sampled rank; with `soft_ranks`, the pair (rank b, exit k) is weighted
+            `soft_weights[b] · soft_exit_weights[k]`. Not with `torch_compile`, `use_liger_kernel`, label smoothing
+            or `loss_type` other than `"nll"`.
+        soft_exit_weights (`list[float]`, *optional*): weights of `soft_exits` (1 each when omitted).
 
         > Evaluation
 
         eval_ranks (`list[int]`, *optional*): ranks that `evaluate()` reports as `eval_loss@r{b}` (with trl's
             `eval_mean_token_accuracy@r{b}` and `eval_entropy@r{b}`); defaults to `min_rank`, the powers of two
             between, and `max_rank`.
+        eval_exits (`list[int]`, *optional*): exits that `evaluate()` also reports, as `eval_loss@e{k}r{b}` at every
+            eval rank b; defaults to `soft_exits`.
 
         > Faults
 
@@ -123,9 +133,16 @@ class DynamicRankConfig(SFTConfig):
         default=None, metadata={"help": "SoFT mode: sum the losses at these ranks every step instead of sampling."}
     )
     soft_weights: list[float] | None = field(default=None, metadata={"help": "Weights of `soft_ranks`."})
+    soft_exits: list[int] | None = field(
+        default=None, metadata={"help": "SoFT by depth: sum the losses of these exits (layer counts) every step."}
+    )
+    soft_exit_weights: list[float] | None = field(default=None, metadata={"help": "Weights of `soft_exits`."})
     # Evaluation
     eval_ranks: list[int] | None = field(
         default=None, metadata={"help": "Ranks evaluate() reports as eval_loss@r{b}; default: powers of two."}
+    )
+    eval_exits: list[int] | None = field(
+        default=None, metadata={"help": "Exits evaluate() reports as eval_loss@e{k}r{b}; default: `soft_exits`."}
     )
     # Faults
     nonfinite: Literal["raise", "skip"] = field(
@@ -160,6 +177,9 @@ class DynamicRankConfig(SFTConfig):
             if len(self.eval_ranks) == 0:
                 raise ValueError("`eval_ranks` is empty; give at least one rank or leave it None for the default.")
             check_weighted_ranks(self.eval_ranks, None, 1, upper, "eval_ranks", "eval_weights")
+        check_exit_settings(self.soft_exits, self.soft_exit_weights, self.eval_exits)
+        if self.soft_exits is not None:
+            check_exit_options(self)
         # Faults
         check_choice("nonfinite", self.nonfinite, NONFINITE_ACTIONS)
 

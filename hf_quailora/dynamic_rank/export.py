@@ -39,6 +39,7 @@ from .._dist_utils import (
 )
 from .._io_utils import ADAPTER_CONFIG, check_not_a_file, staged_folder
 from .._peft_utils import adapter_facts, record_adapter_facts, store_config_facts
+from .exits import names_from_exit
 from .model_card import carry_card, write_adapter_card
 from .saved_adapter import SavedAdapter, read_saved_adapter
 from .spec import (
@@ -155,6 +156,7 @@ def export_rank(
     *,
     overwrite: bool = False,
     scaling: str | None = None,
+    exit: int | None = None,
 ) -> str:
     """Save rank `b` of a dynamic-rank adapter as an ordinary peft LoRA adapter with `r = b`.
 
@@ -180,6 +182,8 @@ def export_rank(
         overwrite (`bool`, defaults to `False`): allow replacing another adapter in `output_dir` (an earlier export
             is replaced without it).
         scaling (`str`, *optional*): deprecated name of `rank_scaling`.
+        exit (`int`, *optional*): SoFT by depth: keep only the decoder layers below `exit` (`exits.use_exit`), and
+            record `exported_exit`; load it on the base with `num_hidden_layers=exit`.
 
     Returns:
         `str`: `output_dir`.
@@ -204,6 +208,8 @@ def export_rank(
         raise TypeError(f"export_rank needs a peft `PeftModel`; got {type(model).__name__}.")
     rank_scaling = resolve_rank_scaling(model, _renamed_scaling(rank_scaling, scaling), adapter_name)
     layers, _ = checked_rank_layers(model, b, adapter_name, name="export rank")
+    dropped = tuple(f"{name}." for name in names_from_exit(model, exit)) if exit is not None else ()
+    layers = {name: layer for name, layer in layers.items() if not name.startswith(dropped)}
     facts = adapter_facts(model, adapter_name)
     check_export_dir(output_dir, overwrite, facts.get("source_dir"))
 
@@ -213,10 +219,11 @@ def export_rank(
     config.r, config.rank_pattern = b, {}
     config.use_rslora = rank_scaling == "rslora"
     config.init_lora_weights, config.inference_mode = True, True
-    state = _sliced_state(model, layers, adapter_name, b)
+    state = {key: value for key, value in _sliced_state(model, layers, adapter_name, b).items()
+             if not key.startswith(dropped)}
     metadata = DynamicRankMetadata.for_model(
         model, adapter_name, max_rank=b, min_rank=min(facts.get("min_rank", 1), b), rank_scaling=rank_scaling,
-        update_rule=facts.get("update_rule", DEFAULT_UPDATE_RULE), exported_rank=b,
+        update_rule=facts.get("update_rule", DEFAULT_UPDATE_RULE), exported_rank=b, exported_exit=exit,
     )
     store_config_facts(config, quailora=metadata.quailora, rank_scaling=rank_scaling, min_rank=metadata.min_rank,
                        max_rank=b, update_rule=metadata.update_rule)  # what a plain from_pretrained brings back
@@ -375,12 +382,17 @@ def load_dynamic_rank_adapter(
         logger.warning("%s has no %s: not a dynamic-rank adapter; only its own rank is meaningful, and its base "
                        "loads in full precision unless a quantization is given.", saved.path, METADATA_FILE)
     quantization = _base_quantization(saved, quantization, allow_other_base)
+    exit_k = metadata.exported_exit if metadata is not None else None  # export_rank(exit=k): a base of k layers
     if isinstance(base, (str, os.PathLike)):
         _check_loadable(saved, quantization)
-        base, loaded_tokenizer = load_quantized_model(base, quantization or "none")
+        depth = {} if exit_k is None else {"num_hidden_layers": exit_k}
+        base, loaded_tokenizer = load_quantized_model(base, quantization or "none", **depth)
         tokenizer = tokenizer or loaded_tokenizer
     else:
         _check_given_base(base, saved, quantization, allow_other_base)
+        if exit_k not in (None, base.config.get_text_config().num_hidden_layers):
+            raise ValueError(f"{saved.path} holds exit {exit_k} (the layers below it only): give a base loaded with "
+                             f"num_hidden_layers={exit_k}, or the base's name.")
     model = PeftModel.from_pretrained(base, saved.path, adapter_name=adapter_name)
     model.eval()
     record_adapter_facts(model, adapter_name, source_dir=saved.path)

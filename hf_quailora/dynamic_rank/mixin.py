@@ -34,7 +34,6 @@ import functools
 import logging
 import math
 import os
-from dataclasses import dataclass, fields
 
 import torch
 from transformers.trainer import TRAINING_ARGS_NAME
@@ -51,21 +50,17 @@ from .checkpoints import (
     remove_stale_staging,
     save_checkpoint_atomically,
 )
+from .exits import DepthExits
 from .faults import NonFiniteCheck, hold_output_dir
 from .model_card import carry_card, write_adapter_card
 from .rank_mask import COMPILE_WATCH, enable_static_rank
 from .sampler import RankSampler, SubModel, check_same_rank, step_plan
+from .settings import DynamicRankSettings
 from .spec import (
-    DEFAULT_UPDATE_RULE,
     METADATA_FILE,
     QUAILORA_RANK_SCALING,
-    RANK_SCALINGS,
-    UPDATE_RULES,
     DynamicRankMetadata,
-    check_choice,
-    check_rank_sampling,
     check_rank_settings,
-    check_weighted_ranks,
     default_eval_ranks,
     quailora_will_initialise,
     resolve_rank_scaling,
@@ -77,52 +72,6 @@ logger = logging.getLogger(__name__)
 
 _TIMING_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second", "_preparation_time")
 _NOT_PER_RANK = ("num_tokens",)  # trl's count of training tokens seen, logged with evaluations too
-
-
-@dataclass
-class DynamicRankSettings:
-    """The dynamic-rank fields of `DynamicRankConfig`, for trainers whose `args` lack them (a plain `Trainer`).
-
-    Every field means what it means in `DynamicRankConfig` (see its docstring), with the same default; `seed` is the
-    fallback of `rank_seed` (the trainer's `args.seed` when built by `from_args`).
-
-    Raises:
-        TypeError / ValueError: the checks of `DynamicRankConfig`, naming the field.
-
-    Example: `DynamicRankSettings(min_rank=2, update_rule="nested", eval_ranks=[2, 4, 8])`.
-    """
-
-    min_rank: int = 1
-    max_rank: int | None = None
-    rank_distribution: str = "uniform"
-    rank_choices: list[int] | None = None
-    rank_weights: list[float] | None = None
-    rank_seed: int | None = None
-    seed: int = 42
-    update_rule: str = DEFAULT_UPDATE_RULE
-    rank_scaling: str | None = None
-    soft_ranks: list[int] | None = None
-    soft_weights: list[float] | None = None
-    eval_ranks: list[int] | None = None
-
-    def __post_init__(self):
-        upper = self.max_rank if self.max_rank is not None else 1 << 30  # else checked against the LoRA r later
-        check_rank_sampling(self.min_rank, upper, self.rank_distribution, self.rank_choices, self.rank_weights)
-        check_choice("update_rule", self.update_rule, UPDATE_RULES)
-        if self.rank_scaling is not None:
-            check_choice("rank_scaling", self.rank_scaling, RANK_SCALINGS)
-        if self.soft_ranks is not None:
-            check_weighted_ranks(self.soft_ranks, self.soft_weights, self.min_rank, upper, "soft_ranks",
-                                 "soft_weights")
-        elif self.soft_weights is not None:
-            raise ValueError(f"`soft_weights` ({self.soft_weights}) needs `soft_ranks`; set both or neither.")
-        if self.eval_ranks is not None:
-            check_weighted_ranks(self.eval_ranks, None, 1, upper, "eval_ranks", "eval_weights")
-
-    @classmethod
-    def from_args(cls, args) -> DynamicRankSettings:
-        """The settings that `args` (any `TrainingArguments`) carries, each missing field at its default."""
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
 
 
 class DynamicRankMixin:
@@ -177,6 +126,8 @@ class DynamicRankMixin:
         self._ranks_to_log: list[int] = []  # ranks drawn since the last log (a plain Trainer; trl keeps _metrics)
         self._nonfinite = NonFiniteCheck(self, getattr(self.args, "nonfinite", "raise"))  # faults.py
         self.add_callback(self._nonfinite)
+        with_exits = settings.soft_exits or settings.eval_exits  # SoFT by depth (exits.py)
+        self.depth_exits = DepthExits(self, settings) if with_exits else None
 
     # -----------------------------------------------------------------------------------------------------------------
     # Training
@@ -238,9 +189,12 @@ class DynamicRankMixin:
         return total
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(
-            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-        )
+        if self._sub_model is not None and self.depth_exits is not None and self.depth_exits.train_exits:
+            result = self.depth_exits.compute_loss(super().compute_loss, model, inputs, return_outputs,
+                                                   num_items_in_batch)
+        else:
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
         weight = self._sub_model.weight if self._sub_model is not None else 1.0
         if weight == 1.0:
             return result
@@ -271,7 +225,13 @@ class DynamicRankMixin:
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
         loop_args = (dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        if description != "Evaluation":  # predict(): at max rank only
+        if description == "Evaluation" and self.depth_exits is not None:  # every (exit, rank): exits.py
+            return self.depth_exits.evaluation_loop(self._evaluation_loop_per_rank, loop_args, metric_key_prefix)
+        return self._evaluation_loop_per_rank(*loop_args)
+
+    def _evaluation_loop_per_rank(self, *loop_args):
+        metric_key_prefix = loop_args[-1]
+        if loop_args[1] != "Evaluation":  # predict(): at max rank only
             with self.use_rank(self.max_rank):
                 return super().evaluation_loop(*loop_args)
         per_rank = {}

@@ -281,6 +281,7 @@ class DynamicRankMetadata:
         quailora (`bool`): whether QuAILoRA initialised it.
         exported_rank (`int`, *optional*): set by `export_rank`: the adapter holds the first `exported_rank`
             components of a larger one.
+        exported_exit (`int`, *optional*): set by `export_rank(..., exit=k)`: layers below k only (base: k layers).
         calibration (`dict`, *optional*): a QuAILoRA start's calibration (data, samples, length, tokens, solver),
             set by `hf-quailora init`; `None` otherwise, and for files written before it existed.
 
@@ -302,6 +303,7 @@ class DynamicRankMetadata:
     quantization: str | None = None
     quailora: bool = False
     exported_rank: int | None = None
+    exported_exit: int | None = None
     calibration: dict | None = None
 
     def __post_init__(self):
@@ -321,6 +323,8 @@ class DynamicRankMetadata:
                     f"`exported_rank` ({self.exported_rank}) must equal `max_rank` ({self.max_rank}): an export "
                     "of rank b holds ranks 1..b."
                 )
+        if self.exported_exit is not None:
+            check_ranks([self.exported_exit], 1, 1 << 30, "exported_exit", "layer counts")
         if self.calibration is not None and not isinstance(self.calibration, dict):
             raise TypeError(f"`calibration` must be a JSON object (a dict) or null; got {self.calibration!r}.")
 
@@ -388,10 +392,8 @@ def check_trained_ranks(ranks: Sequence[int], lora_rank: int, max_rank: int | No
     for b in ranks:
         check_integer(name, b)
         if max_rank is not None and max_rank < b <= lora_rank:
-            raise ValueError(
-                f"`{name}` holds rank {b}, above this adapter's max_rank {max_rank}: it was trained at ranks up to "
-                f"{max_rank} only (its LoRA r is {lora_rank}), so ranks above were never trained. Choose ranks in "
-                f"1..{max_rank}."
-            )
+            raise ValueError(f"`{name}` holds rank {b}, above this adapter's max_rank {max_rank}: it was trained at "
+                             f"ranks up to {max_rank} only (its LoRA r is {lora_rank}), so ranks above were never "
+                             f"trained. Choose ranks in 1..{max_rank}.")
     high = lora_rank if max_rank is None else min(lora_rank, max_rank)
     check_ranks(ranks, 1, high, name, "this adapter's range")

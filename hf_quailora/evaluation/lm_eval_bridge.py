@@ -47,6 +47,7 @@ from lm_eval.tasks import TaskManager
 from tqdm.auto import tqdm
 
 from .._import_utils import is_hub_offline
+from ..dynamic_rank.exits import check_exits, find_depth_path, use_exit
 from ..dynamic_rank.export import load_dynamic_rank_adapter
 from ..dynamic_rank.saved_adapter import read_saved_adapter
 from ..dynamic_rank.spec import METADATA_FILE, parse_ranks, resolve_rank_scaling
@@ -156,6 +157,7 @@ def evaluate_ranks(
     apply_chat_template: bool | str = False,
     bootstrap_iters: int = 1000,
     show_progress: bool = True,
+    exits: Sequence[int] | None = None,
     **lm_eval_kwargs,
 ) -> list[dict]:
     """Evaluate one loaded dynamic-rank model on lm-eval tasks at every rank in `ranks`.
@@ -178,6 +180,9 @@ def evaluate_ranks(
         adapter_name (`str`, defaults to `"default"`).
         batch_size, max_length, num_fewshot, limit, apply_chat_template, bootstrap_iters: lm-eval options.
         show_progress (`bool`, defaults to `True`): a progress bar over ranks.
+        exits (`list[int]`, *optional*): SoFT by depth: evaluate every rank at each of these exits (`use_exit`, the
+            first k layers); the rows of exit k are labelled `"{label} @ exit k"`, so the tables and the plot show
+            one curve over ranks per exit.
         **lm_eval_kwargs: passed to `lm_eval.simple_evaluate` (e.g. `gen_kwargs`, `fewshot_as_multiturn`).
 
     Returns:
@@ -201,6 +206,8 @@ def evaluate_ranks(
     rank_list = parse_ranks(ranks)
     TrainedRanks.from_model(model, adapter_name).check(rank_list, "ranks")
     rank_scaling = resolve_rank_scaling(model, rank_scaling, adapter_name)
+    if exits is not None:
+        exits = check_exits(list(exits), find_depth_path(model).num_layers, "exits")
     check_lm_eval_options(limit, batch_size, max_length, num_fewshot)
     task_names, manager = resolve_tasks(tasks, include_path)
     check_output_dir(output_dir, overwrite)
@@ -215,10 +222,14 @@ def evaluate_ranks(
     was_training = model.training
     try:
         rows = _evaluate_baselines(model, baselines, run)
-        for b in tqdm(rank_list, desc="lm-eval over ranks", disable=not show_progress, unit="rank"):
-            # evaluation: no gradient flows, so the update rule does not matter
-            with use_rank(model, b, rank_scaling=rank_scaling, adapter_name=adapter_name, update_rule="frozen"):
-                rows += results_to_rows(run(model), label, b)
+        for k in exits or [None]:
+            at_exit = use_exit(model, k) if k is not None else contextlib.nullcontext()
+            with at_exit:
+                for b in tqdm(rank_list, desc="lm-eval over ranks", disable=not show_progress, unit="rank"):
+                    # evaluation: no gradient flows, so the update rule does not matter
+                    with use_rank(model, b, rank_scaling=rank_scaling, adapter_name=adapter_name,
+                                  update_rule="frozen"):
+                        rows += results_to_rows(run(model), label if k is None else f"{label} @ exit {k}", b)
     finally:
         model.train(was_training)
     if output_dir is not None and rows:
@@ -262,6 +273,7 @@ class DynamicRankLM(HFLM):
         allow_other_base (`bool`, defaults to `False`): evaluate a QuAILoRA adapter on a base quantized otherwise
             than recorded (`allow_other_base=true`); refused without it (on the full-precision base its correction
             is applied twice).
+        exit (`int`, *optional*): SoFT by depth: evaluate the first `exit` layers (`use_exit`); default: all.
         Other arguments go to `HFLM` (`batch_size`, `max_length`, …).
 
     An adapter without `dynamic_rank.json` is not known to be dynamic-rank: it is evaluated at its own rank only,
@@ -287,6 +299,7 @@ class DynamicRankLM(HFLM):
         rank_scaling: str | None = None,
         adapter_name: str = "default",
         allow_other_base: bool | str = False,
+        exit: int | str | None = None,
         **kwargs,
     ):
         if peft is None:
@@ -309,7 +322,9 @@ class DynamicRankLM(HFLM):
         loaded = load_dynamic_rank_adapter(pretrained, saved, quantization, rank_scaling, adapter_name,
                                            tokenizer=kwargs.pop("tokenizer", None),
                                            allow_other_base=_parse_flag("allow_other_base", allow_other_base))
-        self.dynamic_rank = rank
+        self.dynamic_rank, self.dynamic_exit = rank, _parse_rank(exit)
+        if self.dynamic_exit is not None:
+            check_exits([self.dynamic_exit], find_depth_path(loaded.model).num_layers, "exit")
         self.rank_scaling = loaded.rank_scaling
         self.adapter_name = adapter_name
         super().__init__(pretrained=loaded.model, tokenizer=loaded.tokenizer, **kwargs)
@@ -329,8 +344,12 @@ class DynamicRankLM(HFLM):
         return super().create_from_arg_string(arg_string, additional_config)
 
     def _at_rank(self):
-        return use_rank(self._model, self.dynamic_rank, rank_scaling=self.rank_scaling, adapter_name=self.adapter_name,
-                        update_rule="frozen")  # evaluation only
+        stack = contextlib.ExitStack()
+        if self.dynamic_exit is not None:
+            stack.enter_context(use_exit(self._model, self.dynamic_exit))
+        stack.enter_context(use_rank(self._model, self.dynamic_rank, rank_scaling=self.rank_scaling,
+                                     adapter_name=self.adapter_name, update_rule="frozen"))  # evaluation only
+        return stack
 
     def _model_call(self, inps, attn_mask=None, labels=None):
         with self._at_rank():

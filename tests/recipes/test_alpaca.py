@@ -241,3 +241,11 @@ def test_recipe_runs_data_parallel_on_two_processes(tiny_model_path, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_metrics"]["eval_loss@r8"] > 0
     assert (out / "adapter" / "dynamic_rank.json").is_file()
+
+
+def test_soft_exits_are_checked_against_the_models_depth_before_it_loads(tiny_model_path, tmp_path):
+    recipe = load_recipe()
+    args = ["--output_dir", str(tmp_path / "run"), "--model_name_or_path", tiny_model_path, "--sweep_tasks", "",
+            "--dataset_name", str(tmp_path / "missing.json"), "--soft_exits", "1", "3"]
+    with pytest.raises(ValueError, match="`soft_exits` holds exit 3, above the model's 2 layers"):
+        recipe["main"](*recipe["parse_args_and_config"](args=args))
