@@ -100,6 +100,17 @@ def _read_adapter(args):
     return saved, TrainedRanks.from_saved(saved)
 
 
+def _check_exits(args, exits: dict) -> None:
+    """`--exits` / `--exit` against the base's depth, from its config alone, before any weight loads."""
+    if any(value is not None for value in exits.values()):
+        from transformers import AutoConfig
+
+        from .dynamic_rank.exits import check_exits_against_config
+        from .embedded.models import resolve
+
+        check_exits_against_config(AutoConfig.from_pretrained(resolve(args.model)), exits)
+
+
 def _load(args, saved):
     from .dynamic_rank.export import load_dynamic_rank_adapter
 
@@ -122,6 +133,7 @@ def _evaluate(args) -> None:
     if saved.metadata is not None:  # a plain adapter is evaluated at its own rank only (below)
         trained.check(ranks, "--ranks")
     resolve_tasks(args.tasks, args.include_path)  # seconds (lm-eval indexes its tasks), still before the model
+    _check_exits(args, {"--exits": exits})
     loaded = _load(args, saved)
     if loaded.metadata is None and ranks != [loaded.max_rank]:
         logging.getLogger("hf_quailora").warning("Evaluating only rank %d (the adapter's own).", loaded.max_rank)
@@ -164,6 +176,7 @@ def _export(args) -> None:
     check_export_dir(args.output_dir, args.overwrite, source_dir=args.adapter)
     saved, trained = _read_adapter(args)
     trained.check([args.rank], "--rank")
+    _check_exits(args, {"--exit": None if args.exit is None else [args.exit]})
     loaded = _load(args, saved)
     path = export_rank(loaded.model, args.rank, args.output_dir, rank_scaling=loaded.rank_scaling,
                        overwrite=args.overwrite, exit=args.exit)

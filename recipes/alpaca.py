@@ -90,17 +90,13 @@ def _check_exits(model_args: RecipeModelConfig, training_args: DynamicRankConfig
     """`--soft_exits` / `--eval_exits` against the model's depth, read from its config before the weights load."""
     from transformers import AutoConfig
 
-    from hf_quailora.dynamic_rank.exits import DEPTH_PATHS, check_exits
+    from hf_quailora.dynamic_rank.exits import check_exits_against_config
     from hf_quailora.embedded.models import resolve
 
     config = AutoConfig.from_pretrained(resolve(model_args.model_name_or_path), revision=model_args.model_revision,
-                                        trust_remote_code=training_args.trust_remote_code).get_text_config()
-    if config.model_type not in DEPTH_PATHS:
-        raise ValueError(f"`--soft_exits`/`--eval_exits` are not supported on model family {config.model_type!r}; "
-                         f"supported: {sorted(DEPTH_PATHS)}.")
-    for name in ("soft_exits", "eval_exits"):
-        if getattr(training_args, name):
-            check_exits(getattr(training_args, name), config.num_hidden_layers, name)
+                                        trust_remote_code=training_args.trust_remote_code)
+    check_exits_against_config(config, {name: getattr(training_args, name)
+                                        for name in ("soft_exits", "eval_exits")})
 
 
 def _check_chat_template(model_args: RecipeModelConfig, training_args: DynamicRankConfig) -> None:

@@ -158,6 +158,22 @@ def check_exits(exits: Sequence[int], num_layers: int | None, name: str = "soft_
     return sorted(exits)
 
 
+def check_exits_against_config(config, exits: dict[str, Sequence[int] | None]) -> None:
+    """Check `exits` (`{"flag name": layer counts or None}`) against a transformers `config` (its text config's
+    `model_type` and `num_hidden_layers`), before any weight loads.
+
+    Raises:
+        ValueError: a family whose depth path is unknown, or an exit outside `1..num_hidden_layers`.
+    """
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if config.model_type not in DEPTH_PATHS:
+        raise ValueError(f"Exits ({', '.join(exits)}) are not supported on model family {config.model_type!r}; "
+                         f"supported: {sorted(DEPTH_PATHS)}.")
+    for name, values in exits.items():
+        if values:
+            check_exits(values, config.num_hidden_layers, name)
+
+
 def exit_layers(fractions: Sequence[float], num_layers: int) -> list[int]:
     """Fractions of the depth as exits: `round(f · L)` (at least 1), sorted and without repeats.
 

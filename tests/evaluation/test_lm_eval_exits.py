@@ -63,3 +63,18 @@ def test_cli_eval_exits_and_export_exit(tiny_model_path, tiny_adapter, tmp_path,
     value = {(row["model"], row["metric"]): row["value"] for row in rows}
     for row in exported:
         assert row["value"] == pytest.approx(value[("dynamic-rank LoRA @ exit 1", row["metric"])], rel=1e-5)
+
+
+@pytest.mark.parametrize("argv", [["eval", "--ranks", "2", "--exits", "1,3", "--tasks", TASK],
+                                  ["export", "--rank", "2", "--exit", "3"]])
+def test_cli_refuses_an_exit_above_the_depth_before_loading(tiny_model_path, tiny_adapter, tmp_path, monkeypatch,
+                                                            argv):
+    import hf_quailora.cli as cli
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded before the exit was checked")
+
+    monkeypatch.setattr(cli, "_load", no_load)
+    _, _, folder = tiny_adapter
+    with pytest.raises(ValueError, match="exit 3, above the model's 2 layers"):
+        cli_main([*argv, "--model", tiny_model_path, "--adapter", folder, "--output_dir", str(tmp_path / "out")])
