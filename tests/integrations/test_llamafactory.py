@@ -112,6 +112,11 @@ def test_a_start_trained_by_llamafactory_is_read_back_at_constant_scaling(tiny_m
         trained["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"].float(),
         after["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].float())
 
+    assert main(["eval", "--model", tiny_model_path, "--adapter", output_dir, "--quantization", "nf4", "--ranks", "2,4",
+                 "--tasks", "quailora_wiki_ppl", "--limit", "1", "--max_length", "4096",
+                 "--output_dir", str(tmp_path / "sweep")]) == 0
+    rows = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    assert {row["rank"] for row in rows} == {None, 2, 4}  # truncations evaluated, with the base alone
     assert main(["export", "--model", tiny_model_path, "--adapter", output_dir, "--quantization", "nf4",
                  "--rank", "2", "--output_dir", str(tmp_path / "r2")]) == 0
     exported = DynamicRankMetadata.load(tmp_path / "r2")
