@@ -6,6 +6,9 @@
 #                 tests in it (tests/integrations/test_axolotl.py; they skip in .venv). Needs a python3.12:
 #                 `make test-axolotl PYTHON312=$(pyenv root)/versions/3.12.1/bin/python`. About 8 GB (torch's CUDA
 #                 build: axolotl's requirements pull it; it runs on the CPU), minutes to install.
+#   make test-llamafactory - a second environment (.venv-llamafactory, Python 3.11, LLaMA-Factory 0.9.5, which pins
+#                 peft<=0.18.1 and trl<=0.24) and the route init -> LLaMA-Factory train -> eval/export in .venv
+#                 (tests/integrations/test_llamafactory.py; it skips without that environment). About 2.3 GB, minutes.
 # Set-up is idempotent: a virtualenv in .venv with pinned torch, the package, the embedded models and data.
 
 PYTHON ?= python3
@@ -25,7 +28,18 @@ AXOLOTL_SPEC ?= axolotl==0.21.*
 AXOLOTL_PY := $(AXOLOTL_VENV)/bin/python
 AXOLOTL_STAMP := $(AXOLOTL_VENV)/.hf_quailora-setup
 
-.PHONY: setup demo test test-fast bench clean setup-axolotl test-axolotl
+# LLaMA-Factory's environment: only LLaMA-Factory (and bitsandbytes for its quantization_bit), never hf_quailora;
+# the test runs hf_quailora in .venv and `llamafactory-cli` of this one in a subprocess. torch as in .venv. No
+# torchvision/torchaudio build matches this CPU torch: a torchvision that does not import is removed (transformers
+# does without it), and LLaMA-Factory imports torchaudio at start-up (its multimodal plugin), so one whose compiled
+# extension does not load keeps its Python part only (torchaudio then imports without it; audio data would fail).
+PYTHON311 ?= python3.11
+LLAMAFACTORY_VENV ?= .venv-llamafactory
+LLAMAFACTORY_SPEC ?= llamafactory==0.9.5
+LLAMAFACTORY_PY := $(LLAMAFACTORY_VENV)/bin/python
+LLAMAFACTORY_STAMP := $(LLAMAFACTORY_VENV)/.hf_quailora-setup
+
+.PHONY: setup demo test test-fast bench clean setup-axolotl test-axolotl setup-llamafactory test-llamafactory
 
 setup: $(STAMP)
 
@@ -71,5 +85,24 @@ test-axolotl: setup-axolotl
 		tests/integrations/test_axolotl.py; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests"; exit 1; fi; exit $$rc
 
+setup-llamafactory: $(LLAMAFACTORY_STAMP)
+
+$(LLAMAFACTORY_STAMP): Makefile
+	$(PYTHON311) -m venv $(LLAMAFACTORY_VENV)
+	$(LLAMAFACTORY_PY) -m pip install -q --upgrade pip
+	$(LLAMAFACTORY_PY) -m pip install -q $(TORCH_SPEC) "$(LLAMAFACTORY_SPEC)" bitsandbytes
+	$(LLAMAFACTORY_PY) -c "import torchvision" 2>/dev/null || $(LLAMAFACTORY_PY) -m pip uninstall -y -q torchvision
+	$(LLAMAFACTORY_PY) -c "import torchaudio" 2>/dev/null || rm -f "$$($(LLAMAFACTORY_PY) -c "import importlib.util, \
+		os; print(os.path.dirname(importlib.util.find_spec('torchaudio').origin))")"/lib/*.so
+	$(LLAMAFACTORY_PY) -c "import llamafactory.train.tuner, bitsandbytes, peft, torch; \
+		print('llamafactory', llamafactory.__version__, 'peft', peft.__version__, 'torch', torch.__version__)"
+	touch $(LLAMAFACTORY_STAMP)
+
+# The import above fails the target where LLaMA-Factory does not import, so the test cannot skip silently there.
+test-llamafactory: setup setup-llamafactory
+	HF_HUB_OFFLINE=1 LLAMAFACTORY_VENV=$(LLAMAFACTORY_VENV) $(PY) -m pytest -q -ra --durations=5 \
+		tests/integrations/test_llamafactory.py; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests"; exit 1; fi; exit $$rc
+
 clean:
-	rm -rf $(VENV) $(AXOLOTL_VENV) .pytest_cache
+	rm -rf $(VENV) $(AXOLOTL_VENV) $(LLAMAFACTORY_VENV) .pytest_cache

@@ -235,10 +235,11 @@ def _base_quantization(saved: SavedAdapter, quantization: str | None, allow_othe
         return quantization
     if saved.metadata is not None and recorded is None:
         raise ValueError(
-            f"{os.path.join(saved.path, METADATA_FILE)} does not record the quantization of the base the adapter "
-            "was trained on (it was written by hf_quailora 0.1), and an adapter on the wrong base gives wrong "
+            f"{saved.path} does not record the quantization of the base the adapter was trained on (its "
+            f"{METADATA_FILE} is hf_quailora 0.1's, or a launcher saved none), and the wrong base gives wrong "
             "numbers. Pass it explicitly (`quantization='nf4'`, `--quantization nf4`, `quantization=nf4` in "
-            "--model_args), or add `\"quantization\": \"nf4\"` (or none/fp4/int8) to the file."
+            f"--model_args), or add `\"quantization\": \"nf4\"` (or none/fp4/int8) to {METADATA_FILE} (after a "
+            "launcher's save: copy the start's file beside it)."
         )
     return recorded
 

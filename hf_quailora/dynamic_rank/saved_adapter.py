@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .._io_utils import ADAPTER_CONFIG, read_json_object
+from .._peft_utils import CONFIG_FACTS_KEY
 from .spec import METADATA_FILE, DynamicRankMetadata
 
 
@@ -46,8 +47,26 @@ def _read_adapter_config(folder: Path) -> dict:
     return read_json_object(path, "Save the adapter again.")
 
 
+def _metadata_from_config(config: dict, folder: Path) -> DynamicRankMetadata | None:
+    """A QuAILoRA adapter saved without `dynamic_rank.json` (a launcher's own save, e.g. LLaMA-Factory's, of a
+    `hf-quailora init` start): its LoraConfig's `auto_mapping` still carries the facts (`hf_quailora/_peft_utils.py`)
+    but not the base quantization, which then must be given (`docs/launchers.md`)."""
+    facts = (config.get("auto_mapping") or {}).get(CONFIG_FACTS_KEY)
+    if not isinstance(facts, dict) or facts.get("quailora") is not True:
+        return None
+    keys = ("max_rank", "min_rank", "rank_scaling", "update_rule")
+    try:
+        return DynamicRankMetadata(quailora=True, **{key: facts[key] for key in keys if key in facts})
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{folder / ADAPTER_CONFIG} holds malformed hf_quailora facts in `auto_mapping` "
+                         f"({error}); save the adapter again.") from error
+
+
 def read_saved_adapter(adapter_dir: str | os.PathLike) -> SavedAdapter:
     """Read and check an adapter folder (`adapter_config.json`, `dynamic_rank.json`) without loading any model.
+
+    Without `dynamic_rank.json`, a QuAILoRA adapter's metadata comes from the facts its `adapter_config.json`
+    carries (`auto_mapping["hf_quailora"]`), with no base quantization recorded: the loaders then ask for one.
 
     Every loader calls this first, so that a wrong folder, a broken file or an impossible rank fails in a moment,
     not after the base model has loaded.
@@ -75,7 +94,7 @@ def read_saved_adapter(adapter_dir: str | os.PathLike) -> SavedAdapter:
     ranks = [config.get("r"), *(config.get("rank_pattern") or {}).values()]
     if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
         raise ValueError(f"{folder / ADAPTER_CONFIG} holds LoRA ranks {ranks}; they must be positive integers.")
-    metadata = DynamicRankMetadata.load(folder)
+    metadata = DynamicRankMetadata.load(folder) or _metadata_from_config(config, folder)
     if metadata is not None and metadata.max_rank > min(ranks):
         raise ValueError(
             f"{folder / METADATA_FILE} records max_rank {metadata.max_rank}, above the adapter's LoRA r "
