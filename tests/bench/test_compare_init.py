@@ -79,8 +79,9 @@ def test_compare_init_runs_every_arm_and_writes_its_report(tiny_model_path, tiny
     rows = [line for line in table.splitlines()
             if line.startswith("| ") and "start |" not in line and "last interval" not in line]  # no headers
     # arms + QuAILoRA-by-rank row + convergence row per arm + gap-closed row per arm but qlora and int8
-    # + per-rank rows of the dynamic arm
-    assert len(rows) == len(ALL_ARMS) + 1 + len(ALL_ARMS) + len(ALL_ARMS) - 2 + 3
+    # + per-rank rows of the dynamic arm + the decomposition's two metrics per arm but qlora and int8
+    assert len(rows) == len(ALL_ARMS) + 1 + len(ALL_ARMS) + len(ALL_ARMS) - 2 + 3 + 2 * (len(ALL_ARMS) - 2)
+    assert "| to QLoRA catching up |" in table
     assert "nan" not in table.lower() and "inf" not in table.lower()
 
 
