@@ -33,9 +33,42 @@ def _is_dtensor(tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
+def _is_fsdp1(module: torch.nn.Module) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(module, FullyShardedDataParallel)
+
+
 def has_sharded_parameters(model: torch.nn.Module) -> bool:
-    """Whether any parameter of `model` is a `DTensor` (FSDP2, tensor parallelism): gathers are then collectives."""
-    return any(_is_dtensor(p) for p in model.parameters())
+    """Whether any parameter of `model` is a `DTensor` (FSDP2, tensor parallelism) or `model` holds FSDP1
+    `FullyShardedDataParallel` modules (flat shards outside `forward`): gathers are then collectives."""
+    return any(_is_dtensor(p) for p in model.parameters()) or has_fsdp1_modules(model)
+
+
+def has_fsdp1_modules(model: torch.nn.Module) -> bool:
+    """Whether `model` is or holds an FSDP1 `FullyShardedDataParallel` module."""
+    return any(_is_fsdp1(m) for m in model.modules())
+
+
+def unwrap_fsdp1(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside an FSDP1 root (`FullyShardedDataParallel(peft_model)`); any other model unchanged."""
+    return model.module if _is_fsdp1(model) else model
+
+
+def unwrapped_name(name: str) -> str:
+    """A module name without FSDP1's `_fsdp_wrapped_module.` parts: the name in a full state dict."""
+    return name.replace("_fsdp_wrapped_module.", "")
+
+
+def full_trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors of a model holding FSDP1 `FullyShardedDataParallel` modules, gathered whole on every
+    process with clean names (a collective: every process must call it); the frozen base is not gathered."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
+    return {name: value.detach().clone() for name, value in get_model_state_dict(model, options=options).items()}
 
 
 def has_partitioned_parameters(model: torch.nn.Module) -> bool:

@@ -33,13 +33,17 @@ from torch import nn
 from .._dist_utils import (
     full_tensor,
     gathered_parameters,
+    has_fsdp1_modules,
     has_partitioned_parameters,
     has_sharded_parameters,
     run_on_main_process,
+    unwrap_fsdp1,
+    unwrapped_name,
 )
 from .._io_utils import staged_folder
 from .._peft_utils import adapter_facts, record_adapter_facts, store_config_facts
 from .exits import names_from_exit
+from .fsdp1 import fsdp1_adapter_state
 from .export_dir import WEIGHTS_FILE, check_export_dir
 from .model_card import carry_card, write_adapter_card
 from .saved_adapter import SavedAdapter, read_saved_adapter
@@ -80,18 +84,21 @@ def _export_alphas(layers: dict, adapter_name: str, b: int, rank_scaling: str) -
     return default_alpha, alpha_pattern
 
 
-def _sliced_state(model, layers: dict, adapter_name: str, b: int) -> dict:
+def _sliced_state(model, layers: dict, adapter_name: str, b: int, wrapped=None) -> dict:
     """The adapter's state dict with every LoRA factor cut to its first b components (other tensors unchanged).
 
-    Sharded factors (FSDP2's `DTensor`s, ZeRO-3's partitioned parameters) are gathered whole first, on every process,
-    in the state dict's order."""
+    Sharded factors (FSDP2's `DTensor`s, ZeRO-3's partitioned parameters, FSDP1's flat shards: `wrapped` is the model
+    as called, `model` the `PeftModel`) are gathered whole first, on every process, in the state dict's order."""
     from peft.utils import get_peft_model_state_dict
 
     sliced = {}
     adapter = [p for name, p in model.named_parameters() if "lora_" in name or p.requires_grad]
-    with gathered_parameters(adapter):
-        state = get_peft_model_state_dict(model, adapter_name=adapter_name)
-        state = {key: full_tensor(tensor).detach().clone() for key, tensor in state.items()}
+    if wrapped is not None and has_fsdp1_modules(wrapped):
+        state = fsdp1_adapter_state(wrapped, adapter_name)
+    else:
+        with gathered_parameters(adapter):
+            state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+            state = {key: full_tensor(tensor).detach().clone() for key, tensor in state.items()}
     for key, tensor in state.items():
         if key.endswith(".lora_A.weight") and key[: -len(".lora_A.weight")] in layers:
             tensor = tensor[:b]
@@ -158,10 +165,12 @@ def export_rank(
     from peft import PeftModel
     from safetensors.torch import save_file
 
+    wrapped, model = model, unwrap_fsdp1(model)  # an FSDP1 root around the PeftModel
     if not isinstance(model, PeftModel):
         raise TypeError(f"export_rank needs a peft `PeftModel`; got {type(model).__name__}.")
     rank_scaling = resolve_rank_scaling(model, _renamed_scaling(rank_scaling, scaling), adapter_name)
     layers, _ = checked_rank_layers(model, b, adapter_name, name="export rank")
+    layers = {unwrapped_name(name): layer for name, layer in layers.items()}  # the state dict's names
     dropped = tuple(f"{name}." for name in names_from_exit(model, exit)) if exit is not None else ()
     layers = {name: layer for name, layer in layers.items() if not name.startswith(dropped)}
     facts = adapter_facts(model, adapter_name)
@@ -173,7 +182,7 @@ def export_rank(
     config.r, config.rank_pattern = b, {}
     config.use_rslora = rank_scaling == "rslora"
     config.init_lora_weights, config.inference_mode = True, True
-    state = {key: value for key, value in _sliced_state(model, layers, adapter_name, b).items()
+    state = {key: value for key, value in _sliced_state(model, layers, adapter_name, b, wrapped).items()
              if not key.startswith(dropped)}
     metadata = DynamicRankMetadata.for_model(
         model, adapter_name, max_rank=b, min_rank=min(facts.get("min_rank", 1), b), rank_scaling=rank_scaling,
@@ -191,7 +200,7 @@ def export_rank(
             write_adapter_card(tmp, metadata)
             config.save_pretrained(str(tmp))
 
-    if has_sharded_parameters(model) or has_partitioned_parameters(model):  # called on every process (the gather
+    if has_sharded_parameters(wrapped) or has_partitioned_parameters(model):  # called on every process (the gather
         # above): process 0 writes, all wait
         run_on_main_process(write, what="export_rank")
     else:

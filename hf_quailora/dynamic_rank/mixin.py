@@ -39,7 +39,7 @@ import torch
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
-from .._dist_utils import full_tensor, has_sharded_parameters, is_distributed, run_on_main_process
+from .._dist_utils import full_tensor, has_fsdp1_modules, has_sharded_parameters, is_distributed, run_on_main_process
 from .._io_utils import staged_folder
 from .._peft_utils import active_adapter_name, common_lora_rank, record_adapter_facts
 from ..quantization import prepare_for_exact_weights
@@ -52,6 +52,7 @@ from .checkpoints import (
 )
 from .exits import DepthExits
 from .faults import NonFiniteCheck, hold_output_dir
+from .fsdp1 import fsdp1_adapter_state, write_fsdp1_adapter
 from .model_card import carry_card, write_adapter_card
 from .rank_mask import COMPILE_WATCH, enable_static_rank
 from .sampler import RankSampler, SubModel, check_same_rank, step_plan
@@ -290,8 +291,12 @@ class DynamicRankMixin:
 
     def _save_sharded(self, output_dir: str, state_dict=None):
         """FSDP2 `DTensor` parameters: every process gathers the adapter's tensors whole (the LoRA factors and other
-        trainable ones, not the frozen base), process 0 writes, the others wait; a failure raises on all."""
-        if state_dict is None:
+        trainable ones, not the frozen base), process 0 writes, the others wait; a failure raises on all. FSDP1
+        modules: the factors are gathered by `fsdp1.fsdp1_adapter_state` and written by `write_fsdp1_adapter`."""
+        fsdp1 = has_fsdp1_modules(self.model)
+        if fsdp1:
+            state_dict = fsdp1_adapter_state(self.model, self._adapter_name)
+        elif state_dict is None:
             trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
             state_dict = {name: full_tensor(value).detach().cpu()
                           for name, value in self.model.state_dict().items()
@@ -299,7 +304,10 @@ class DynamicRankMixin:
 
         def write():
             with staged_folder(output_dir) as tmp:
-                self.model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+                if fsdp1:  # peft's save_pretrained finds no factors under FSDP1's module names (fsdp1.py)
+                    write_fsdp1_adapter(self.model, state_dict, str(tmp), self._adapter_name)
+                else:
+                    self.model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
                 if self.processing_class is not None:
                     self.processing_class.save_pretrained(str(tmp))
                 torch.save(self.args, os.path.join(tmp, TRAINING_ARGS_NAME))
