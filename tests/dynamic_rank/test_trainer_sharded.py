@@ -2,7 +2,9 @@
 `export_rank` agree to 1e-5 relative, with the LoRA factors replicated (sharded at load time by transformers'
 `DistributedConfig(fsdp_size=2)`) or sharded themselves (`fully_shard` after peft: `DTensor` factors), on an fp32
 base and on an NF4 base (whose factors trl casts to bf16: the one-process run accumulates the same micro-batches).
-The same run under DeepSpeed ZeRO-3 (factors partitioned) agrees with the one-process fp32 run too."""
+The same run under DeepSpeed ZeRO-3 (factors partitioned) agrees with the one-process fp32 run too, and so does FSDP1
+(`FullyShardedDataParallel`, `use_orig_params=True`, wrapped by the script) with peft's wrap policy (each LoRA factor
+wrapped) and with one unit per decoder block."""
 
 import os
 import subprocess
@@ -17,6 +19,7 @@ from testing_utils import SCRIPTS_DIR, require_bitsandbytes, require_deepspeed
 
 SCRIPT = os.path.join(SCRIPTS_DIR, "dynamic_rank_fsdp2.py")
 ZERO3_SCRIPT = os.path.join(SCRIPTS_DIR, "dynamic_rank_zero3.py")
+FSDP1_SCRIPT = os.path.join(SCRIPTS_DIR, "dynamic_rank_fsdp1.py")
 FILES = ("saved/adapter_model.safetensors", "rank-4/adapter_model.safetensors")
 
 
@@ -32,8 +35,10 @@ def _run(model_path, out, nproc: int, route: str, base: str, truncation: str = "
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
     port = 29600 + 10 * nproc + os.getpid() % 1000 + (route == "fully_shard") + 2 * (base == "nf4") + 4 * (
-        truncation == "static") + 8 * (route == "zero3")
+        truncation == "static") + 8 * (route == "zero3") + 9 * (route == "fsdp1")
     script, extra = (ZERO3_SCRIPT, ["zero3"]) if route == "zero3" else (SCRIPT, [route, base, truncation])
+    if route == "fsdp1":
+        script, extra = FSDP1_SCRIPT, ["peft,layer"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                str(port), script, model_path, str(out), *extra]
     # a process left waiting in a collective would hang: the timeout ends the test as a failure
@@ -107,3 +112,26 @@ def test_zero3_refuses_the_init_and_gathers_partitioned_factors(tiny_model_path,
     for name in FILES:  # written by process 0 only, from factors gathered whole
         _assert_close(load_file(two / name), load_file(one_process_fp32 / name), name)
     assert (two / "saved" / "dynamic_rank.json").is_file() and (two / "rank-4" / "dynamic_rank.json").is_file()
+
+
+def test_fsdp1_equals_one_process(tiny_model_path, tmp_path, one_process_fp32):
+    """FSDP1 (`FullyShardedDataParallel`, `use_orig_params=True`, CPU): peft's wrap policy (each LoRA factor its own
+    FSDP module: truncation swaps the `nn.Linear` inside) and one unit per decoder block train as one process;
+    `save_model` and `export_rank` gather the factors whole, process 0 writes (`dynamic_rank/fsdp1.py`)."""
+    from peft import LoraConfig
+
+    _run(tiny_model_path, tmp_path / "two", 2, "fsdp1", "fp32")
+    single = torch.load(one_process_fp32 / "process-0.pt")
+    for policy, wrapped_factors in (("peft", 28), ("layer", 0)):
+        two = tmp_path / "two" / policy
+        process0, process1 = torch.load(two / "process-0.pt"), torch.load(two / "process-1.pt")
+        assert process0["model_class"] == "FullyShardedDataParallel"
+        assert process0["wrapped_factors"] == wrapped_factors  # 2 blocks x 7 targets x (A, B) under peft's policy
+        assert process0["rank_history"] == process1["rank_history"] == single["rank_history"]
+        _assert_close(process0["weights"], single["weights"], f"{policy}: weights")
+        _assert_close(process1["weights"], single["weights"], f"{policy}: weights of process 1")
+        for name in FILES:  # written by process 0 only, from factors gathered whole
+            _assert_close(load_file(two / name), load_file(one_process_fp32 / name), f"{policy}: {name}")
+            got, want = (LoraConfig.from_pretrained(folder / os.path.dirname(name)) for folder in (two, one_process_fp32))
+            assert (got.r, got.lora_alpha, set(got.target_modules)) == (want.r, want.lora_alpha, set(want.target_modules))
+        assert (two / "saved" / "dynamic_rank.json").is_file() and (two / "rank-4" / "dynamic_rank.json").is_file()

@@ -1,18 +1,18 @@
 """DynamicRankTrainer on FSDP1 (`FullyShardedDataParallel`, `use_orig_params=True`; CPU, gloo): a few steps,
 `save_model` and `export_rank`, for tests/dynamic_rank/test_trainer_sharded.py.
 
-    torchrun --nproc_per_node 2 tests/scripts/dynamic_rank_fsdp1.py MODEL_DIR OUT_DIR [peft|layer]
+    torchrun --nproc_per_node 2 tests/scripts/dynamic_rank_fsdp1.py MODEL_DIR OUT_DIR [peft,layer]
 
 accelerate never selects FSDP on a CPU, so with two processes the script wraps the peft model itself, with peft's
 wrap policy (`peft`: `fsdp_auto_wrap_policy`, each LoRA factor its own `FullyShardedDataParallel` module, inside
 each wrapped decoder block) or one unit per decoder block (`layer`), and marks it as wrapped already so that the
 Trainer does not wrap it again in DDP (transformers' flag for a model sharded at load time; the broadcast of
 replicated trainable parameters that goes with that flag is for FSDP2 models and is skipped). With one process the
-model is not wrapped. Every process writes `process-{rank}.pt` with its rank history and its LoRA weights, gathered
+model is not wrapped. The policies named (comma-separated) run one after the other, in OUT_DIR/POLICY; the run's
+settings are those of tests/scripts/dynamic_rank_fsdp2.py with an fp32 base. Every process writes `process-{rank}.pt` with its rank history and its LoRA weights, gathered
 whole (FSDP1's default full state dict).
 """
 
-import functools
 import os
 import sys
 
@@ -32,7 +32,15 @@ def _wrap(model, policy: str):
     return wrapped
 
 
-def main(model_path: str, output_dir: str, policy: str = "peft") -> None:
+def main(model_path: str, output_dir: str, policies: str = "peft,layer") -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        torch.distributed.init_process_group("gloo")
+    for policy in policies.split(","):
+        _train(model_path, os.path.join(output_dir, policy), policy, world)
+
+
+def _train(model_path: str, output_dir: str, policy: str, world: int) -> None:
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -40,9 +48,6 @@ def main(model_path: str, output_dir: str, policy: str = "peft") -> None:
     from hf_quailora import DynamicRankConfig, DynamicRankTrainer, export_rank
 
     torch.set_num_threads(1)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        torch.distributed.init_process_group("gloo")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path)
     torch.manual_seed(0)
