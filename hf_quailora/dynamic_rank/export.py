@@ -43,8 +43,8 @@ from .._dist_utils import (
 from .._io_utils import staged_folder
 from .._peft_utils import adapter_facts, record_adapter_facts, store_config_facts
 from .exits import names_from_exit
-from .fsdp1 import fsdp1_adapter_state
 from .export_dir import WEIGHTS_FILE, check_export_dir
+from .fsdp1 import fsdp1_adapter_state
 from .model_card import carry_card, write_adapter_card
 from .saved_adapter import SavedAdapter, read_saved_adapter
 from .spec import (
