@@ -4,7 +4,7 @@
 base and on an NF4 base (whose factors trl casts to bf16: the one-process run accumulates the same micro-batches).
 The same run under DeepSpeed ZeRO-3 (factors partitioned) agrees with the one-process fp32 run too, and so does FSDP1
 (`FullyShardedDataParallel`, `use_orig_params=True`, wrapped by the script) with peft's wrap policy (each LoRA factor
-wrapped) and with one unit per decoder block."""
+wrapped) and with one unit per decoder block (and its `evaluate()` per rank)."""
 
 import os
 import subprocess
@@ -117,7 +117,8 @@ def test_zero3_refuses_the_init_and_gathers_partitioned_factors(tiny_model_path,
 def test_fsdp1_equals_one_process(tiny_model_path, tmp_path, one_process_fp32):
     """FSDP1 (`FullyShardedDataParallel`, `use_orig_params=True`, CPU): peft's wrap policy (each LoRA factor its own
     FSDP module: truncation swaps the `nn.Linear` inside) and one unit per decoder block train as one process;
-    `save_model` and `export_rank` gather the factors whole, process 0 writes (`dynamic_rank/fsdp1.py`)."""
+    `save_model` and `export_rank` gather the factors whole, process 0 writes (`dynamic_rank/fsdp1.py`); `evaluate()`'s
+    `eval_loss@r{b}` equals the loss of the saved adapter at rank b, unwrapped in one process."""
     from peft import LoraConfig
 
     _run(tiny_model_path, tmp_path / "two", 2, "fsdp1", "fp32")
@@ -135,3 +136,7 @@ def test_fsdp1_equals_one_process(tiny_model_path, tmp_path, one_process_fp32):
             got, want = (LoraConfig.from_pretrained(folder / os.path.dirname(name)) for folder in (two, one_process_fp32))
             assert (got.r, got.lora_alpha, set(got.target_modules)) == (want.r, want.lora_alpha, set(want.target_modules))
         assert (two / "saved" / "dynamic_rank.json").is_file() and (two / "rank-4" / "dynamic_rank.json").is_file()
+        for process in (process0, process1):
+            assert process["metrics"].keys() == process["reference"].keys() == {"eval_loss@r2", "eval_loss@r8"}
+            for key, value in process["reference"].items():
+                assert abs(process["metrics"][key] - value) <= 1e-5 * abs(value), (policy, key)

@@ -32,6 +32,23 @@ def _wrap(model, policy: str):
     return wrapped
 
 
+def _reference(model_path: str, output_dir: str, ids: list, trainer) -> dict:
+    """`eval_loss@r{b}` computed on one unwrapped copy of the saved adapter, in this process alone."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from hf_quailora import use_rank
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path), os.path.join(output_dir, "saved"))
+    batch = torch.tensor(ids)
+    with torch.no_grad():
+        losses = {}
+        for b in trainer.args.eval_ranks:
+            with use_rank(model, b, rank_scaling=trainer.rank_scaling):
+                losses[f"eval_loss@r{b}"] = model(input_ids=batch, labels=batch).loss.item()
+    return losses
+
+
 def main(model_path: str, output_dir: str, policies: str = "peft,layer") -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -59,10 +76,10 @@ def _train(model_path: str, output_dir: str, policy: str, world: int) -> None:
     args = DynamicRankConfig(
         output_dir=output_dir, max_steps=3, per_device_train_batch_size=4 // world, learning_rate=1e-2,
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, ddp_backend="gloo", max_length=16,
-        seed=0, rank_seed=7, bf16=False,
+        seed=0, rank_seed=7, bf16=False, per_device_eval_batch_size=4 // world, eval_ranks=[2, 8],
     )
     trainer = DynamicRankTrainer(model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids}),
-                                 processing_class=tokenizer)
+                                 eval_dataset=Dataset.from_dict({"input_ids": ids[:4]}), processing_class=tokenizer)
     if world > 1:
         trainer._sync_replicated_trainable_parameters = lambda model: None
         # the gradient norm over every shard (the Trainer's default would clip each process's shard by its own norm)
@@ -70,9 +87,11 @@ def _train(model_path: str, output_dir: str, policy: str, world: int) -> None:
     trainer.train()
     trainer.save_model(os.path.join(output_dir, "saved"))
     export_rank(trainer.model, 4, os.path.join(output_dir, "rank-4"))
+    metrics = trainer.evaluate()
     weights = {name: value.detach().clone() for name, value in trainer.model.state_dict().items() if "lora_" in name}
     process = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    torch.save({"rank_history": trainer.rank_history, "weights": weights, "world_size": world,
+    torch.save({"rank_history": trainer.rank_history, "reference": _reference(model_path, output_dir, ids[:4], trainer),
+                "metrics": {key: value for key, value in metrics.items() if key.startswith("eval_loss@")}, "weights": weights, "world_size": world,
                 "model_class": type(trainer.model).__name__,
                 "wrapped_factors": sum(type(m).__name__ == "FullyShardedDataParallel" and n.endswith(".default")
                                        for n, m in trainer.model.named_modules())},
