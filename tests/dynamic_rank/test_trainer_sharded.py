@@ -133,10 +133,36 @@ def test_fsdp1_equals_one_process(tiny_model_path, tmp_path, one_process_fp32):
         _assert_close(process1["weights"], single["weights"], f"{policy}: weights of process 1")
         for name in FILES:  # written by process 0 only, from factors gathered whole
             _assert_close(load_file(two / name), load_file(one_process_fp32 / name), f"{policy}: {name}")
-            got, want = (LoraConfig.from_pretrained(folder / os.path.dirname(name)) for folder in (two, one_process_fp32))
-            assert (got.r, got.lora_alpha, set(got.target_modules)) == (want.r, want.lora_alpha, set(want.target_modules))
+            got, want = (LoraConfig.from_pretrained(folder / os.path.dirname(name))
+                         for folder in (two, one_process_fp32))
+            assert (got.r, got.lora_alpha, set(got.target_modules)) == (
+                want.r, want.lora_alpha, set(want.target_modules))
         assert (two / "saved" / "dynamic_rank.json").is_file() and (two / "rank-4" / "dynamic_rank.json").is_file()
         for process in (process0, process1):
             assert process["metrics"].keys() == process["reference"].keys() == {"eval_loss@r2", "eval_loss@r8"}
             for key, value in process["reference"].items():
                 assert abs(process["metrics"][key] - value) <= 1e-5 * abs(value), (policy, key)
+
+
+def test_fsdp1_refuses_modules_to_save_naming_fsdp2(tiny_model_path, tmp_path):
+    """Under FSDP1 only LoRA factors are gathered for saving: `modules_to_save` is refused, naming FSDP2 (a real
+    one-process gloo group), before anything is written."""
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from transformers import AutoModelForCausalLM
+
+    from hf_quailora import export_rank
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path),
+                               LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+        wrapped = FullyShardedDataParallel(model, use_orig_params=True, device_id=torch.device("cpu"))
+        with pytest.raises(ValueError, match=r"modules_to_save.*FSDP2"):
+            export_rank(wrapped, 2, str(tmp_path / "rank-2"))
+    finally:
+        dist.destroy_process_group()
+    assert not (tmp_path / "rank-2").exists()

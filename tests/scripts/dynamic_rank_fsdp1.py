@@ -7,10 +7,13 @@ accelerate never selects FSDP on a CPU, so with two processes the script wraps t
 wrap policy (`peft`: `fsdp_auto_wrap_policy`, each LoRA factor its own `FullyShardedDataParallel` module, inside
 each wrapped decoder block) or one unit per decoder block (`layer`), and marks it as wrapped already so that the
 Trainer does not wrap it again in DDP (transformers' flag for a model sharded at load time; the broadcast of
-replicated trainable parameters that goes with that flag is for FSDP2 models and is skipped). With one process the
-model is not wrapped. The policies named (comma-separated) run one after the other, in OUT_DIR/POLICY; the run's
-settings are those of tests/scripts/dynamic_rank_fsdp2.py with an fp32 base. Every process writes `process-{rank}.pt` with its rank history and its LoRA weights, gathered
-whole (FSDP1's default full state dict).
+replicated trainable parameters that goes with that flag is for FSDP2 models and is skipped), and clips gradients
+with FSDP1's `clip_grad_norm_` (the norm over every shard), as accelerate does for FSDP1 on a GPU. With one process
+the model is not wrapped. The policies named (comma-separated) run one after the other, in OUT_DIR/POLICY; the
+settings are those of tests/scripts/dynamic_rank_fsdp2.py with an fp32 base. After `save_model` and `export_rank`,
+`evaluate()` reports `eval_loss@r2` and `eval_loss@r8`, and each process computes the same losses on the saved
+adapter, unwrapped, alone. Every process writes `process-{rank}.pt` with its rank history, its LoRA weights
+gathered whole (FSDP1's default full state dict), the metrics and those losses.
 """
 
 import os
@@ -39,7 +42,8 @@ def _reference(model_path: str, output_dir: str, ids: list, trainer) -> dict:
 
     from hf_quailora import use_rank
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path), os.path.join(output_dir, "saved"))
+    base = AutoModelForCausalLM.from_pretrained(model_path)
+    model = PeftModel.from_pretrained(base, os.path.join(output_dir, "saved"))
     batch = torch.tensor(ids)
     with torch.no_grad():
         losses = {}
@@ -90,8 +94,9 @@ def _train(model_path: str, output_dir: str, policy: str, world: int) -> None:
     metrics = trainer.evaluate()
     weights = {name: value.detach().clone() for name, value in trainer.model.state_dict().items() if "lora_" in name}
     process = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    torch.save({"rank_history": trainer.rank_history, "reference": _reference(model_path, output_dir, ids[:4], trainer),
-                "metrics": {key: value for key, value in metrics.items() if key.startswith("eval_loss@")}, "weights": weights, "world_size": world,
+    reference = _reference(model_path, output_dir, ids[:4], trainer)
+    torch.save({"rank_history": trainer.rank_history, "reference": reference, "weights": weights, "world_size": world,
+                "metrics": {key: value for key, value in metrics.items() if key.startswith("eval_loss@")},
                 "model_class": type(trainer.model).__name__,
                 "wrapped_factors": sum(type(m).__name__ == "FullyShardedDataParallel" and n.endswith(".default")
                                        for n, m in trainer.model.named_modules())},
