@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from .._dist_utils import full_trainable_state_dict, unwrap_fsdp1
+from .._dist_utils import full_trainable_state_dict, unwrap_fsdp1, unwrapped_name
 
 
 def fsdp1_adapter_state(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -46,7 +46,8 @@ def fsdp1_adapter_state(model: torch.nn.Module, adapter_name: str = "default") -
     """
     full = full_trainable_state_dict(model)  # a collective: gathered before anything may raise
     marker = f".{adapter_name}."
-    others = [key for key in full if "lora_" not in key]
+    trainable = {unwrapped_name(name) for name, p in model.named_parameters() if p.requires_grad}
+    others = [key for key in full if "lora_" not in key and key in trainable]  # not the quantized base's statistics
     if others:
         raise ValueError(
             f"Under FSDP1 only LoRA factors can be gathered for saving; {len(others)} other trainable tensors "
