@@ -129,12 +129,12 @@ def export_rank(
     written beside it (`DynamicRankMetadata`, with the base quantization and `exported_rank = b`), and a README.md
     (`model_card.write_adapter_card`: the base to load it on, and why not the full-precision one). Everything is
     checked before anything is written, and the folder is written atomically (a temporary folder, then a rename):
-    an interrupted export leaves no folder that loads as an adapter. On a sharded model (FSDP2 `DTensor` factors)
-    call it on every process: the factors are gathered whole, process 0 writes and the others wait; a failure on
+    an interrupted export leaves no folder that loads as an adapter. On a sharded model (FSDP2 `DTensor` factors, or
+    FSDP1: pass the `FullyShardedDataParallel` root, `trainer.model`) call it on every process: the factors are gathered whole, process 0 writes and the others wait; a failure on
     process 0 raises on all of them.
 
     Args:
-        model (`PeftModel`): the trained dynamic-rank model.
+        model (`PeftModel`): the trained dynamic-rank model (or an FSDP1 `FullyShardedDataParallel` around it).
         b (`int`): the rank to export, `1 ≤ b ≤ r`, and not above the trained `max_rank`.
         output_dir (`str`): folder to write `adapter_config.json` and `adapter_model.safetensors` into; never the
             folder the adapter was loaded from.
@@ -150,7 +150,7 @@ def export_rank(
         `str`: `output_dir`.
 
     Raises:
-        TypeError: `model` is not a `PeftModel`.
+        TypeError: `model` is not a `PeftModel` (nor FSDP1 around one).
         ValueError: `b` out of range (or above the trained `max_rank`), a bad `rank_scaling`, no (supported) LoRA
             layers, or an `output_dir` that is a file, the adapter's own folder, or another adapter (see
             `check_export_dir`).
