@@ -130,8 +130,8 @@ def export_rank(
     (`model_card.write_adapter_card`: the base to load it on, and why not the full-precision one). Everything is
     checked before anything is written, and the folder is written atomically (a temporary folder, then a rename):
     an interrupted export leaves no folder that loads as an adapter. On a sharded model (FSDP2 `DTensor` factors, or
-    FSDP1: pass the `FullyShardedDataParallel` root, `trainer.model`) call it on every process: the factors are gathered whole, process 0 writes and the others wait; a failure on
-    process 0 raises on all of them.
+    FSDP1: pass the `FullyShardedDataParallel` root, `trainer.model`) call it on every process: the factors are
+    gathered whole, process 0 writes and the others wait; a failure on process 0 raises on all of them.
 
     Args:
         model (`PeftModel`): the trained dynamic-rank model (or an FSDP1 `FullyShardedDataParallel` around it).
