@@ -40,18 +40,14 @@ from pathlib import Path
 
 import torch
 
+from conftest import TINY_TEXTS  # tests/ is on sys.path (pytest, bench/bench_faults.py)
+
 
 MOMENTS = ("step", "checkpoint", "save_model", "export", "init", "sweep")
 MAX_STEPS, SAVE_STEPS, EXPORT_RANK = 6, 2, 2
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth", "dynamic_rank_state.pt",
                     "adapter_config.json", "adapter_model.safetensors", "dynamic_rank.json")
-TEXTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Quantized models keep a low precision copy of each weight.",
-    "LoRA adds a low rank update to a frozen linear layer.",
-    "Calibration data are ordinary sentences run through the model.",
-    "Every rank of a dynamic adapter should work on its own.",
-] * 4
+TEXTS = TINY_TEXTS  # the tiny tokenizer of conftest.py was trained on them
 
 
 # ---------------------------------------------------------------------------------------------------------------------
