@@ -218,7 +218,7 @@ def run_case(path: str, streaming: str, args) -> dict:
         import logging
 
         logging.getLogger("hf_quailora.quailora.placement").addHandler(logging.StreamHandler())
-        logging.getLogger("hf_quailora.quailora.placement").setLevel(logging.INFO)
+        logging.getLogger("hf_quailora.quailora.placement").setLevel(logging.DEBUG)  # spans without overlap: DEBUG
     # Warm-up with small tensors: lazily loaded code (LAPACK/cuSOLVER kernels, bitsandbytes) and thread pools are
     # paid here, so the measured peak is the initialisation's data, not the first call's code pages. (Not a warm-up
     # init: its full-size Gram matrices would stay in the allocator and hide the real init's peak.)

@@ -85,7 +85,7 @@ def solve_groups(groups, solve_group, overlap: bool):
     in one background thread while the iterator calibrates the next group (at most one group waits).
 
     Yields `(group index, solve_group's result, seconds)`, in order; logs each group's calibration and solve spans
-    (seconds since the start), so that an overlap shows in the log.
+    (seconds since the start; at INFO with `overlap`, so that the overlap shows in the log, else at DEBUG).
     """
     start = time.perf_counter()
 
@@ -93,8 +93,9 @@ def solve_groups(groups, solve_group, overlap: bool):
         begun = time.perf_counter()
         result = solve_group(stats, group)
         ended = time.perf_counter()
-        logger.info("QuAILoRA group %d: calibrated %.2f-%.2f s, solved %.2f-%.2f s", index, calibrated[0] - start,
-                    calibrated[1] - start, begun - start, ended - start)
+        # INFO when the solves overlap calibration (the log shows it), DEBUG otherwise (one line per block is noise)
+        logger.log(logging.INFO if overlap else logging.DEBUG, "QuAILoRA group %d: calibrated %.2f-%.2f s, solved "
+                   "%.2f-%.2f s", index, calibrated[0] - start, calibrated[1] - start, begun - start, ended - start)
         return index, result, ended - begun
 
     if not overlap:
