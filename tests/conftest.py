@@ -45,6 +45,16 @@ def build_tiny_tokenizer():
     )
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Benchmarks run in-process (bench/compare_init, ...) call `torch.set_num_threads(--threads)`; without this, every
+    later test in the session ran on 1 thread (the real-model tests at about half speed)."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory):
     """A 2-layer Llama (hidden 64) with random weights and a locally trained tokenizer, saved once."""
