@@ -53,6 +53,15 @@ def _assert_close(got: dict, want: dict, what: str) -> None:
         assert error < 1e-5, f"{what} {key}: relative error {error:.2e}"
 
 
+def _assert_equal_to_one_process(processes: list[dict], single: dict, two, one) -> None:
+    """Every process's rank sequence and weights, and the files process 0 wrote, equal the one-process run's."""
+    for index, process in enumerate(processes):
+        assert process["rank_history"] == single["rank_history"], f"process {index}"
+        _assert_close(process["weights"], single["weights"], f"weights of process {index}")
+    for name in FILES:  # written by process 0 only, from factors gathered whole
+        _assert_close(load_file(two / name), load_file(one / name), name)
+
+
 @pytest.mark.parametrize("route, base", [
     ("load", "fp32"),
     ("fully_shard", "fp32"),
@@ -71,11 +80,7 @@ def test_fsdp2_equals_one_process(tiny_model_path, tmp_path, request, route, bas
         assert process0["lora_types"] == ["DTensor"]  # the factors themselves were sharded
     if base == "nf4":  # trl's bf16 cast reached the local shards too (else the first fused AdamW step fails)
         assert {value.dtype for value in process0["weights"].values()} == {torch.bfloat16}
-    assert process0["rank_history"] == process1["rank_history"] == single["rank_history"]
-    _assert_close(process0["weights"], single["weights"], "weights")
-    _assert_close(process1["weights"], single["weights"], "weights of process 1")
-    for name in FILES:  # written by process 0 only, from factors gathered whole
-        _assert_close(load_file(two / name), load_file(one / name), name)
+    _assert_equal_to_one_process([process0, process1], single, two, one)
     assert (two / "saved" / "dynamic_rank.json").is_file() and (two / "rank-4" / "dynamic_rank.json").is_file()
 
 
@@ -87,10 +92,7 @@ def test_fsdp2_static_rank_path_equals_one_process_slicing(tiny_model_path, tmp_
     process0, single = torch.load(two / "process-0.pt"), torch.load(one / "process-0.pt")
     assert process0["lora_types"] == ["DTensor"]
     assert process0["factor_classes"] == ["_MaskedLoraLinear"] and single["factor_classes"] == ["Linear"]
-    assert process0["rank_history"] == single["rank_history"]
-    _assert_close(process0["weights"], single["weights"], "weights")
-    for name in FILES:
-        _assert_close(load_file(two / name), load_file(one / name), name)
+    _assert_equal_to_one_process([process0], single, two, one)
 
 
 @require_deepspeed
@@ -106,11 +108,7 @@ def test_zero3_refuses_the_init_and_gathers_partitioned_factors(tiny_model_path,
     assert process0["partitioned"] == ["Parameter(0,)"]  # the factors themselves were partitioned
     for process in (process0, process1):
         assert "DeepSpeed ZeRO-3" in process["refusal"] and "hf-quailora init" in process["refusal"]
-    assert process0["rank_history"] == process1["rank_history"] == single["rank_history"]
-    _assert_close(process0["weights"], single["weights"], "weights")
-    _assert_close(process1["weights"], single["weights"], "weights of process 1")
-    for name in FILES:  # written by process 0 only, from factors gathered whole
-        _assert_close(load_file(two / name), load_file(one_process_fp32 / name), name)
+    _assert_equal_to_one_process([process0, process1], single, two, one_process_fp32)
     assert (two / "saved" / "dynamic_rank.json").is_file() and (two / "rank-4" / "dynamic_rank.json").is_file()
 
 
