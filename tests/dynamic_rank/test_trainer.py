@@ -349,7 +349,7 @@ def test_short_nf4_run_on_smollm2_lowers_eval_loss_at_every_rank(smollm2_path, t
             gradient_checkpointing=False, eval_ranks=[1, 2, 4, 8], update_rule="nested", seed=0,
         ),
         train_dataset=Dataset.from_dict({"text": alpaca_texts(32)}),
-        eval_dataset=Dataset.from_dict({"text": alpaca_texts(8, offset=900)}),
+        eval_dataset=Dataset.from_dict({"text": alpaca_texts(4, offset=900)}),
         processing_class=tokenizer,
     )
     before = trainer.evaluate()  # B = 0: the same loss at every rank, the NF4 model's

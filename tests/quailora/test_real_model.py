@@ -19,8 +19,8 @@ pytestmark = [pytest.mark.slow, require_bitsandbytes]
 def test_quailora_start_beats_qlora_and_svd_starts_on_held_out_text(smollm2_path, embedded_texts):
     model, tokenizer = load_quantized_model(smollm2_path, "nf4")
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
-    calibration = make_token_windows(tokenizer, embedded_texts["c4"], 256, 16)  # C4: calibration
-    held_out = make_token_windows(tokenizer, embedded_texts["wiki"], 256, 8)  # Wikipedia: held out
+    calibration = make_token_windows(tokenizer, embedded_texts["c4"], 256, 8)  # C4: calibration
+    held_out = make_token_windows(tokenizer, embedded_texts["wiki"], 256, 4)  # Wikipedia: held out
     with model.disable_adapter():
         qlora = compute_perplexity(model, held_out)  # B = 0 is the quantized model itself
     quailora_init(model, None, QuAILoRAConfig(solver="svd", show_progress=False))
@@ -28,7 +28,7 @@ def test_quailora_start_beats_qlora_and_svd_starts_on_held_out_text(smollm2_path
     report = quailora_init(model, calibration, QuAILoRAConfig(show_progress=False, report_svd_baseline=True))
     quailora = compute_perplexity(model, held_out)
     assert quailora < svd and quailora < qlora, (qlora, svd, quailora)
-    assert quailora < qlora * 0.97  # a clear gain, not rounding (measured: ~11% lower at these sizes)
+    assert quailora < qlora * 0.97  # a clear gain, not rounding (measured: 12% lower at these sizes)
     totals = report.totals()
     assert totals["calibrated_error_result"] < totals["calibrated_error_svd"] < totals["calibrated_error_qlora"]
 
