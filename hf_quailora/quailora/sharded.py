@@ -193,7 +193,8 @@ def write_factors(model: torch.nn.Module, results: list[tuple], adapter_name: st
     reshard(model)
     whole = []
     for module, lora_B, lora_A in results:
-        for param, value in ((module.lora_B[adapter_name].weight, lora_B), (module.lora_A[adapter_name].weight, lora_A)):
+        factors = (module.lora_B[adapter_name].weight, lora_B), (module.lora_A[adapter_name].weight, lora_A)
+        for param, value in factors:
             if _is_dtensor(param):
                 write_sharded(param, value)
             else:
