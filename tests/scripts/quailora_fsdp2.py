@@ -8,7 +8,8 @@
   afterwards (whole factors);
 - `fully_shard`: the same base loaded whole, LoRA added, then each decoder block and the root `fully_shard`ed
   (`DTensor` factors);
-- `nf4`: MODEL_DIR quantized to NF4, LoRA added, then `fully_shard`ed.
+- `nf4`: MODEL_DIR quantized to NF4, LoRA added, then `fully_shard`ed; `nf4-bf16`: the same with the factors cast
+  to bf16 before `fully_shard` (as trl stores them).
 
 ROUNDED_DIR holds MODEL_DIR with its block weights rounded to a coarse grid: `ROUNDED_BACKEND` (registered here and by
 the test's one-process reference) reports those layers as quantized with `Q` their own weight, gathered whole, and
@@ -32,6 +33,7 @@ from conftest import TINY_TEXTS  # noqa: E402
 
 
 TEXTS = list(TINY_TEXTS[:10])
+CASES = ("load", "fully_shard", "nf4", "nf4-bf16")
 PROBE = torch.tensor([[5, 9, 13, 21, 30, 44, 7, 8]])
 SETTINGS = {"calibration_samples": None, "calibration_length": 16, "calibration_batch_size": 2, "show_progress": False}
 
@@ -74,7 +76,7 @@ def load_lora_model(model_dir: str, rounded_dir: str, case: str, world: int = 1)
     from transformers import AutoModelForCausalLM
 
     kwargs = {}
-    if case == "nf4":
+    if case.startswith("nf4"):
         from hf_quailora.quantization import make_bnb_config
 
         kwargs["quantization_config"] = make_bnb_config("nf4")
@@ -82,12 +84,16 @@ def load_lora_model(model_dir: str, rounded_dir: str, case: str, world: int = 1)
         from transformers.distributed import DistributedConfig
 
         kwargs["distributed_config"] = DistributedConfig(fsdp_size=world)
-    model = AutoModelForCausalLM.from_pretrained(model_dir if case == "nf4" else rounded_dir, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(model_dir if case.startswith("nf4") else rounded_dir, **kwargs)
     for name, module in model.named_modules():
-        if case != "nf4" and ".layers." in name and name.endswith("proj"):
+        if not case.startswith("nf4") and ".layers." in name and name.endswith("proj"):
             module._rounded_base = True
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    if case == "nf4-bf16":  # as trl stores a quantized model's factors (cast before fully_shard, docs/launchers.md)
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.to(torch.bfloat16)
     if case != "load" and world > 1:
         from torch.distributed.fsdp import fully_shard
 
@@ -105,7 +111,7 @@ def lora_weights(model) -> dict:
 
 
 def init_kwargs(model_dir: str, case: str) -> dict:
-    return {} if case == "nf4" else {"full_precision_weights": model_dir}
+    return {} if case.startswith("nf4") else {"full_precision_weights": model_dir}
 
 
 def _callback_run(model_dir: str, rounded_dir: str, out_dir: str, world: int) -> dict:
@@ -162,7 +168,7 @@ def main(model_dir: str, rounded_dir: str, out_dir: str) -> None:
     register_backend(ROUNDED_BACKEND)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     result = {"weights": {}, "lora_types": {}}
-    for case in ("load", "fully_shard", "nf4"):
+    for case in CASES:
         model = load_lora_model(model_dir, rounded_dir, case, world)
         report = quailora_init(model, TEXTS[rank::world], QuAILoRAConfig(**SETTINGS), tokenizer=tokenizer,
                                **init_kwargs(model_dir, case))
