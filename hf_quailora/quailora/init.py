@@ -48,7 +48,7 @@ from .config import QuAILoRAConfig
 from .placement import choose_solve_device, solve_groups
 from .report import LayerReport, QuAILoRAReport
 from .schedule import Schedule, plan_schedule
-from .sharded import is_fsdp2_sharded, run_on_every_process, solve_layer_everywhere, write_factors
+from .sharded import check_shardable, is_fsdp2_sharded, run_on_every_process, solve_layer_everywhere, write_factors
 from .solvers import calibrated_error, frobenius_error, solve_als, solve_closed_form, solve_svd, split_for_lora
 from .streaming import stream_statistics
 from .weights import FullPrecisionWeights
@@ -309,6 +309,8 @@ def quailora_init(
 
     Args:
         model (`peft.PeftModel` or a model with peft LoRA layers): quantized base (bitsandbytes or another backend).
+            A model sharded by FSDP2 (`fully_shard`, `DistributedConfig`) is initialised in place: call this on
+            every process, each with its share of the calibration data (`quailora/sharded.py`).
         calibration: token ids, texts, a `datasets.Dataset`, or batches (see `make_calibration_batches`); or
             `GramStatistics` from an earlier `collect_gram_matrices` / `report.gram_statistics` on the same model
             (to initialise several adapters or ranks from one calibration pass); may be `None` only with
@@ -325,7 +327,8 @@ def quailora_init(
 
     Raises:
         ValueError: no LoRA layers; no quantized base; a rank too large for a layer; `W` missing or of the wrong
-            shape; an empty calibration set or one without non-padding tokens; non-finite W, Q or Gram matrix.
+            shape; an empty calibration set or one without non-padding tokens; non-finite W, Q or Gram matrix;
+            under `torch.distributed`, a model sharded by FSDP1, ZeRO-3, tensor parallelism or on the meta device.
         TypeError: unsupported calibration or weight-source types.
 
     Example:
@@ -336,6 +339,7 @@ def quailora_init(
     ```
     """
     config = config if config is not None else QuAILoRAConfig()
+    check_shardable(model)
     if not isinstance(config, QuAILoRAConfig):
         raise TypeError(f"`config` must be a QuAILoRAConfig, got {type(config).__name__}.")
     # 1. Plan, and check everything (the memory budget included) before any forward pass

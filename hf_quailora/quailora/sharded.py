@@ -96,6 +96,28 @@ def unsupported_sharding(model: torch.nn.Module) -> str | None:
     return None
 
 
+def check_shardable(model: torch.nn.Module) -> None:
+    """Under `torch.distributed`, refuse a model whose weights `quailora_init` cannot take (`unsupported_sharding`),
+    naming `hf-quailora init`, before any work.
+
+    Raises:
+        ValueError: FSDP1, ZeRO-3, meta weights or tensor parallelism.
+
+    Example:
+
+    ```python
+    check_shardable(model)  # passes for one process, DDP and FSDP2
+    ```
+    """
+    setup = unsupported_sharding(model) if is_distributed() else None
+    if setup is not None:
+        raise ValueError(
+            f"quailora_init cannot initialise a model under {setup}: it needs whole weights on every process, or "
+            "FSDP2 shards. Initialise on one process with `hf-quailora init` (it writes the QuAILoRA start as a peft "
+            "adapter folder) and start the sharded run from that folder; see docs/launchers.md."
+        )
+
+
 def run_on_every_process(fn: Callable[[], T], what: str) -> T:
     """Run `fn` on every process, then agree: a failure on any process raises on every process.
 

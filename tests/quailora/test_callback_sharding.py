@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import TrainerControl, TrainerState
 from trl import SFTConfig, SFTTrainer
 
-from hf_quailora import QuAILoRAInitCallback
+from hf_quailora import QuAILoRAInitCallback, quailora_init
 from hf_quailora.quantization import load_quantized_model
 
 from testing_utils import snapshot
@@ -98,6 +98,8 @@ def test_a_model_wrapped_by_fsdp1_is_refused_before_calibration(tiny_model_path,
         callback.on_train_begin(sft_args(tmp_path), TrainerState(), TrainerControl(), model=wrapped,
                                 processing_class=tokenizer)
     assert callback.report is None
+    with pytest.raises(ValueError, match=r"(?s)quailora_init cannot initialise a model under FSDP1.*hf-quailora init"):
+        quailora_init(wrapped, tiny_texts, tokenizer=tokenizer)  # called directly: the same refusal, before any work
 
 
 def test_tensor_parallel_parameters_are_refused_naming_one(tiny_model_path, tiny_texts, tmp_path, one_process_group):
