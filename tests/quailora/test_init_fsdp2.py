@@ -94,15 +94,17 @@ def test_fsdp2_init_equals_one_process(tiny_model_path, two_processes, one_proce
             assert torch.equal(value, processes[1]["weights"][case][name]), (case, name)
 
 
-def test_the_callback_initialises_a_model_sharded_at_load(two_processes, one_process):
+@pytest.mark.parametrize("case", ["load", "fully_shard"])
+def test_the_callback_initialises_an_fsdp2_model_in_a_trainer(two_processes, one_process, case):
     _, _, processes = two_processes
-    weights, _, tokens = one_process["load"]
+    weights, _, tokens = one_process[case]
     for index, process in enumerate(processes):
-        run = process["callback"]
-        # transformers does not wrap a model sharded at load: the callback initialises at on_train_begin
+        run = process[f"callback_{case}"]
+        # the Trainer does not wrap a model sharded before it (marked as sharded at load): the callback initialises
+        # at on_train_begin, writing whole factors (load) or DTensor shards (fully_shard) that the optimizer holds
         assert run["at_init_end"] is False and run["tokens"] == tokens
         error = _relative_error(run["weights"], weights)  # learning rate 0: the init itself
-        assert error < 1e-5, f"process {index}: factors off by {error:.2e}"
+        assert error < 1e-5, f"{case}, process {index}: factors off by {error:.2e}"
 
 
 def test_a_failure_on_one_process_raises_on_both(two_processes):

@@ -14,9 +14,9 @@
 ROUNDED_DIR holds MODEL_DIR with its block weights rounded to a coarse grid: `ROUNDED_BACKEND` (registered here and by
 the test's one-process reference) reports those layers as quantized with `Q` their own weight, gathered whole, and
 MODEL_DIR gives the full-precision `W`, so an fp32 base has a quantization error to correct.
-Then `QuAILoRAInitCallback` in a `Trainer` on the `load` model (learning rate 0, one step), and two planned
-failures on process 1 only (a layer missing from its full-precision weights; a non-finite W of one layer), each of
-which must raise on both processes. Every process writes `process-{rank}.pt`: the factors of each case, gathered
+Then `QuAILoRAInitCallback` in a `Trainer` on the `load` and `fully_shard` models (learning rate 0, one step), and
+two planned failures on process 1 only (a layer missing from its full-precision weights; a non-finite W of one
+layer), each of which must raise on both processes. Every process writes `process-{rank}.pt`: the factors of each case, gathered
 whole, the logits of one forward after the init, and the exceptions it saw.
 """
 
@@ -114,13 +114,17 @@ def init_kwargs(model_dir: str, case: str) -> dict:
     return {} if case.startswith("nf4") else {"full_precision_weights": model_dir}
 
 
-def _callback_run(model_dir: str, rounded_dir: str, out_dir: str, world: int) -> dict:
+def _callback_run(model_dir: str, rounded_dir: str, out_dir: str, world: int, case: str) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer, Trainer, TrainingArguments
+    from transformers.distributed import DistributedConfig
 
     from hf_quailora import QuAILoRAInitCallback
 
-    model = load_lora_model(model_dir, rounded_dir, "load", world)
+    model = load_lora_model(model_dir, rounded_dir, case, world)
+    if case == "fully_shard":  # sharded by hand: marked as from_pretrained(distributed_config=...) marks it
+        model.get_base_model()._is_distributed_loading_by_transformers = True
+        model.get_base_model().config.distributed_config = DistributedConfig(fsdp_size=world)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     callback = QuAILoRAInitCallback(calibration_dataset=TEXTS, full_precision_weights=model_dir, **SETTINGS)
     args = TrainingArguments(output_dir=out_dir, max_steps=1, per_device_train_batch_size=2, use_cpu=True,
@@ -178,7 +182,8 @@ def main(model_dir: str, rounded_dir: str, out_dir: str) -> None:
         with torch.no_grad():  # the next forward all-gathers the written shards (no stale unsharded copy)
             result[f"logits_{case}"] = model(input_ids=PROBE).logits
     result["failures"] = _failures(model, model_dir, rank, tokenizer)
-    result["callback"] = _callback_run(model_dir, rounded_dir, os.path.join(out_dir, "trainer"), world)
+    for case in ("load", "fully_shard"):
+        result[f"callback_{case}"] = _callback_run(model_dir, rounded_dir, os.path.join(out_dir, case), world, case)
     torch.save(result, os.path.join(out_dir, f"process-{rank}.pt"))
     torch.distributed.destroy_process_group()
 
