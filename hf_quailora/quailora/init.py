@@ -172,6 +172,8 @@ def _check_calibration(model, calibration, plans: list[_Plan], tokenizer, config
 def _prepare(model, calibration, config, tokenizer, full_precision_weights, adapter_name):
     """Step 1: find the LoRA layers, their quantized bases and full-precision weights, the calibration groups
     within the memory budget; check everything."""
+    check_shardable(model)  # FSDP1, ZeRO-3, meta weights: refused before any work (FSDP2 is taken)
+
     def plan():  # local work: a failure on one process raises on all, before any collective
         source = full_precision_weights if full_precision_weights is not None else _default_weight_source(model)
         weights = FullPrecisionWeights.from_any(source).use_key_mapping(model)
@@ -339,7 +341,6 @@ def quailora_init(
     ```
     """
     config = config if config is not None else QuAILoRAConfig()
-    check_shardable(model)
     if not isinstance(config, QuAILoRAConfig):
         raise TypeError(f"`config` must be a QuAILoRAConfig, got {type(config).__name__}.")
     # 1. Plan, and check everything (the memory budget included) before any forward pass
