@@ -12,9 +12,9 @@ one, with four differences, all here:
    calibration: the gather is a collective, and collectives must come in the same order on every process).
 3. *Every process solves* the same problem (same `H`, `W`, `Q`), and each layer's outcome is agreed on (one
    all-reduce of a failure flag), so a failure on one process raises on every process instead of leaving the
-   others in the next gather. Solving everywhere costs no time (the other processes would wait for process 0) and
-   no traffic beyond the gather each needs anyway; see `write_sharded` for why process 0's factors are still the
-   ones written.
+   others in the next gather. Solving everywhere costs no wall time (the other processes would wait for process 0)
+   and no traffic beyond the gather each needs anyway, and each process holds one layer's solve workspace, as under
+   DDP; see `write_sharded` for why process 0's factors are still the ones written.
 4. *The write*: FSDP2 modules are resharded first (an unsharded parameter would be overwritten by the next
    all-gather), then each `DTensor` factor receives its shard of process 0's factors, with the parameter's own
    mesh and placements, copied in place (the optimizer keeps its Parameters). Factors that are not `DTensor`s (an
@@ -38,7 +38,6 @@ report = quailora_init(model, my_share_of_texts, tokenizer=tokenizer)  # on ever
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -46,8 +45,6 @@ import torch
 
 from .._dist_utils import _collective_device, _is_dtensor, is_distributed, naming_collective
 
-
-logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
