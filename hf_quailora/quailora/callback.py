@@ -30,15 +30,17 @@ from ..embedded.data import check_token_ids
 from .config import QuAILoRAConfig, rename_options
 from .init import quailora_init
 from .report import QuAILoRAReport
+from .sharded import unsupported_sharding
 
 
 logger = logging.getLogger(__name__)
 
 _SUPPORTED = (
-    "Supported in process: one process, DDP (`accelerate launch` or `torchrun` without FSDP or DeepSpeed), and FSDP "
-    "or DeepSpeed asked for in the training arguments or by `accelerate launch` while every process still holds whole "
-    "weights when the Trainer is built (the callback then initialises at `on_init_end`, before the Trainer wraps the "
-    "model). For a model sharded, partitioned or left on the meta device at load time, initialise on one process "
+    "Supported in process: one process, DDP (`accelerate launch` or `torchrun` without FSDP or DeepSpeed), a model "
+    "sharded by FSDP2 (`fully_shard`, or transformers' `DistributedConfig` at load), and FSDP or DeepSpeed asked for "
+    "in the training arguments or by `accelerate launch` while every process still holds whole weights when the "
+    "Trainer is built (the callback then initialises at `on_init_end`, before the Trainer wraps the model). For a "
+    "model sharded by FSDP1, partitioned or left on the meta device at load time, initialise on one process "
     "first with `hf-quailora init` (it writes the QuAILoRA start as a peft adapter folder) and start the sharded run "
     "from that folder without this callback; see docs/launchers.md."
 )
@@ -65,28 +67,10 @@ def _wrapping_setup(args) -> str | None:
 
 
 def _sharded_model(model: torch.nn.Module) -> str | None:
-    """What in the model itself hides whole weights from this process: FSDP-wrapped modules, `DTensor` parameters
-    of FSDP2 or tensor parallelism, ZeRO-3's partitioned parameters, parameters on the meta device (rank-0-only
-    loading); `None` when every parameter is whole."""
-    parameters = list(model.parameters())
-    if any(hasattr(p, "ds_id") for p in parameters):
-        return "DeepSpeed ZeRO-3 (the parameters are partitioned)"
-    meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
-    if meta is not None:
-        return f"parameters on the meta device (e.g. {meta}; rank-0-only loading leaves the other processes none)"
-    if torch.distributed.is_available():
-        import torch.distributed.fsdp as fsdp
-        from torch.distributed.tensor import DTensor
-
-        # FSDP1's wrapper, and FSDP2's module class (public in torch.distributed.fsdp since torch 2.6)
-        names = ("FullyShardedDataParallel", "FSDPModule")
-        wrappers = tuple(getattr(fsdp, name) for name in names if hasattr(fsdp, name))
-        if any(isinstance(module, wrappers) for module in model.modules()):
-            return "FSDP (the model is FSDP-wrapped): it shards the parameters"
-        sharded = next((name for name, p in model.named_parameters() if isinstance(p, DTensor)), None)
-        if sharded is not None:
-            return f"sharded DTensor parameters (tensor parallelism or FSDP2; e.g. {sharded})"
-    return None
+    """What in the model itself hides whole weights from this process in a way the in-process init cannot take (FSDP1's
+    flat shards, ZeRO-3's partitions, meta weights, tensor parallelism); `None` when every parameter is whole or the
+    model is FSDP2-sharded, which `quailora_init` initialises in place (`quailora/sharded.py`)."""
+    return unsupported_sharding(model)
 
 
 def _sharded_setup(args, model: torch.nn.Module) -> str | None:
@@ -99,21 +83,23 @@ def _sharded_setup(args, model: torch.nn.Module) -> str | None:
 
 def _refuse(setup: str) -> ValueError:
     return ValueError(
-        f"QuAILoRAInitCallback cannot initialise under {setup}. It writes whole LoRA factors into every "
-        f"process's parameters (`param.data.copy_()`, rank 0's factors broadcast). {_SUPPORTED}"
+        f"QuAILoRAInitCallback cannot initialise under {setup}. It writes LoRA factors in place into every "
+        f"process's parameters (whole ones, or FSDP2's `DTensor` shards; process 0's factors). {_SUPPORTED}"
     )
 
 
 def check_unsharded_training(args, model: torch.nn.Module) -> None:
-    """Raise a `ValueError` naming the set-up when this run shards parameters or re-copies them (FSDP, DeepSpeed).
+    """Raise a `ValueError` naming the set-up when this run shards parameters in a way the in-process init cannot
+    write (FSDP1, ZeRO-3, meta weights, tensor parallelism) or will wrap the model later (FSDP, DeepSpeed).
 
-    `QuAILoRAInitCallback` writes whole factors into each process's parameters in place and broadcasts rank 0's, which
-    is right only when every process holds the whole, only copy of each trainable parameter.
+    `QuAILoRAInitCallback` writes process 0's factors in place into each process's parameters: whole ones (then
+    broadcast), or the shards of FSDP2's `DTensor`s. That is right when every process holds the whole, only copy of
+    each trainable parameter, or its FSDP2 shard.
 
     Example:
 
     ```python
-    check_unsharded_training(trainer.args, trainer.model)  # passes for one process and for DDP
+    check_unsharded_training(trainer.args, trainer.model)  # passes for one process, DDP and an FSDP2 model
     ```
     """
     setup = _sharded_setup(args, model)
@@ -160,17 +146,22 @@ def check_verified_setup(args) -> None:
 
 
 class QuAILoRAInitCallback(TrainerCallback):
-    """Run `quailora_init` on the trainer's model before the first optimizer step: at `on_train_begin` for one process
-    and DDP, at `on_init_end` (before the Trainer wraps the model) when FSDP or DeepSpeed is asked for.
+    """Run `quailora_init` on the trainer's model before the first optimizer step: at `on_train_begin` for one process,
+    DDP and a model already sharded by FSDP2, at `on_init_end` (before the Trainer wraps the model) when FSDP or
+    DeepSpeed is asked for.
 
-    Factors are written in place (`param.data.copy_()`), so the optimizer keeps its Parameters. Under several
-    processes each process calibrates on its shard, the Gram matrices are all-reduced, and rank 0's factors are
-    broadcast, so every process ends with identical weights. Under FSDP or DeepSpeed (from the training arguments or
-    `accelerate launch`) the Trainer wraps the model inside `train()`, so the callback initialises at `on_init_end`,
-    while every process still holds whole weights, and needs `calibration_dataset`; a model already sharded,
-    partitioned (ZeRO-3 at load) or on the meta device (rank-0-only loading) is refused there with an error naming
-    `hf-quailora init`. When training resumes from a checkpoint (`global_step > 0`, or `resume_from_checkpoint` in
-    the arguments of a wrapped run) the checkpoint's weights are kept.
+    Factors are written in place, so the optimizer keeps its Parameters. Under several processes each process
+    calibrates on its shard, the Gram matrices are all-reduced, and rank 0's factors are broadcast, so every process
+    ends with identical weights. A model sharded by FSDP2 before the Trainer sees it (`fully_shard`, or transformers'
+    `DistributedConfig` at load, where the Trainer does not wrap it again) is initialised in place at
+    `on_train_begin`: every process runs the calibration forward, each layer's whole `Q` is gathered in turn, every
+    process solves, and the `DTensor` factors receive their shards of process 0's factors (`quailora/sharded.py`).
+    Under FSDP or DeepSpeed asked for in the training arguments or by `accelerate launch`, the Trainer wraps the model
+    inside `train()`, so the callback initialises at `on_init_end`, while every process still holds whole weights (or
+    FSDP2 shards), and needs `calibration_dataset`. A model sharded by FSDP1, partitioned (ZeRO-3 at load), on the
+    meta device (rank-0-only loading) or tensor-parallel is refused with an error naming `hf-quailora init`. When
+    training resumes from a checkpoint (`global_step > 0`, or `resume_from_checkpoint` in the arguments of a wrapped
+    run) the checkpoint's weights are kept.
 
     Args:
         calibration_dataset (*optional*): texts, token ids, a `datasets.Dataset` with `"text"`/`"input_ids"`, or
@@ -191,8 +182,9 @@ class QuAILoRAInitCallback(TrainerCallback):
 
     Raises:
         ValueError / TypeError: bad settings, at construction; before any calibration, a model whose weights this
-            process does not hold whole (sharded, partitioned, on the meta device: at `on_init_end` or
-            `on_train_begin`), a wrapped run without `calibration_dataset`, and the checks of `quailora_init`.
+            process does not hold whole or as FSDP2 shards (FSDP1, partitioned, on the meta device, tensor-parallel:
+            at `on_init_end` or `on_train_begin`), a wrapped run without `calibration_dataset`, and the checks of
+            `quailora_init`.
 
     Example:
 

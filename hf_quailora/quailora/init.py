@@ -30,11 +30,11 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
 
-from .._dist_utils import is_distributed, naming_collective
 from .._peft_utils import record_adapter_facts, require_lora_layers
 from ..quantization import (
     dequantize_weight,
@@ -48,6 +48,7 @@ from .config import QuAILoRAConfig
 from .placement import choose_solve_device, solve_groups
 from .report import LayerReport, QuAILoRAReport
 from .schedule import Schedule, plan_schedule
+from .sharded import check_shardable, is_fsdp2_sharded, run_on_every_process, solve_layer_everywhere, write_factors
 from .solvers import calibrated_error, frobenius_error, solve_als, solve_closed_form, solve_svd, split_for_lora
 from .streaming import stream_statistics
 from .weights import FullPrecisionWeights
@@ -136,13 +137,6 @@ def _like_parameters(module, adapter_name: str, lora_B: torch.Tensor, lora_A: to
             lora_A.to(device=lora_A.device if stay else A_param.device, dtype=A_param.dtype))
 
 
-@torch.no_grad()
-def _write(module, adapter_name: str, lora_B: torch.Tensor, lora_A: torch.Tensor) -> None:
-    # copy_ keeps the Parameter objects the optimizer may already hold.
-    for param, value in ((module.lora_B[adapter_name].weight, lora_B), (module.lora_A[adapter_name].weight, lora_A)):
-        param.data.copy_(value)
-
-
 def _revive_dead_components(B: torch.Tensor, A: torch.Tensor, gains: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Components with no gain would have A = B = 0 and never train; give them peft's default (random A, B = 0)."""
     dead = gains <= gains.max() * 1e-12 if gains.numel() else gains.bool()
@@ -153,15 +147,6 @@ def _revive_dead_components(B: torch.Tensor, A: torch.Tensor, gains: torch.Tenso
         A[dead] = fresh
         B[:, dead] = 0
     return B, A
-
-
-def _broadcast_lora(plans: list[_Plan], adapter_name: str) -> None:
-    if not is_distributed():
-        return
-    with naming_collective("the broadcast of process 0's QuAILoRA factors"):
-        for plan in plans:  # every process ends with rank 0's weights, bit for bit
-            for factor in (plan.module.lora_A[adapter_name].weight, plan.module.lora_B[adapter_name].weight):
-                torch.distributed.broadcast(factor.data, src=0)
 
 
 def _check_calibration(model, calibration, plans: list[_Plan], tokenizer, config: QuAILoRAConfig):
@@ -187,9 +172,14 @@ def _check_calibration(model, calibration, plans: list[_Plan], tokenizer, config
 def _prepare(model, calibration, config, tokenizer, full_precision_weights, adapter_name):
     """Step 1: find the LoRA layers, their quantized bases and full-precision weights, the calibration groups
     within the memory budget; check everything."""
-    source = full_precision_weights if full_precision_weights is not None else _default_weight_source(model)
-    weights = FullPrecisionWeights.from_any(source).use_key_mapping(model)
-    plans, skipped = _plan_layers(model, adapter_name, weights)
+    check_shardable(model)  # FSDP1, ZeRO-3, meta weights: refused before any work (FSDP2 is taken)
+
+    def plan():  # local work: a failure on one process raises on all, before any collective
+        source = full_precision_weights if full_precision_weights is not None else _default_weight_source(model)
+        weights = FullPrecisionWeights.from_any(source).use_key_mapping(model)
+        return weights, *_plan_layers(model, adapter_name, weights)
+
+    weights, plans, skipped = run_on_every_process(plan, "planning the QuAILoRA init")
     for name, reason in skipped.items():
         logger.info("QuAILoRA skips %s: %s", name, reason)
     prepare_for_exact_weights(model)  # calibration runs in eval mode without gradients; Q must stay exact
@@ -238,14 +228,14 @@ def _statistics_per_group(model, calibration, plans: list[_Plan], schedule: Sche
 
 
 def _solve_layer(plan: _Plan, weights: FullPrecisionWeights, stats: GramStatistics | None, config: QuAILoRAConfig,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, dequantize=dequantize_weight):
     """Step 3, one layer: `E = W − Q`, the solver's sorted product `sBA`, LoRA's factors and the report's errors
-    (on `device`; `None`: where the layer lives)."""
+    (on `device`; `None`: where the layer lives). `dequantize(layer)` gives Q (gathered already when sharded)."""
     started = time.perf_counter()
     solve_dtype = getattr(torch, config.solve_dtype)
     # E = W − Q in one tensor: W is copied (never the caller's state dict) and Q subtracted in place, so the
     # workspace holds E, not W, Q and E. Solve where the layer lives.
-    Q = dequantize_weight(plan.module.get_base_layer()).to(device=device, dtype=solve_dtype)
+    Q = dequantize(plan.module.get_base_layer()).to(device=device, dtype=solve_dtype)
     E = weights.get(plan.name).to(device=Q.device, dtype=solve_dtype, copy=True)
     if not torch.isfinite(E).all():
         raise ValueError(f"{plan.name}: the full-precision weight W is not finite.")
@@ -321,6 +311,8 @@ def quailora_init(
 
     Args:
         model (`peft.PeftModel` or a model with peft LoRA layers): quantized base (bitsandbytes or another backend).
+            A model sharded by FSDP2 (`fully_shard`, `DistributedConfig`) is initialised in place: call this on
+            every process, each with its share of the calibration data (`quailora/sharded.py`).
         calibration: token ids, texts, a `datasets.Dataset`, or batches (see `make_calibration_batches`); or
             `GramStatistics` from an earlier `collect_gram_matrices` / `report.gram_statistics` on the same model
             (to initialise several adapters or ranks from one calibration pass); may be `None` only with
@@ -337,7 +329,8 @@ def quailora_init(
 
     Raises:
         ValueError: no LoRA layers; no quantized base; a rank too large for a layer; `W` missing or of the wrong
-            shape; an empty calibration set or one without non-padding tokens; non-finite W, Q or Gram matrix.
+            shape; an empty calibration set or one without non-padding tokens; non-finite W, Q or Gram matrix;
+            under `torch.distributed`, a model sharded by FSDP1, ZeRO-3, tensor parallelism or on the meta device.
         TypeError: unsupported calibration or weight-source types.
 
     Example:
@@ -365,10 +358,12 @@ def quailora_init(
     shapes = {plan.name: plan.shape for plan in plans}
     gram_bytes = max(sum(shapes[name][1] ** 2 for name in group if name in shapes) for group in schedule.groups)
     device = choose_solve_device(config, model, list(shapes.values()), gram_bytes * element)
+    sharded = is_fsdp2_sharded(model)  # FSDP2: Q gathered, every process solves, outcomes agreed (sharded.py)
+    solve = partial(solve_layer_everywhere, _solve_layer) if sharded else _solve_layer
 
     def solve_group(stats, group):
         return [(plan, *_like_parameters(plan.module, adapter_name, *solved[:2], stay=device is not None), solved[2])
-                for plan in group for solved in [_solve_layer(plan, weights, stats, config, device)]]
+                for plan in group for solved in [solve(plan, weights, stats, config, device)]]
 
     def calibrated():
         for stats, group in _statistics_per_group(model, calibration, plans, schedule, config, report):
@@ -380,7 +375,9 @@ def quailora_init(
             yield stats, group
             del stats
 
+    # not sharded: a solve's gather of Q must not run beside calibration's collectives (same order on every process)
     overlap = device is not None and device.type == "cpu" and not isinstance(calibration, GramStatistics | None)
+    overlap = overlap and not sharded
     for _, solved, seconds in solve_groups(calibrated(), solve_group, overlap and not config.keep_gram_statistics):
         for plan, lora_B, lora_A, layer_report in solved:
             results.append((plan, lora_B, lora_A))
@@ -389,10 +386,8 @@ def quailora_init(
         report.solve_seconds += seconds
     progress.close()
     report.gram_statistics = kept if config.keep_gram_statistics else None
-    # 4. Write, only now that every layer succeeded; then make all processes agree.
-    for plan, lora_B, lora_A in results:
-        _write(plan.module, adapter_name, lora_B, lora_A)
-    _broadcast_lora(plans, adapter_name)
+    # 4. Write, only now that every layer succeeded; every process ends with process 0's factors.
+    write_factors(model, [(plan.module, lora_B, lora_A) for plan, lora_B, lora_A in results], adapter_name)
     record_adapter_facts(model, adapter_name, quailora=True)
     logger.info(report.summary())
     return report

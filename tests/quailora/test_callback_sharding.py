@@ -16,13 +16,14 @@ from peft import LoraConfig, get_peft_model
 from transformers import TrainerControl, TrainerState
 from trl import SFTConfig, SFTTrainer
 
-from hf_quailora import QuAILoRAInitCallback
+from hf_quailora import QuAILoRAInitCallback, quailora_init
 from hf_quailora.quantization import load_quantized_model
 
 from testing_utils import snapshot
 
 
-REFUSAL = r"QuAILoRAInitCallback cannot initialise under {}.*Supported in process: one process, DDP.*hf-quailora init"
+REFUSAL = (r"QuAILoRAInitCallback cannot initialise under {}.*Supported in process: one process, DDP.*a model "
+           r"sharded by FSDP2.*hf-quailora init")
 
 
 def lora_model(path):
@@ -83,19 +84,22 @@ def one_process_group(monkeypatch):
         dist.destroy_process_group()
 
 
-def test_a_model_sharded_by_fsdp2_is_refused_before_calibration(tiny_model_path, tiny_texts, tmp_path,
-                                                                one_process_group):
-    from torch.distributed.fsdp import fully_shard
+def test_a_model_wrapped_by_fsdp1_is_refused_before_calibration(tiny_model_path, tiny_texts, tmp_path,
+                                                                 one_process_group):
+    # FSDP1's flat shards are refused; FSDP2 (`fully_shard`) is initialised in place
+    # (tests/quailora/test_init_fsdp2.py)
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
     model, tokenizer = lora_model(tiny_model_path)
-    for layer in model.base_model.model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+    wrapped = FullyShardedDataParallel(model, use_orig_params=True, device_id=torch.device("cpu"))
     callback = QuAILoRAInitCallback(calibration_dataset=tiny_texts)
-    with pytest.raises(ValueError, match=REFUSAL.format(r"FSDP \(the model is FSDP-wrapped\)")):
-        callback.on_train_begin(sft_args(tmp_path), TrainerState(), TrainerControl(), model=model,
+    refusal = REFUSAL.format(r"FSDP1 \(`FullyShardedDataParallel`: flat parameter shards\)")
+    with pytest.raises(ValueError, match=refusal):
+        callback.on_train_begin(sft_args(tmp_path), TrainerState(), TrainerControl(), model=wrapped,
                                 processing_class=tokenizer)
     assert callback.report is None
+    with pytest.raises(ValueError, match=r"(?s)quailora_init cannot initialise a model under FSDP1.*hf-quailora init"):
+        quailora_init(wrapped, tiny_texts, tokenizer=tokenizer)  # called directly: the same refusal, before any work
 
 
 def test_tensor_parallel_parameters_are_refused_naming_one(tiny_model_path, tiny_texts, tmp_path, one_process_group):
@@ -106,7 +110,8 @@ def test_tensor_parallel_parameters_are_refused_naming_one(tiny_model_path, tiny
     mlp = model.base_model.model.model.layers[0].mlp
     parallelize_module(mlp.gate_proj.base_layer, init_device_mesh("cpu", (1,)), ColwiseParallel())
     callback = QuAILoRAInitCallback(calibration_dataset=tiny_texts)
-    with pytest.raises(ValueError, match=REFUSAL.format(r"sharded DTensor parameters .*layers\.0\.mlp\.gate_proj")):
+    refusal = REFUSAL.format(r"sharded DTensor parameters without FSDP2 .*layers\.0\.mlp\.gate_proj")
+    with pytest.raises(ValueError, match=refusal):
         callback.on_train_begin(sft_args(tmp_path), TrainerState(), TrainerControl(), model=model,
                                 processing_class=tokenizer)
     assert callback.report is None
