@@ -172,13 +172,15 @@ def test_fsdp2_equals_one_process(tiny_model_path, tmp_path, request, route, bas
 
 def test_fsdp2_static_rank_path_equals_one_process_slicing(tiny_model_path, tmp_path, one_process_fp32):
     """The static-shape truncation of `torch_compile=True` (a mask inside the factors' forward) on sharded `DTensor`
-    factors gives the one-process slicing run's weights and exports (issue "One compiled graph for every rank")."""
+    factors gives the one-process slicing run's weights and exports (issue "One compiled graph for every rank"), and
+    `evaluate()` per rank through it."""
     two, one = tmp_path / "two", one_process_fp32
     _run(tiny_model_path, two, 2, "fully_shard", "fp32", "static")
     process0, single = torch.load(two / "process-0.pt"), torch.load(one / "process-0.pt")
     assert process0["lora_types"] == ["DTensor"]
     assert process0["factor_classes"] == ["_MaskedLoraLinear"] and single["factor_classes"] == ["Linear"]
     _assert_equal_to_one_process([process0], single, two, one)
+    _assert_per_rank_eval([process0], "static")
 
 
 @require_deepspeed

@@ -14,8 +14,8 @@ runs micro-batches of 2 (one process: 2 of them, accumulated), so that the bf16 
 two-process run (a single batch of 4 rounds otherwise: 1e-2 relative after 3 steps).
 With `static`, truncation takes the static-shape path that `torch_compile=True` uses (`enable_static_rank`: a rank
 tensor and a mask inside the factors' forward, after FSDP's all-gather), run eagerly.
-After `save_model` and `export_rank`, `evaluate()` reports `eval_loss@r2` and `eval_loss@r8`, and each process
-computes the same losses on the saved adapter, unwrapped, alone. Every process writes `process-{rank}.pt` with its
+After `save_model` and `export_rank`, with two processes, `evaluate()` reports `eval_loss@r2` and `eval_loss@r8`, and
+each process computes the same losses on the saved adapter, unwrapped, alone (the one-process run skips both). Every process writes `process-{rank}.pt` with its
 rank history, its LoRA weights gathered whole, the metrics and those losses.
 With `--from_adapter START_DIR` (a folder written by `hf-quailora init`, r = 8) the same launch then trains a second
 time, in OUT_DIR/adapter, from that start loaded with plain `PeftModel.from_pretrained(..., is_trainable=True)`
@@ -106,12 +106,12 @@ def _train(model_path: str, output_dir: str, route: str, base: str, truncation: 
     trainer.train()
     trainer.save_model(os.path.join(output_dir, "saved"))
     export_rank(trainer.model, 4, os.path.join(output_dir, "rank-4"))
-    metrics = eval_metrics(trainer.evaluate())
+    metrics = eval_metrics(trainer.evaluate()) if world > 1 else {}
     weights = {name: full_tensor(value).detach().clone() for name, value in trainer.model.state_dict().items()
                if "lora_" in name}
     factor_dtype = next(value.dtype for value in weights.values())
     reference = reference_losses(model_path, os.path.join(output_dir, "saved"), ids[:4], trainer.args.eval_ranks,
-                                 trainer.rank_scaling, base, factor_dtype)
+                                 trainer.rank_scaling, base, factor_dtype) if world > 1 else {}
     torch.save({"rank_history": trainer.rank_history, "weights": weights, "world_size": world,
                 "rank_scaling": trainer.rank_scaling, "metrics": metrics, "reference": reference, **start,
                 "lora_types": sorted({type(p).__name__ for n, p in trainer.model.named_parameters() if "lora_" in n}),
