@@ -40,8 +40,10 @@ def _reshard(model: torch.nn.Module) -> None:
     """Register every FSDP2 module's sharded parameters again. A forward before the Trainer (an evaluation, a check
     of the start) leaves the root's parameters gathered, as plain tensors (FSDP2 keeps them for the backward), and
     re-reading the shards below would then fail ("'Parameter' object has no attribute '_local_tensor'")."""
-    from torch.distributed.fsdp import FSDPModule
-
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # an older torch, without FSDP2 under this public name
+        return
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
