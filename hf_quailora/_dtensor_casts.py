@@ -36,6 +36,29 @@ def _fsdp_param_groups(model: torch.nn.Module) -> list:
     return groups
 
 
+def _reshard(model: torch.nn.Module) -> None:
+    """Register every FSDP2 module's sharded parameters again. A forward before the Trainer (an evaluation, a check
+    of the start) leaves the root's parameters gathered, as plain tensors (FSDP2 keeps them for the backward), and
+    re-reading the shards below would then fail ("'Parameter' object has no attribute '_local_tensor'")."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # an older torch, without FSDP2 under this public name
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def _drop_gather_buffers(fsdp_param) -> None:
+    """A forward before the cast allocated the parameter's all-gather buffers in its old dtype, and FSDP2 reuses them:
+    the bf16 shards were gathered into float32 buffers (a nan loss at the first step). Drop them; the next all-gather
+    allocates them in the new dtype."""
+    unsharded = getattr(fsdp_param, "_unsharded_param", None)
+    if unsharded is not None and unsharded.dtype != fsdp_param.sharded_param.dtype:
+        fsdp_param.all_gather_outputs = []
+        del fsdp_param._unsharded_param
+
+
 @torch.no_grad()
 def finish_dtensor_casts(model: torch.nn.Module) -> list[str]:
     """Cast each `DTensor` parameter's local shard to the parameter's own dtype where the two differ.
@@ -57,6 +80,7 @@ def finish_dtensor_casts(model: torch.nn.Module) -> list[str]:
         return []
     from torch.distributed.tensor import DTensor
 
+    _reshard(model)
     cast = []
     for name, param in model.named_parameters():
         if isinstance(param, DTensor) and param._local_tensor.dtype != param.dtype:
@@ -67,5 +91,6 @@ def finish_dtensor_casts(model: torch.nn.Module) -> list[str]:
         for group in _fsdp_param_groups(model):  # already initialised: re-read the shards and their dtypes
             for fsdp_param in group.fsdp_params:
                 fsdp_param.reset_sharded_param()
+                _drop_gather_buffers(fsdp_param)
             group._init_mp_dtypes()
     return cast

@@ -2,6 +2,7 @@
 `save_model` and `export_rank`, for tests/dynamic_rank/test_trainer_sharded.py.
 
     torchrun --nproc_per_node 2 tests/scripts/dynamic_rank_fsdp1.py MODEL_DIR OUT_DIR [peft,layer]
+        [--from_adapter START_DIR]
 
 accelerate never selects FSDP on a CPU, so with two processes the script wraps the peft model itself, with peft's
 wrap policy (`peft`: `fsdp_auto_wrap_policy`, each LoRA factor its own `FullyShardedDataParallel` module, inside
@@ -14,12 +15,17 @@ settings are those of tests/scripts/dynamic_rank_fsdp2.py with an fp32 base. Aft
 `evaluate()` reports `eval_loss@r2` and `eval_loss@r8`, and each process computes the same losses on the saved
 adapter, unwrapped, alone. Every process writes `process-{rank}.pt` with its rank history, its LoRA weights
 gathered whole (FSDP1's default full state dict), the metrics and those losses.
+With `--from_adapter START_DIR` (a folder written by `hf-quailora init`, r = 8) the same launch then trains once more,
+with peft's wrap policy, in OUT_DIR/adapter, from that start loaded on the fp32 base with plain
+`PeftModel.from_pretrained(..., is_trainable=True)` instead of random factors; its `process-{rank}.pt` adds the
+trainer's resolved `rank_scaling` and the start's logits on the wrapped model before training.
 """
 
 import os
 import sys
 
 import torch
+from sharded_start import eval_metrics, load_start, output_path, pop_option, reference_losses, start_logits
 
 
 def _wrap(model, policy: str):
@@ -35,33 +41,17 @@ def _wrap(model, policy: str):
     return wrapped
 
 
-def _reference(model_path: str, output_dir: str, ids: list, trainer) -> dict:
-    """`eval_loss@r{b}` computed on one unwrapped copy of the saved adapter, in this process alone."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from hf_quailora import use_rank
-
-    base = AutoModelForCausalLM.from_pretrained(model_path)
-    model = PeftModel.from_pretrained(base, os.path.join(output_dir, "saved"))
-    batch = torch.tensor(ids)
-    with torch.no_grad():
-        losses = {}
-        for b in trainer.args.eval_ranks:
-            with use_rank(model, b, rank_scaling=trainer.rank_scaling):
-                losses[f"eval_loss@r{b}"] = model(input_ids=batch, labels=batch).loss.item()
-    return losses
-
-
-def main(model_path: str, output_dir: str, policies: str = "peft,layer") -> None:
+def main(model_path: str, output_dir: str, policies: str = "peft,layer", from_adapter: str | None = None) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         torch.distributed.init_process_group("gloo")
     for policy in policies.split(","):
         _train(model_path, os.path.join(output_dir, policy), policy, world)
+    if from_adapter is not None:
+        _train(model_path, os.path.join(output_dir, "adapter"), "peft", world, from_adapter)
 
 
-def _train(model_path: str, output_dir: str, policy: str, world: int) -> None:
+def _train(model_path: str, output_dir: str, policy: str, world: int, from_adapter: str | None = None) -> None:
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -70,13 +60,18 @@ def _train(model_path: str, output_dir: str, policy: str, world: int) -> None:
 
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path)
-    torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+    if from_adapter is None:
+        model = AutoModelForCausalLM.from_pretrained(model_path)
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                 init_lora_weights=False))
+    else:
+        model = load_start(model_path, from_adapter)
     if world > 1:
         model = _wrap(model, policy)
     # every sequence the same length without padding: the mean of the processes' mean losses is the one-process mean
     ids = [[(7 * i + j) % (len(tokenizer) - 3) + 3 for j in range(16)] for i in range(8)]
+    start = {} if from_adapter is None else {"start_ids": ids[:2], "start_logits": start_logits(model, ids[:2])}
     args = DynamicRankConfig(
         output_dir=output_dir, max_steps=3, per_device_train_batch_size=4 // world, learning_rate=1e-2,
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, ddp_backend="gloo", max_length=16,
@@ -91,17 +86,19 @@ def _train(model_path: str, output_dir: str, policy: str, world: int) -> None:
     trainer.train()
     trainer.save_model(os.path.join(output_dir, "saved"))
     export_rank(trainer.model, 4, os.path.join(output_dir, "rank-4"))
-    metrics = trainer.evaluate()
+    metrics = eval_metrics(trainer.evaluate())
     weights = {name: value.detach().clone() for name, value in trainer.model.state_dict().items() if "lora_" in name}
-    process = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    reference = _reference(model_path, output_dir, ids[:4], trainer)
+    reference = reference_losses(model_path, os.path.join(output_dir, "saved"), ids[:4], trainer.args.eval_ranks,
+                                 trainer.rank_scaling)
     torch.save({"rank_history": trainer.rank_history, "reference": reference, "weights": weights, "world_size": world,
-                "metrics": {key: value for key, value in metrics.items() if key.startswith("eval_loss@")},
+                "metrics": metrics, "rank_scaling": trainer.rank_scaling, **start,
                 "model_class": type(trainer.model).__name__,
                 "wrapped_factors": sum(type(m).__name__ == "FullyShardedDataParallel" and n.endswith(".default")
                                        for n, m in trainer.model.named_modules())},
-               os.path.join(output_dir, f"process-{process}.pt"))
+               output_path(output_dir))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    argv = sys.argv[1:]
+    adapter = pop_option(argv, "--from_adapter")
+    main(*argv[:3], from_adapter=adapter)
