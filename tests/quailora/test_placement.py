@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hf_quailora import QuAILoRAConfig
-from hf_quailora.quailora.placement import choose_solve_device, solve_groups
+from hf_quailora.quailora.placement import choose_placement, solve_groups
 from hf_quailora.quailora.solvers import calibrated_error, solve_closed_form
 from tests.quailora.test_streaming import assert_same_factors, init_factors
 
@@ -21,8 +21,10 @@ def test_solve_device_is_checked():
 
 def test_auto_keeps_a_cpu_model_where_it_is():
     model = torch.nn.Linear(4, 4)
-    assert choose_solve_device(QuAILoRAConfig(), model, [(4, 4)], 64) is None
-    assert choose_solve_device(QuAILoRAConfig(solve_device="cpu"), model, [(4, 4)], 64) == torch.device("cpu")
+    placement = choose_placement(QuAILoRAConfig(), model, [(4, 4, 2)])
+    assert placement.solve_device is None and not placement.gram_on_cpu  # as before the "auto" policy
+    assert choose_placement(QuAILoRAConfig(solve_device="cpu"), model, [(4, 4, 2)]).solve_device == torch.device("cpu")
+    assert choose_placement(QuAILoRAConfig(gram_device="cpu"), model, [(4, 4, 2)]).gram_on_cpu
 
 
 def test_overlapped_groups_come_back_in_order_and_overlap(caplog):
