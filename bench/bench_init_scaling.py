@@ -83,11 +83,14 @@ def memory_contract(num_samples: int = 128, max_length: int = 512, batch_size: i
 
     gib = 2**30
     lines = [
-        "Formula (the rows up to Llama-3.1-8B were measured on an H200 below; the larger ones were not): "
+        "Formula (the rows up to Llama-3.1-8B were measured on an H200 below, before the in-place Cholesky; the "
+        "larger ones were not): "
         f"{num_samples} × {max_length} calibration tokens in batches of "
         f"{batch_size}, float64 solves, bf16 activations, LoRA r=16 on every linear layer (float32 factors). "
         "\"old\": every Gram matrix at once, in float64 (the original design); \"streamed\": one block at a time, "
-        "float32 Gram matrices (the defaults). \"fits\": NF4 model + the init's peak ≤ the GPU (GB = 10⁹ bytes); "
+        "float32 Gram matrices, solves and Gram matrices on the GPU (`solve_device=\"model\", gram_device=\"model\"`; "
+        "where the defaults put them: the contract with fine-tuning). \"fits\": NF4 model + the init's peak ≤ the "
+        "GPU (GB = 10⁹ bytes); "
         "fine-tuning itself then needs what QLoRA needs.",
         "",
         "| model | NF4 model | Gram all at once (old) | Gram per block (streamed) | solve workspace | old peak | "
