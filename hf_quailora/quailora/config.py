@@ -140,8 +140,8 @@ class QuAILoRAConfig:
             (the solve's workspace off the GPU; each group is solved in a background thread while the next group is
             calibrated), or `"auto"`: on a CPU model, each layer's device; on a GPU, with `gram_device`, the
             cheapest placement whose estimated init peak stays under the free memory and the extra memory of a
-            QLoRA fine-tuning step at batch 1 × 2048 (docs/memory.md, "Where the init runs"), logged in one INFO
-            line. A setting other than `"auto"` wins. The factors are the same wherever they are solved.
+            QLoRA fine-tuning step at batch 1 × 2048, or the run's own step under `QuAILoRAInitCallback`
+            (docs/memory.md, "Where the init runs"), logged in one INFO line. A setting other than `"auto"` wins. The factors are the same wherever they are solved.
         report_svd_baseline (`bool`, defaults to `False`): also compute the uncalibrated SVD start's errors for the
             report (`calibrated_error_svd`, `frobenius_error_svd`); this doubles the per-layer work of the
             closed form (the `"als"` and `"svd"` solvers compute that SVD anyway and always report it).

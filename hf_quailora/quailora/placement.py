@@ -24,6 +24,8 @@ overlap in the log).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +33,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .finetune_memory import estimate_finetune_memory
+from .finetune_memory import OPTIMIZER_BYTES, estimate_finetune_memory
 from .memory import (
     GRAM_BLOCK_COLUMNS,
     MASK_CHUNK_ROWS,
@@ -80,6 +82,37 @@ def add_gram_by_blocks(total: torch.Tensor, rows: torch.Tensor, columns: int = G
 # The fine-tuning step `"auto"` aims under when nothing else is known: QLoRA's, batch 1 × 2048 tokens, paged 8-bit
 # AdamW, gradient checkpointing (`quailora/finetune_memory.py`). A larger training step only leaves more room.
 FINETUNE_TARGET = {"batch_size": 1, "max_length": 2048, "optimizer": "paged_adamw_8bit"}
+_TARGET = contextvars.ContextVar("quailora_finetune_target", default=None)
+
+
+@contextlib.contextmanager
+def aim_at_training(args):
+    """Inside, `"auto"` aims under the training step that `args` configure (a transformers `TrainingArguments`:
+    `per_device_train_batch_size` × `max_length` tokens, `optim`) instead of `FINETUNE_TARGET`; what `args` lack
+    comes from `FINETUNE_TARGET`, an optimizer the formula does not know counts as paged 8-bit AdamW (the smallest
+    states). `QuAILoRAInitCallback` wraps its init in it. With sequences shorter than `max_length` (no packing)
+    the real step is smaller than this target.
+
+    Example:
+
+    ```python
+    with aim_at_training(SFTConfig(per_device_train_batch_size=4, max_length=1024)):
+        quailora_init(model, texts, tokenizer=tokenizer)
+    ```
+    """
+    optimizer = str(getattr(getattr(args, "optim", None), "value", getattr(args, "optim", None)))
+    target = {
+        "batch_size": getattr(args, "per_device_train_batch_size", None) or FINETUNE_TARGET["batch_size"],
+        "max_length": getattr(args, "max_length", None) or FINETUNE_TARGET["max_length"],
+        "optimizer": optimizer if optimizer in OPTIMIZER_BYTES else FINETUNE_TARGET["optimizer"],
+    }
+    token = _TARGET.set(target)
+    try:
+        yield target
+    finally:
+        _TARGET.reset(token)
+
+
 # (solve on the CPU, Gram matrices on the CPU), cheapest first: each step moves more work off the GPU
 PLACEMENTS = ((False, False), (True, False), (False, True), (True, True))
 
@@ -157,7 +190,8 @@ def estimate_for_model(model: torch.nn.Module, config, layers: list[tuple[int, i
     try:
         init = estimate_init_memory(base.config, config.calibration_samples or 128, config.calibration_length,
                                     config.calibration_batch_size, gram, solve, activation, rank)
-        target = estimate_finetune_memory(base.config, rank=rank, activation_bytes=activation, **FINETUNE_TARGET)
+        target = estimate_finetune_memory(base.config, rank=rank, activation_bytes=activation,
+                                          **(_TARGET.get() or FINETUNE_TARGET))
         return replace(init, **exact), target.training_extra
     except (AttributeError, TypeError, ValueError):  # not Llama-shaped: what the solve needs, against free memory
         widest = max(inp for _, inp, _ in layers)
@@ -183,13 +217,13 @@ def choose_placement(config, model: torch.nn.Module, layers: list[tuple[int, int
     init, target = estimate_for_model(model, config, layers)
     free = _smallest_over_processes(free_memory(device), device)  # every process decides the same
     choice = decide_placement(init, free, target, config.solve_device, config.gram_device)
-    where = {False: str(device), True: "the CPU"}
+    where, aim = {False: str(device), True: "the CPU"}, _TARGET.get() or FINETUNE_TARGET
     logger.info(
         "QuAILoRA solves on %s, Gram matrices on %s: the init's peak is about %s beside the model, %s %s (%s free on "
         "%s%s; all on %s: %s).", where[choice.solve_on_cpu], where[choice.gram_on_cpu], format_bytes(choice.peak),
         "under" if choice.fits else "over, the smallest placement, of", format_bytes(choice.limit), format_bytes(free),
-        device, "" if target is None else f", a QLoRA step at batch {FINETUNE_TARGET['batch_size']} × "
-        f"{FINETUNE_TARGET['max_length']} adds {format_bytes(target)}", device, format_bytes(init.placed_peak()),
+        device, "" if target is None else f", a QLoRA step at batch {aim['batch_size']} × {aim['max_length']} adds "
+        f"{format_bytes(target)}", device, format_bytes(init.placed_peak()),
     )
     return choice
 

@@ -11,7 +11,13 @@ import torch
 from hf_quailora import QuAILoRAConfig
 from hf_quailora.quailora.finetune_memory import estimate_finetune_memory
 from hf_quailora.quailora.memory import estimate_init_memory
-from hf_quailora.quailora.placement import PLACEMENTS, choose_placement, decide_placement, solve_groups
+from hf_quailora.quailora.placement import (
+    PLACEMENTS,
+    aim_at_training,
+    choose_placement,
+    decide_placement,
+    solve_groups,
+)
 from hf_quailora.quailora.solvers import calibrated_error, solve_closed_form
 from tests.quailora.test_streaming import assert_same_factors, init_factors
 
@@ -166,3 +172,9 @@ def test_auto_on_an_accelerator_logs_its_choice_once(tiny_model_path, caplog):
     assert len(lines) == 1 and ("under" if choice.fits else "over") in lines[0], lines
     assert choice.fits == (choice.peak <= choice.limit)  # a 64-wide model: 8 × 512 calibration tokens exceed 1 × 2048
     assert (fixed.solve_on_cpu, fixed.gram_on_cpu) == (False, True)
+    # the callback aims at its run's own step (here 8 × 1024 with AdamW: room for everything on the device)
+    with caplog.at_level(logging.INFO, logger="hf_quailora.quailora.placement"):
+        with aim_at_training(SimpleNamespace(per_device_train_batch_size=8, max_length=1024, optim="adamw_torch")):
+            larger = choose_placement(QuAILoRAConfig(), model, layers)
+    assert "batch 8 × 1024" in caplog.records[-1].getMessage() and larger.limit > choice.limit
+    assert (larger.solve_on_cpu, larger.gram_on_cpu, larger.fits) == (False, False, True)
