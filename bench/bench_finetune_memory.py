@@ -36,10 +36,10 @@ import time
 
 if __package__:
     from ._common import peft_model, write_results
-    from .bench_init_scaling import REAL_MODELS
+    from .bench_init_scaling import REAL_MODELS, formula_placement
 else:
     from _common import peft_model, write_results
-    from bench_init_scaling import REAL_MODELS
+    from bench_init_scaling import REAL_MODELS, formula_placement
 
 
 DEFAULT_SHAPES = "256x768x4x8192,512x1536x8x16384,1024x4096x4x1024"
@@ -239,19 +239,22 @@ def run_case(path: str, trainer_kind: str, args) -> dict:
     return result
 
 
-PLACEMENTS = {  # name: (solve_on_cpu, gram_on_cpu)
-    "defaults": (False, False), "solve on CPU": (True, False), "solve + Gram on CPU": (True, True),
+PLACEMENTS = {  # name: (solve_on_cpu, gram_on_cpu), in the order "auto" tries them (quailora/placement.py)
+    "all on GPU": (False, False), "solves on CPU": (True, False), "Gram on CPU": (False, True),
+    "both on CPU": (True, True),
 }
 
 
 def contract_rows(batch_size: int = 1, length: int = 2048, optimizer: str = "paged_adamw_8bit") -> list[dict]:
-    """Per real model: the NF4 model, the init's peak under each placement (QuAILoRA's defaults otherwise) and the
-    QLoRA fine-tuning peak (bf16, r=16 on every linear layer, gradient checkpointing, `optimizer`), in bytes; every
-    peak includes the NF4 model and the adapter."""
+    """Per real model: the NF4 model, the init's peak under each placement (QuAILoRA's defaults otherwise), the
+    placement `"auto"` picks on a GPU with room (aimed under the fine-tuning step) and the QLoRA fine-tuning peak
+    (bf16, r=16 on every linear layer, gradient checkpointing, `optimizer`), in bytes; every peak includes the NF4
+    model and the adapter."""
     from types import SimpleNamespace
 
     from hf_quailora.quailora.finetune_memory import estimate_finetune_memory
     from hf_quailora.quailora.memory import estimate_init_memory
+    from hf_quailora.quailora.placement import decide_placement
 
     rows = []
     for name, config in REAL_MODELS.items():
@@ -259,37 +262,40 @@ def contract_rows(batch_size: int = 1, length: int = 2048, optimizer: str = "pag
         init = estimate_init_memory(config)
         tune = estimate_finetune_memory(config, batch_size=batch_size, max_length=length, optimizer=optimizer)
         loaded = tune.model_4bit + tune.lora_parameters  # what both start from: the NF4 model and its adapter
-        rows.append({"model": name, "nf4": tune.model_4bit, "finetune_peak": tune.peak,
+        auto = decide_placement(init, free=2**50, target=tune.training_extra)
+        chosen = next(place for place, where in PLACEMENTS.items() if where == (auto.solve_on_cpu, auto.gram_on_cpu))
+        rows.append({"model": name, "nf4": tune.model_4bit, "finetune_peak": tune.peak, "auto": chosen,
+                     "auto_peak": loaded + auto.peak,
                      **{place: loaded + init.placed_peak(*where) for place, where in PLACEMENTS.items()}})
     return rows
 
 
 def contract_table(batch_size: int = 1, length: int = 2048, optimizer: str = "paged_adamw_8bit") -> str:
-    """The contract table's fine-tuning columns (formula only), as Markdown."""
+    """The contract table with fine-tuning (formula only), as Markdown."""
     gib = 2**30
     lines = [
-        f"Formula only (no GPU measured these rows): the init with QuAILoRA's defaults (128 × 512 calibration tokens "
-        f"in batches of 8, float32 Gram matrices, float64 solves, replay), its Gram matrices and solves on the model's "
-        f"GPU (\"defaults\"; `solve_device=\"auto\"` keeps them there when they fit), with `solve_device=\"cpu\"`, "
-        f"and with `gram_device=\"cpu\"` too; QLoRA fine-tuning: NF4 + double quantization, bf16 compute, LoRA r=16 "
-        f"on every linear layer (float32 factors), batch {batch_size} × {length} tokens, gradient checkpointing, "
+        f"**Formula only** (no GPU has measured these rows; `bench/gpu_check.sh` measures the 1B/3B/8B ones): the init "
+        f"with QuAILoRA's defaults (128 × 512 calibration tokens in batches of 8, float32 Gram matrices, float64 "
+        f"solves, replay) under each placement of its solves and Gram matrices, and the one `\"auto\"` (the default) "
+        f"takes on a GPU with room; QLoRA fine-tuning: NF4 + double quantization, bf16 compute, LoRA r=16 on every "
+        f"linear layer (float32 factors), batch {batch_size} × {length} tokens, gradient checkpointing, "
         f"`{optimizer}`, trl's fused LM head (Triton). Every peak includes the NF4 model and the adapter; "
-        "GB = 10⁹ bytes; \"fits\" uses the best placement that fits.",
+        "GB = 10⁹ bytes.",
         "",
-        "| model | NF4 model | init peak: defaults / solve on CPU / + Gram on CPU | QLoRA fine-tuning peak | "
-        "init ≤ fine-tuning peak? (defaults / best) | " + " | ".join(f"fits {size} GB: init / fine-tuning"
-                                                          for size in GPU_SIZES) + " |",
-        "|---|---:|---:|---:|---|" + "---|" * len(GPU_SIZES),
+        "| model | NF4 model | init peak: " + " / ".join(PLACEMENTS) + " | `\"auto\"` takes | init peak (auto) | "
+        "QLoRA fine-tuning peak | init under it? | " + " | ".join(f"fits {size} GB: init / fine-tuning"
+                                                             for size in GPU_SIZES) + " |",
+        "|---|---:|---:|---|---:|---:|---|" + "---|" * len(GPU_SIZES),
     ]
     for row in contract_rows(batch_size, length, optimizer):
-        best = min(row[place] for place in PLACEMENTS)
-        fits = [" / ".join("yes" if peak <= size * 1e9 else "no" for peak in (best, row["finetune_peak"]))
+        fits = [" / ".join("yes" if peak <= size * 1e9 else "no" for peak in (row["auto_peak"], row["finetune_peak"]))
                 for size in GPU_SIZES]
-        under = " / ".join("yes" if peak <= row["finetune_peak"] else
-                           f"no (+{(peak - row['finetune_peak']) / gib:.2f} GiB)" for peak in (row["defaults"], best))
+        margin = row["finetune_peak"] - row["auto_peak"]
+        under = f"yes (−{margin / gib:.2f} GiB)" if margin >= 0 else f"no (+{-margin / gib:.2f} GiB)"
         init = " / ".join(f"{row[place] / gib:.1f}" for place in PLACEMENTS)
-        lines.append(f"| {row['model']} | {row['nf4'] / gib:.1f} GiB | {init} GiB | {row['finetune_peak'] / gib:.1f} GiB"
-                     f" | {under} | " + " | ".join(fits) + " |")
+        lines.append(f"| {row['model']} | {row['nf4'] / gib:.1f} GiB | {init} GiB | {row['auto']} | "
+                     f"{row['auto_peak'] / gib:.2f} GiB | {row['finetune_peak'] / gib:.2f} GiB | {under} | "
+                     + " | ".join(fits) + " |")
     return "\n".join(lines)
 
 
@@ -305,7 +311,7 @@ def formula(case, args) -> dict:
     init = estimate_init_memory(config, num_samples=args.calibration_samples, max_length=args.calibration_length,
                                 activation_bytes=2 if cuda else 4, rank=args.rank)
     # on the CPU every placement is the same memory; on a GPU the placement decides what stays there
-    init_peak = init.placed_peak(args.solve_device == "cpu", args.gram_device == "cpu") if cuda else init.streamed_peak
+    init_peak = init.placed_peak(*formula_placement(init, config, args)) if cuda else init.streamed_peak
     return {"formula": terms.training_extra, "init_formula": init_peak, "checkpoints": terms.checkpoints,
             "block": terms.block_recompute, "lm_head": terms.lm_head, "lora": terms.lora_parameters}
 
@@ -375,7 +381,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibration-samples", type=int, default=2)
     parser.add_argument("--calibration-length", type=int, default=64)
     parser.add_argument("--solve-device", choices=("auto", "model", "cpu"), default="auto")
-    parser.add_argument("--gram-device", choices=("model", "cpu"), default="model")
+    parser.add_argument("--gram-device", choices=("auto", "model", "cpu"), default="auto")
     parser.add_argument("--workdir", default=None, help="the trainers' output_dir (default: a temporary folder)")
     parser.add_argument("--output", default="bench/results/finetune_memory", help="writes .md and .json")
     parser.add_argument("--contract", action="store_true", help="print the formula's table for real models and stop")

@@ -83,11 +83,14 @@ def memory_contract(num_samples: int = 128, max_length: int = 512, batch_size: i
 
     gib = 2**30
     lines = [
-        "Formula (the rows up to Llama-3.1-8B were measured on an H200 below; the larger ones were not): "
+        "Formula (the rows up to Llama-3.1-8B were measured on an H200 below, before the in-place Cholesky; the "
+        "larger ones were not): "
         f"{num_samples} × {max_length} calibration tokens in batches of "
         f"{batch_size}, float64 solves, bf16 activations, LoRA r=16 on every linear layer (float32 factors). "
         "\"old\": every Gram matrix at once, in float64 (the original design); \"streamed\": one block at a time, "
-        "float32 Gram matrices (the defaults). \"fits\": NF4 model + the init's peak ≤ the GPU (GB = 10⁹ bytes); "
+        "float32 Gram matrices, solves and Gram matrices on the GPU (`solve_device=\"model\", gram_device=\"model\"`; "
+        "where the defaults put them: the contract with fine-tuning). \"fits\": NF4 model + the init's peak ≤ the "
+        "GPU (GB = 10⁹ bytes); "
         "fine-tuning itself then needs what QLoRA needs.",
         "",
         "| model | NF4 model | Gram all at once (old) | Gram per block (streamed) | solve workspace | old peak | "
@@ -214,11 +217,11 @@ def run_case(path: str, streaming: str, args) -> dict:
     ids = torch.randint(0, VOCAB, (args.windows, args.window_length), generator=torch.Generator().manual_seed(0))
     config = QuAILoRAConfig(streaming=streaming, calibration_samples=None, calibration_batch_size=args.batch_size,
                             show_progress=False, solve_device=args.solve_device, gram_device=args.gram_device)
-    if args.solve_device != "auto":  # the per-group calibration and solve spans (the overlap) go to stderr
-        import logging
+    import logging  # "auto"'s choice and the per-group calibration and solve spans (the overlap) go to stderr
 
-        logging.getLogger("hf_quailora.quailora.placement").addHandler(logging.StreamHandler())
-        logging.getLogger("hf_quailora.quailora.placement").setLevel(logging.DEBUG)  # spans without overlap: DEBUG
+    logging.getLogger("hf_quailora.quailora.placement").addHandler(logging.StreamHandler())
+    logging.getLogger("hf_quailora.quailora.placement").setLevel(logging.DEBUG)  # spans without overlap: DEBUG
+    placement = _chosen_placement(config, model, args.rank)
     # Warm-up with small tensors: lazily loaded code (LAPACK/cuSOLVER kernels, bitsandbytes) and thread pools are
     # paid here, so the measured peak is the initialisation's data, not the first call's code pages. (Not a warm-up
     # init: its full-size Gram matrices would stay in the allocator and hide the real init's peak.)
@@ -245,12 +248,39 @@ def run_case(path: str, streaming: str, args) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     cpu_peak = _status_bytes("VmHWM") - before
-    result = {"peak_extra": cpu_peak, "seconds": seconds, "streaming": report.streaming,
+    result = {"peak_extra": cpu_peak, "seconds": seconds, "streaming": report.streaming, "placement": placement,
               "calibration_seconds": report.calibration_seconds, "solve_seconds": report.solve_seconds}
     if cuda:
         result.update(peak_extra=torch.cuda.max_memory_allocated() - gpu_before, cpu_peak_extra=cpu_peak,
                       gpu_reserved_peak=torch.cuda.max_memory_reserved(), gpu=torch.cuda.get_device_name())
     return result
+
+
+def _chosen_placement(config, model, rank: int) -> list[bool]:
+    """`[solve_on_cpu, gram_on_cpu]` as `quailora_init` will decide them for this model (`choose_placement`, which
+    logs "auto"'s choice)."""
+    import torch
+
+    from hf_quailora.quailora.placement import choose_placement
+
+    layers = [(module.out_features, module.in_features, rank) for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and ".layers." in name and "lora_" not in name]
+    placement = choose_placement(config, model, layers)
+    return [placement.solve_on_cpu, placement.gram_on_cpu]
+
+
+def formula_placement(terms, config, args) -> tuple[bool, bool]:
+    """`(solve_on_cpu, gram_on_cpu)` for the formula: the settings, or `"auto"`'s choice on a GPU with room (aimed
+    under a QLoRA step at batch 1 × 2048, `hf_quailora.quailora.placement.FINETUNE_TARGET`)."""
+    from hf_quailora.quailora.finetune_memory import estimate_finetune_memory
+    from hf_quailora.quailora.placement import FINETUNE_TARGET, decide_placement
+
+    solve, gram = getattr(args, "solve_device", "auto"), getattr(args, "gram_device", "auto")
+    if getattr(args, "device", "cpu") != "cuda":
+        return False, False  # on the CPU every placement is the same memory
+    target = estimate_finetune_memory(config, rank=args.rank, activation_bytes=2, **FINETUNE_TARGET).training_extra
+    choice = decide_placement(terms, 2**50, target if "auto" in (solve, gram) else None, solve, gram)
+    return choice.solve_on_cpu, choice.gram_on_cpu
 
 
 def formula(case, args) -> dict:
@@ -262,8 +292,11 @@ def formula(case, args) -> dict:
     terms = estimate_init_memory(case_config(case), num_samples=args.windows, max_length=args.window_length,
                                  batch_size=args.batch_size, activation_bytes=activation_bytes, rank=args.rank,
                                  adapter_bytes=4)
+    placement = formula_placement(terms, case_config(case), args)
     return {"parameters": terms.parameters, "gram_per_block": terms.gram_per_block,
-            "gram_all_blocks": terms.gram_all_blocks, "replay": terms.streamed_peak, "off": terms.all_at_once_peak}
+            "gram_all_blocks": terms.gram_all_blocks, "replay": terms.placed_peak(*placement),
+            "off": terms.all_at_once_peak, "formula_placement": list(placement),
+            "placed": {f"{int(solve)}{int(gram)}": terms.placed_peak(solve, gram) for solve in (0, 1) for gram in (0, 1)}}
 
 
 def measure(args, on_row=None) -> list[dict]:
@@ -291,9 +324,11 @@ def measure(args, on_row=None) -> list[dict]:
             if output.returncode:
                 raise RuntimeError(f"case {case_label(case)} {streaming} failed:\n{output.stderr[-3000:]}")
             result = json.loads(output.stdout.strip().splitlines()[-1])
-            if args.solve_device != "auto":
-                print("\n".join(line for line in output.stderr.splitlines() if "QuAILoRA" in line), flush=True)
-            rows.append({**_case_key(case), **result, "formula": expected[streaming], **expected})
+            print("\n".join(line for line in output.stderr.splitlines() if "QuAILoRA" in line), flush=True)
+            peak = expected[streaming]
+            if args.device == "cuda" and streaming == "replay":  # the formula of the placement the init took
+                peak = expected["placed"]["{:d}{:d}".format(*result["placement"])]
+            rows.append({**_case_key(case), **result, "formula": peak, **expected})
             print(f"{case_label(case)} {streaming}: {result['peak_extra'] / 2**20:.0f} MiB, {result['seconds']:.1f} s",
                   flush=True)
             if on_row:
@@ -354,10 +389,12 @@ def to_markdown(rows: list[dict], args) -> str:
         gram = row["gram_per_block"] if row["streaming"] == "replay" else row["gram_all_blocks"]
         label = case_label(case)
         ratio = f"{row['seconds'] / baseline[label]:.2f}" if label in baseline else "–"
+        init = "streamed (replay)" if row["streaming"] == "replay" else "all at once"
+        if any(row.get("placement") or ()):  # solves and / or Gram matrices on the CPU
+            init += ", " + " + ".join(what for what, cpu in zip(("solves", "Gram"), row["placement"]) if cpu) + " on CPU"
         lines.append(
             "| {} | {:.0f}M | {} | {:,.0f} MiB | {:,.0f} MiB | {:,.0f} MiB | {:.2f} | {:.1f} | {} |".format(
-                shape, row["parameters"] / 1e6,
-                "streamed (replay)" if row["streaming"] == "replay" else "all at once", gram / mib,
+                shape, row["parameters"] / 1e6, init, gram / mib,
                 row["peak_extra"] / mib, row["formula"] / mib, row["peak_extra"] / row["formula"], row["seconds"],
                 ratio,
             )
@@ -414,7 +451,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--solve-device", choices=("auto", "model", "cpu"), default="auto",
                         help="QuAILoRAConfig.solve_device; not 'auto': print each group's calibration and solve spans")
-    parser.add_argument("--gram-device", choices=("model", "cpu"), default="model", help="QuAILoRAConfig.gram_device")
+    parser.add_argument("--gram-device", choices=("auto", "model", "cpu"), default="auto",
+                        help="QuAILoRAConfig.gram_device ('auto' with --solve-device auto: QuAILoRA's default placement)")
     parser.add_argument("--output", default="bench/results/init_scaling", help="writes .md, .json and .png")
     parser.add_argument("--contract", action="store_true", help="print the formula's table for real models and stop")
     parser.add_argument("--rerender", action="store_true",

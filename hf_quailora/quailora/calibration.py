@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .._dist_utils import is_distributed, naming_collective
 from ..tokens import check_token_ids
-from .placement import add_gram, add_gram_by_blocks
+from .placement import add_gram, add_gram_by_blocks, float_rows
 
 
 logger = logging.getLogger(__name__)
@@ -263,14 +263,13 @@ class GramCollector:
             leader = self.stats.groups.setdefault(name, name)
             self._seen[id(x)] = (weakref.ref(x), leader)
             rows = x.reshape(-1, x.shape[-1])
-            if self.mask is not None and rows.shape[0] == self.mask.numel():
-                rows = rows[self.mask.to(rows.device)]
-            elif not self._warned_shape:
+            mask = self.mask if self.mask is not None and rows.shape[0] == self.mask.numel() else None
+            if mask is None and not self._warned_shape:
                 logger.warning("Input of %s does not match the attention mask; using every position.", name)
                 self._warned_shape = True
             # Per-batch products in the activations' precision (float32 at least), accumulated in self.dtype:
-            # float64 matmuls cost twice as much and change nothing at this batch size.
-            rows = rows.float() if rows.dtype in (torch.float16, torch.bfloat16) else rows
+            # float64 matmuls cost twice as much and change nothing at this batch size. Masked and upcast by chunks.
+            rows = float_rows(rows, mask)
             # `add_` casts element by element: no float64 copy of the product is made.
             device = self.device or rows.device
             total = self.stats.matrices.get(leader)

@@ -29,6 +29,7 @@ from .._peft_utils import require_lora_layers, unwrap_model
 from ..embedded.data import check_token_ids
 from .config import QuAILoRAConfig, rename_options
 from .init import quailora_init
+from .placement import aim_at_training
 from .report import QuAILoRAReport
 from .sharded import unsupported_sharding
 
@@ -299,14 +300,10 @@ class QuAILoRAInitCallback(TrainerCallback):
         tokenizer = self.tokenizer if self.tokenizer is not None else processing_class
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # processors wrap their tokenizer
         calibration, config = self._calibration_for_this_process(train_dataloader)
-        self.report = quailora_init(
-            model,
-            calibration,
-            config,
-            tokenizer=tokenizer,
-            full_precision_weights=self.full_precision_weights,
-            adapter_name=self.adapter_name,
-        )
+        with aim_at_training(args):  # "auto" keeps the init under this run's own training step (placement.py)
+            self.report = quailora_init(model, calibration, config, tokenizer=tokenizer,
+                                        full_precision_weights=self.full_precision_weights,
+                                        adapter_name=self.adapter_name)
         if state.is_world_process_zero:
             logger.info(self.report.summary())
             if self.report_file and args.output_dir:

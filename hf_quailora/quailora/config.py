@@ -28,7 +28,7 @@ from .memory import parse_memory_budget
 Solver = Literal["closed_form", "als", "svd"]
 Dtype = Literal["float64", "float32"]
 Streaming = Literal["auto", "replay", "passes", "off"]
-GramDevice = Literal["model", "cpu"]
+GramDevice = Literal["auto", "model", "cpu"]
 SolveDevice = Literal["auto", "model", "cpu"]
 SOLVERS: tuple[str, ...] = get_args(Solver)
 DTYPES: tuple[str, ...] = get_args(Dtype)
@@ -118,10 +118,11 @@ class QuAILoRAConfig:
             one block at a time when replaying (no extra compute), and as many blocks as fit in half the free
             memory of the Gram device for passes. The budget counts `in_features² × bytes` for every LoRA layer,
             not subtracting the matrices q/k/v and gate/up share, so the real peak stays below it.
-        gram_device (`str`, defaults to `"model"`): where Gram matrices accumulate: `"model"` (the device of each
-            layer) or `"cpu"` (for GPUs with little memory; the per-batch products are still computed on the
-            layer's device, by blocks of 2048 columns, each added on the CPU; replay's hidden-state cache waits on
-            the CPU too). With `solve_device="cpu"` it is the smallest placement (docs/memory.md).
+        gram_device (`str`, defaults to `"auto"`): where Gram matrices accumulate: `"model"` (the device of each
+            layer), `"cpu"` (for GPUs with little memory; the per-batch products are still computed on the
+            layer's device, by blocks of 512 columns, each added on the CPU; replay's hidden-state cache waits on
+            the CPU too), or `"auto"`: decided with `solve_device` (below). With `solve_device="cpu"` it is the
+            smallest placement (docs/memory.md).
         keep_gram_statistics (`bool`, defaults to `False`): keep every Gram matrix in `report.gram_statistics` (to
             initialise several ranks from one calibration). This keeps all of them alive at once.
 
@@ -137,8 +138,10 @@ class QuAILoRAConfig:
             float64 optimum (bench/RESULTS.md, issue 34).
         solve_device (`str`, defaults to `"auto"`): where the solves run: `"model"` (each layer's device), `"cpu"`
             (the solve's workspace off the GPU; each group is solved in a background thread while the next group is
-            calibrated), or `"auto"`: the model's device when the largest solve fits in its free memory, else the CPU
-            (logged). The factors are the same wherever they are solved.
+            calibrated), or `"auto"`: on a CPU model, each layer's device; on a GPU, with `gram_device`, the
+            cheapest placement whose estimated init peak stays under the free memory and the extra memory of a
+            QLoRA fine-tuning step at batch 1 × 2048, or the run's own step under `QuAILoRAInitCallback`
+            (docs/memory.md, "Where the init runs"), logged in one INFO line. A setting other than `"auto"` wins. The factors are the same wherever they are solved.
         report_svd_baseline (`bool`, defaults to `False`): also compute the uncalibrated SVD start's errors for the
             report (`calibrated_error_svd`, `frobenius_error_svd`); this doubles the per-layer work of the
             closed form (the `"als"` and `"svd"` solvers compute that SVD anyway and always report it).
@@ -164,7 +167,7 @@ class QuAILoRAConfig:
         default="auto", metadata={"help": "Bytes of Gram matrices alive at once ('auto', an integer, or e.g. '8GiB')."}
     )
     gram_device: GramDevice = field(
-        default="model", metadata={"help": "Where Gram matrices accumulate.", "choices": list(GRAM_DEVICES)}
+        default="auto", metadata={"help": "Where Gram matrices accumulate.", "choices": list(GRAM_DEVICES)}
     )
     keep_gram_statistics: bool = field(
         default=False, metadata={"help": "Keep every Gram matrix in the report (all alive at once)."}
@@ -207,12 +210,12 @@ class QuAILoRAConfig:
             raise ValueError(f"`streaming` must be one of {STREAMING_MODES}; got {self.streaming!r}.")
         if self.solve_device not in SOLVE_DEVICES:
             raise ValueError(
-                f"`solve_device` must be one of {SOLVE_DEVICES} ('auto': the model's device when the solve fits in "
-                f"its free memory, else the CPU); got {self.solve_device!r}."
+                f"`solve_device` must be one of {SOLVE_DEVICES} ('auto': the model's device unless the init would "
+                f"then need more than fine-tuning or than is free, else the CPU); got {self.solve_device!r}."
             )
         if self.gram_device not in GRAM_DEVICES:
             raise ValueError(
-                f"`gram_device` must be one of {GRAM_DEVICES} (the layer's own device, or the CPU); got "
+                f"`gram_device` must be one of {GRAM_DEVICES} ('auto', the layer's own device, or the CPU); got "
                 f"{self.gram_device!r}."
             )
         self.memory_budget_bytes  # parsed here, so that a bad budget fails before any work

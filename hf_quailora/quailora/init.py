@@ -45,11 +45,11 @@ from ..quantization import (
 )
 from .calibration import GramStatistics, check_dtype, equalize_batch_counts, make_calibration_batches
 from .config import QuAILoRAConfig
-from .placement import choose_solve_device, solve_groups
+from .placement import choose_placement, solve_groups
 from .report import LayerReport, QuAILoRAReport
 from .schedule import Schedule, plan_schedule
 from .sharded import check_shardable, is_fsdp2_sharded, run_on_every_process, solve_layer_everywhere, write_factors
-from .solvers import calibrated_error, frobenius_error, solve_als, solve_closed_form, solve_svd, split_for_lora
+from .solvers import calibrated_errors, frobenius_error, solve_als, solve_closed_form, solve_svd, split_for_lora
 from .streaming import stream_statistics
 from .weights import FullPrecisionWeights
 
@@ -187,10 +187,11 @@ def _prepare(model, calibration, config, tokenizer, full_precision_weights, adap
         if not torch.isfinite(dequantize_weight(plan.module.get_base_layer())).all():
             raise ValueError(f"{plan.name}: the dequantized weight Q is not finite.")
     calibration = _check_calibration(model, calibration, plans, tokenizer, config)
-    schedule = Schedule("off", [[plan.name for plan in plans]])
+    placement = choose_placement(config, model, [(*plan.shape, plan.rank) for plan in plans])  # logs "auto"
+    schedule = Schedule("off", [[plan.name for plan in plans]], solve_device=placement.solve_device)
     if calibration is not None and not isinstance(calibration, GramStatistics):
         in_features = {plan.name: plan.shape[1] for plan in plans}
-        schedule = plan_schedule(model, in_features, config)  # the budget, the check and the devices, once
+        schedule = plan_schedule(model, in_features, config, placement)  # the budget, the check and the devices
     return weights, plans, skipped, calibration, schedule
 
 
@@ -267,10 +268,9 @@ def _solve_layer(plan: _Plan, weights: FullPrecisionWeights, stats: GramStatisti
 def _layer_report(plan: _Plan, E, H, num_tokens: int, svd, lora_B, lora_A, seconds: float) -> LayerReport:
     """Errors of the product actually written (`M = s·lora_B·lora_A`), with the undamped H, per calibration token."""
     M_B, M_A = lora_B * plan.scaling, lora_A
-    EH = E @ H if H is not None else None
-
-    def calibrated(B=None, A=None):
-        return float(calibrated_error(E, H, B, A, EH=EH)) / num_tokens if H is not None else None
+    pairs = [None, (M_B, M_A)] + ([(svd.B, svd.A)] if svd is not None else [])  # E·H by chunks of rows
+    errors = [float(error) / num_tokens for error in calibrated_errors(E, H, pairs)] if H is not None else []
+    qlora, result, svd_error = (errors + [None] * 3)[:3]
 
     return LayerReport(
         name=plan.name,
@@ -278,9 +278,9 @@ def _layer_report(plan: _Plan, E, H, num_tokens: int, svd, lora_B, lora_A, secon
         shape=plan.shape,
         rank=plan.rank,
         scaling=plan.scaling,
-        calibrated_error_qlora=calibrated(),
-        calibrated_error_svd=calibrated(svd.B, svd.A) if svd is not None else None,
-        calibrated_error_result=calibrated(M_B, M_A),
+        calibrated_error_qlora=qlora,
+        calibrated_error_svd=svd_error,
+        calibrated_error_result=result,
         frobenius_error_qlora=float(frobenius_error(E)),
         frobenius_error_svd=float(frobenius_error(E, svd.B, svd.A)) if svd is not None else None,
         frobenius_error_result=float(frobenius_error(E, M_B, M_A)),
@@ -354,10 +354,7 @@ def quailora_init(
     # 2. Calibrate and 3. solve, a group of blocks at a time; each group's Gram matrices are freed before the next
     results = []
     progress = tqdm(total=len(plans), desc=f"QuAILoRA {config.solver}", disable=not config.show_progress, unit="layer")
-    element = torch.finfo(getattr(torch, config.gram_dtype)).bits // 8
-    shapes = {plan.name: plan.shape for plan in plans}
-    gram_bytes = max(sum(shapes[name][1] ** 2 for name in group if name in shapes) for group in schedule.groups)
-    device = choose_solve_device(config, model, list(shapes.values()), gram_bytes * element)
+    device = schedule.solve_device  # None: each layer's own (quailora/placement.py)
     sharded = is_fsdp2_sharded(model)  # FSDP2: Q gathered, every process solves, outcomes agreed (sharded.py)
     solve = partial(solve_layer_everywhere, _solve_layer) if sharded else _solve_layer
 

@@ -11,11 +11,14 @@ The peak *extra* memory of `quailora_init` (beyond the quantized model and its a
 - Gram bytes of a block: `Σ d_in² × b_gram` over the block's *distinct* layer inputs (q/k/v share one matrix,
   gate/up another); a Llama block has `(3·h² + i²) × b_gram` (hidden h, intermediate i; b_gram = 8 in float64,
   4 in float32, the default).
-- One layer's solve workspace (closed form, solve dtype b_solve), the largest of its three phases at the layer
+- One layer's solve workspace (closed form, solve dtype b_solve), the largest of its phases at the layer
   where that is largest (the down projection): forming `E = W − Q` (E, Q and W's float32 read: `2.5·out·in`);
-  the Cholesky factorisation (E, the damped H cast from the Gram dtype, and L: `out·in + 2·in²`); the top-r
-  SVD of `E·L` (E, L, E·L and the eigen-solver's `min(out, in)²` Gram matrix, eigenvectors and work:
-  `2·out·in + in² + 3·min²`); the report's `E·H` comes after, when L is gone (`2·out·in + in²`). Times b_solve.
+  the Cholesky factorisation, written over the damped H cast from the Gram dtype (E and one in×in matrix:
+  `out·in + in²`); the top-r SVD of `E·L` (E, L, E·L and the eigen-solver's `min(out, in)²` Gram matrix,
+  eigenvectors and work: `2·out·in + in² + 3·min²`); the report's errors come after, when L is gone, with `E·H`
+  formed `REPORT_CHUNK_ROWS` rows at a time (E, H in the solve dtype and one chunk: `out·in + in² +
+  min(out, 1024)·in`, never the largest). Times b_solve. When the Gram matrices wait on the CPU and the solve runs
+  on the GPU, the layer's H comes to the GPU in the Gram dtype beside it (`layer_gram`, `in² × b_gram`).
 - The factors solved so far: every layer's `B` and `A` wait, in the adapter's dtype, until all layers are solved
   (a failure leaves the model untouched): `r × Σ (in + out) × b_adapter` at the end, one adapter's size.
 - The hidden-state cache of replay: the current block's inputs for every calibration token, replaced batch by batch
@@ -25,7 +28,10 @@ The peak *extra* memory of `quailora_init` (beyond the quantized model and its a
   the block's activations, about `T_b × (4·i + 6·h) × b_act`, with `attn_implementation="eager"` its scores and
   probabilities `2 × batch_size × heads × max_length² × b_act` (SDPA, transformers' default, does not hold them),
   and the hook's rows and product in at least float32,
-  `(T_b·in + in²) × max(b_act, 4)` at the widest input. Solves and calibration steps never overlap, hence the max.
+  `(T_b·in + in²) × max(b_act, 4)` at the widest input (the rows are upcast and masked by chunks of
+  `MASK_CHUNK_ROWS` rows, so no whole copy in the activations' dtype is made; with the Gram matrices on another
+  device the product is formed by blocks of `GRAM_BLOCK_COLUMNS` columns: `in × 512`, not `in × in`). Solves and
+  calibration steps never overlap, hence the max.
   The full logits (`T_b × vocab`) are not computed when the output head is not calibrated.
 
 `estimate_init_memory` evaluates the formula for a transformers config; `bench/bench_init_scaling.py` checks it
@@ -50,8 +56,11 @@ from dataclasses import dataclass
 import torch
 
 from ..quantization import bits_per_weight
+from .solvers import REPORT_CHUNK_ROWS  # rows of E·H formed at once for the report's errors
 
 
+GRAM_BLOCK_COLUMNS = 512  # columns of XᵀX formed at once when the Gram matrices live on another device
+MASK_CHUNK_ROWS = 256  # rows of a batch's activations masked and upcast at once (quailora/placement.py)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -145,6 +154,7 @@ class InitMemory:
     pending_factors: int
     gram_product: int = 0  # part of calibration_step: one batch's in×in product at the widest input
     gram_product_blocked: int = 0  # the same formed by column blocks, when the Gram matrices are on the CPU
+    layer_gram: int = 0  # the widest layer's H in the Gram dtype: on the GPU beside a GPU solve of CPU Gram matrices
 
     @property
     def streamed_peak(self) -> int:
@@ -162,7 +172,9 @@ class InitMemory:
         resident = 0 if gram_on_cpu else self.gram_per_block + self.hidden_state_cache
         if solve_on_cpu:
             return resident + step
-        return resident + self.pending_factors + max(self.solve_workspace, step)
+        # a GPU solve of a Gram matrix kept on the CPU brings that layer's H to the GPU first
+        solve = self.solve_workspace + (self.layer_gram if gram_on_cpu else 0)
+        return resident + self.pending_factors + max(solve, step)
 
     @property
     def all_at_once_peak(self) -> int:
@@ -173,7 +185,8 @@ class InitMemory:
 def _solve_workspace(out: int, inp: int) -> int:
     """Elements alive at the largest phase of one closed-form solve (see the module docstring)."""
     small = min(out, inp)
-    return max(5 * out * inp // 2, out * inp + 2 * inp * inp, 2 * out * inp + inp * inp + 3 * small * small)
+    return max(5 * out * inp // 2, out * inp + inp * inp, 2 * out * inp + inp * inp + 3 * small * small,
+               out * inp + inp * inp + min(out, REPORT_CHUNK_ROWS) * inp)
 
 
 def estimate_init_memory(config, num_samples: int = 128, max_length: int = 512, batch_size: int = 8,
@@ -222,5 +235,6 @@ def estimate_init_memory(config, num_samples: int = 128, max_length: int = 512, 
         calibration_step=calibration_step,
         pending_factors=layers * rank * sum(out + inp for out, inp in shapes) * adapter_bytes,
         gram_product=widest**2 * max(activation_bytes, 4),
-        gram_product_blocked=widest * min(widest, 2048) * max(activation_bytes, 4),
+        gram_product_blocked=widest * min(widest, GRAM_BLOCK_COLUMNS) * max(activation_bytes, 4),
+        layer_gram=widest**2 * gram_bytes,
     )

@@ -47,6 +47,7 @@ class Schedule:
         outside: layers in no block (calibrated by one whole-model pass after the blocks).
         gram_device: where the Gram matrices accumulate; `None`: on each layer's own device.
         memory_device: the device whose free memory counts for `memory_budget="auto"`.
+        solve_device: where the solves run; `None`: on each layer's own device (`quailora/placement.py`).
     """
 
     mode: str
@@ -56,11 +57,13 @@ class Schedule:
     outside: list[str] = field(default_factory=list)
     gram_device: torch.device | None = None
     memory_device: torch.device | None = None
+    solve_device: torch.device | None = None
 
 
-def gram_devices(model: torch.nn.Module, config) -> tuple[torch.device | None, torch.device]:
-    """Where Gram matrices accumulate (`None`: each layer's device) and the device whose free memory counts."""
-    if config.gram_device == "cpu":
+def gram_devices(model: torch.nn.Module, config, placement=None) -> tuple[torch.device | None, torch.device]:
+    """Where Gram matrices accumulate (`None`: each layer's device) and the device whose free memory counts; a
+    `placement` (`quailora/placement.py`, the `"auto"` choice) decides over `config.gram_device`."""
+    if (placement.gram_on_cpu if placement is not None else config.gram_device == "cpu"):
         return torch.device("cpu"), torch.device("cpu")
     return None, next(model.parameters()).device
 
@@ -127,13 +130,15 @@ def _group_budget(config, sizes: list[int], block_names: list[str], memory_devic
     return None if replay else max(free // 2, max(sizes))  # replay: one block at a time costs no extra compute
 
 
-def plan_schedule(model: torch.nn.Module, in_features: Mapping[str, int], config) -> Schedule:
+def plan_schedule(model: torch.nn.Module, in_features: Mapping[str, int], config, placement=None) -> Schedule:
     """Decide the mode, the devices and the groups from the config and the model, before any forward pass.
 
     Args:
         model (`torch.nn.Module`): the model whose LoRA layers are calibrated.
         in_features (`Mapping[str, int]`): the input width of each LoRA layer to calibrate, by name, in model order.
         config (`QuAILoRAConfig`): `streaming`, `memory_budget`, `gram_device` and `gram_dtype` are read.
+        placement (`Placement`, *optional*): where the Gram matrices and the solves go (`choose_placement`);
+            `None`: `config.gram_device` alone, the solves on each layer's device.
 
     Returns:
         `Schedule`.
@@ -143,7 +148,8 @@ def plan_schedule(model: torch.nn.Module, in_features: Mapping[str, int], config
             and its bytes), or replay was asked for a model whose LoRA layers lie in no list of blocks.
     """
     names = list(in_features)
-    gram_device, memory_device = gram_devices(model, config)  # 1.
+    gram_device, memory_device = gram_devices(model, config, placement)  # 1.
+    solve_device = placement.solve_device if placement is not None else None
     found = find_decoder_blocks(model, names) if config.streaming != "off" else None
     if found is None:
         if config.streaming == "replay":
@@ -151,7 +157,8 @@ def plan_schedule(model: torch.nn.Module, in_features: Mapping[str, int], config
                 "streaming='replay' needs the LoRA layers inside a list of decoder blocks (an nn.ModuleList); this "
                 "model has none. Use streaming='passes' or 'auto'."
             )
-        return Schedule("off", [names], gram_device=gram_device, memory_device=memory_device)
+        return Schedule("off", [names], gram_device=gram_device, memory_device=memory_device,
+                        solve_device=solve_device)
     list_name, blocks, block_of = found  # 2.
     mode = "passes" if config.streaming == "passes" else "replay"
     per_block = [[name for name in names if block_of.get(name) == index] for index in range(len(blocks))]
@@ -170,4 +177,4 @@ def plan_schedule(model: torch.nn.Module, in_features: Mapping[str, int], config
         len(blocks), list_name, mode, len(groups), format_bytes(max(sizes)),
         f", plus one pass for {len(outside)} layers outside the blocks" if outside else "",
     )
-    return Schedule(mode, groups, blocks, block_of, outside, gram_device, memory_device)
+    return Schedule(mode, groups, blocks, block_of, outside, gram_device, memory_device, solve_device)

@@ -55,11 +55,14 @@ def damp(H: torch.Tensor, damping: float, dtype: torch.dtype | None = None) -> t
     """Return `H + λI` with `λ = damping · mean(diag H)`: one new matrix, in `dtype` (default: H's).
 
     Casting here (a float32 Gram matrix into a float64 solve) makes the damped copy the only one: no separate cast
-    of H is held beside it.
+    of H is held beside it. The copy is column-major (the same values), the layout `torch.linalg.cholesky_ex`
+    returns its factor in, so `_cholesky` factorises it in place.
     """
     if damping < 0:
         raise ValueError(f"`damping` ({damping}) must be >= 0.")
-    damped = H.to(dtype or H.dtype, copy=True)  # one copy of H, not the two of `H + λ·eye`
+    # One copy of H (not the two of `H + λ·eye`), column-major: the layout LAPACK / cuSOLVER factorise in, so that
+    # `_cholesky` can write the factor over it (a row-major `out=` would get a hidden column-major copy).
+    damped = torch.empty_strided(H.shape, (1, H.shape[0]), dtype=dtype or H.dtype, device=H.device).copy_(H)
     scale = torch.diagonal(damped).mean()
     # Even with damping=0 add a rounding-level ridge, so an exactly singular H still factorises.
     lam = max(damping, torch.finfo(damped.dtype).eps) * scale
@@ -70,7 +73,11 @@ def damp(H: torch.Tensor, damping: float, dtype: torch.dtype | None = None) -> t
 
 
 def _cholesky(H: torch.Tensor) -> torch.Tensor:
-    L, info = torch.linalg.cholesky_ex(H)
+    """The Cholesky factor of `H`, written over `H` (callers pass the fresh damped copy of `damp`): the factorisation
+    holds one in×in matrix in the solve dtype, not two (docs/memory.md; the factor is bit-identical to the
+    out-of-place one on the CPU, `tests/quailora/test_solvers.py`)."""
+    info = torch.empty((), dtype=torch.int32, device=H.device)
+    L, info = torch.linalg.cholesky_ex(H, out=(H, info))
     if info.item() != 0:
         raise ValueError(
             "The (damped) Gram matrix is not positive definite; raise `damping` (e.g. to 1e-2) or use more "
@@ -98,6 +105,45 @@ def calibrated_error(
     cross = torch.sum(B * (EH @ A.T))  # tr(B A H Eᵀ), H symmetric
     quad = torch.sum((B.T @ B) * (AH @ A.T))  # tr(Bᵀ B A H Aᵀ)
     return total - 2 * cross + quad
+
+
+REPORT_CHUNK_ROWS = 1024
+
+
+def calibrated_errors(E: torch.Tensor, H: torch.Tensor, candidates, chunk_rows: int = REPORT_CHUNK_ROWS) -> list:
+    """`calibrated_error(E, H, B, A)` for each `(B, A)` of `candidates` (`None`: `M = 0`), forming `E·H` by
+    `chunk_rows` rows of E at a time: beside E and H only `chunk_rows × in` of the product is alive, not `out × in`.
+
+    Equal to `calibrated_error` up to the order of the float sums.
+
+    Example:
+
+    ```python
+    qlora, result = calibrated_errors(E, H, [None, (B, A)])
+    ```
+    """
+    candidates = list(candidates)
+    total = torch.zeros((), dtype=E.dtype, device=E.device)
+    # tr(B A H Eᵀ) needs (E H) Aᵀ (out×k): gathered chunk by chunk
+    EHA = [None if pair is None else torch.empty(E.shape[0], pair[1].shape[0], dtype=E.dtype, device=E.device)
+           for pair in candidates]
+    for start in range(0, E.shape[0], chunk_rows):
+        rows = E[start:start + chunk_rows]
+        EH = rows @ H
+        total += torch.dot(EH.reshape(-1), rows.reshape(-1))  # tr(E H Eᵀ) over these rows, no product kept
+        for pair, product in zip(candidates, EHA):
+            if pair is not None:
+                product[start:start + rows.shape[0]] = EH @ pair[1].T
+        del EH
+    errors = []
+    for pair, product in zip(candidates, EHA):
+        if pair is None:
+            errors.append(total)
+            continue
+        B, A = pair
+        quad = torch.sum((B.T @ B) * ((A @ H) @ A.T))  # tr(Bᵀ B A H Aᵀ)
+        errors.append(total - 2 * torch.sum(B * product) + quad)
+    return errors
 
 
 def frobenius_error(E: torch.Tensor, B: torch.Tensor | None = None, A: torch.Tensor | None = None):
