@@ -1,6 +1,7 @@
 """hf_quailora inside axolotl (hf_quailora/integrations/axolotl): the plugin and its YAML blocks through axolotl's
 own config validation (`load_cfg`), dataset loading (`load_datasets`) and training (`axolotl.train.train`, its trainer
-builder), on the tiny Llama, CPU, a few steps.
+builder), on the tiny Llama, CPU, a few steps; and in two CPU processes (DDP over gloo: axolotl's CLI entry under
+torchrun, tests/scripts/axolotl_ddp.py, which says what a CPU needs beyond `axolotl train`).
 
 axolotl needs Python >= 3.12: `make test-axolotl` builds that environment (`.venv-axolotl`) and runs this file there.
 In the main environment (Python 3.11, no axolotl) the axolotl tests skip; the block parsing tests (pydantic only)

@@ -1,6 +1,7 @@
 """The LLaMA-Factory route (docs/launchers.md): `hf-quailora init` writes the QuAILoRA start here, LLaMA-Factory
 trains it through `adapter_name_or_path` in its own environment, and `hf-quailora export` and
-`load_dynamic_rank_adapter` read what it saved, on the tiny Llama, CPU, NF4, 3 steps.
+`load_dynamic_rank_adapter` read what it saved, on the tiny Llama, CPU, NF4, 3 steps; in one process and in two
+(LLaMA-Factory's own torchrun launch, DDP over gloo).
 
 LLaMA-Factory 0.9.5 pins `peft<=0.18.1` and `trl<=0.24`, so it cannot share this environment: `make test-llamafactory`
 builds `.venv-llamafactory` and runs this file here, calling `llamafactory-cli` of that environment in a subprocess
