@@ -1,6 +1,7 @@
 """hf_quailora inside axolotl (hf_quailora/integrations/axolotl): the plugin and its YAML blocks through axolotl's
 own config validation (`load_cfg`), dataset loading (`load_datasets`) and training (`axolotl.train.train`, its trainer
-builder), on the tiny Llama, CPU, a few steps.
+builder), on the tiny Llama, CPU, a few steps; and in two CPU processes (DDP over gloo: axolotl's CLI entry under
+torchrun, tests/scripts/axolotl_ddp.py, which says what a CPU needs beyond `axolotl train`).
 
 axolotl needs Python >= 3.12: `make test-axolotl` builds that environment (`.venv-axolotl`) and runs this file there.
 In the main environment (Python 3.11, no axolotl) the axolotl tests skip; the block parsing tests (pydantic only)
@@ -11,13 +12,15 @@ import importlib.util
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from hf_quailora.dynamic_rank.spec import METADATA_FILE, DynamicRankMetadata
 
-from testing_utils import R, one_thread, require_bitsandbytes  # noqa: F401 (autouse fixture)
+from testing_utils import SCRIPTS_DIR, R, one_thread, require_bitsandbytes  # noqa: F401 (autouse fixture)
 
 
 HAS_AXOLOTL = importlib.util.find_spec("axolotl") is not None
@@ -27,6 +30,7 @@ require_axolotl = pytest.mark.skipif(
     "`make test-axolotl` builds .venv-axolotl (Python 3.12, axolotl 0.21) and runs this file there.",
 )
 PLUGIN = "hf_quailora.integrations.axolotl.QuAILoRAPlugin"
+PROBE = "axolotl_probe.ProbePlugin"  # tests/scripts/axolotl_probe.py: what each process held, for the torchrun tests
 STEPS = 3
 
 
@@ -152,6 +156,19 @@ def _finite_losses(trainer) -> list[float]:
     return losses
 
 
+def _hf_quailora_init(run_dir, tiny_model_path, name):
+    """`hf-quailora init` (its entry point, in this process): an NF4 QuAILoRA start with r = 4 in `run_dir/name`."""
+    from hf_quailora.scripts.init_adapter import init_adapter, make_parser
+
+    texts = run_dir / "start-calibration.txt"
+    texts.write_text("\n".join(["Calibration text for the start.", "A second line of it."] * 4))
+    init_adapter(*make_parser().parse_args_and_config([
+        "--model_name_or_path", tiny_model_path, "--lora_r", "4", "--calibration_dataset", str(texts),
+        "--calibration_samples", "4", "--calibration_length", "16", "--show_progress", "false",
+        "--output_dir", str(run_dir / name)]))
+    return run_dir / name
+
+
 @require_axolotl
 def test_axolotl_validates_the_plugin_blocks(run_dir, tiny_model_path):
     from axolotl.cli.config import load_cfg
@@ -236,15 +253,8 @@ def test_an_hf_quailora_init_folder_trains_through_lora_model_dir_at_constant_sc
     from safetensors.torch import load_file
 
     from hf_quailora import export_rank, load_dynamic_rank_adapter
-    from hf_quailora.scripts.init_adapter import init_adapter, make_parser
 
-    texts = run_dir / "start-calibration.txt"
-    texts.write_text("\n".join(["Calibration text for the start.", "A second line of it."] * 4))
-    start = run_dir / "start"
-    init_adapter(*make_parser().parse_args_and_config([
-        "--model_name_or_path", tiny_model_path, "--lora_r", "4", "--calibration_dataset", str(texts),
-        "--calibration_samples", "4", "--calibration_length", "16", "--show_progress", "false",
-        "--output_dir", str(start)]))
+    start = _hf_quailora_init(run_dir, tiny_model_path, "start")
     saved = load_file(start / "adapter_model.safetensors")
 
     # lora_r 8 in the YAML: the saved adapter (r = 4) governs, as axolotl documents for lora_model_dir
@@ -266,6 +276,96 @@ def test_an_hf_quailora_init_folder_trains_through_lora_model_dir_at_constant_sc
     export_rank(loaded.model, 2, str(run_dir / "from-start-r2"))
     exported = DynamicRankMetadata.load(run_dir / "from-start-r2")
     assert (exported.exported_rank, exported.rank_scaling, exported.quailora) == (2, "constant", True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Several processes: axolotl's CLI entry in each process of a torchrun launch (tests/scripts/axolotl_ddp.py says what
+# a CPU needs), DDP over gloo
+
+CPU_DEVICE_MAP = {"max_memory": {"cpu": "4GiB"}}  # else axolotl maps each process to CUDA device LOCAL_RANK
+
+
+def _axolotl_processes(config_path, processes: int) -> list[dict]:
+    """`axolotl train config_path` in `processes` CPU processes; each process's probe (tests/scripts/axolotl_probe.py).
+
+    A process left waiting in a collective would hang the test: the timeout ends it as a failure.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "AXOLOTL_DO_NOT_TRACK": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
+               str(29400 + processes + os.getpid() % 1000), os.path.join(SCRIPTS_DIR, "axolotl_ddp.py"),
+               str(config_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    output_dir = config_path.parent / config_path.stem  # `_config` writes run_dir/name.yml with output_dir run_dir/name
+    probes = [torch.load(output_dir / f"probe-{process}.pt") for process in range(processes)]
+    for probe in probes:  # one DDP run: each process its share of the batches, the factors wrapped by DDP
+        assert (probe["world"], probe["args_world"]) == (processes, processes), probe["world"]
+        if processes > 1:
+            assert (probe["parallel_mode"], probe["wrapped"]) == ("distributed", "DistributedDataParallel"), probe
+    return probes
+
+
+def _same_on_every_process(probes) -> None:
+    first = probes[0]
+    for probe in probes[1:]:
+        assert probe["rank_history"] == first["rank_history"] and probe["rank_scaling"] == first["rank_scaling"]
+        for key in ("init", "final"):
+            for name, value in first[key].items():
+                assert torch.equal(value, probe[key][name]), (key, name)
+    assert len(first["rank_history"]) == STEPS and all(1 <= rank <= first["max_rank"] for _, rank in
+                                                       first["rank_history"])
+    assert any(not torch.equal(first["final"][name], value) for name, value in first["init"].items())  # trained
+
+
+@require_axolotl
+@require_bitsandbytes
+def test_quailora_block_and_dynamic_rank_on_two_processes_equal_one_process(run_dir, tiny_model_path):
+    # every train batch calibrates (64 samples > the 24 rows): each process its half, so both see what one sees
+    settings = dict(plugins=[PLUGIN, PROBE], adapter="qlora", load_in_4bit=True, **CPU_DEVICE_MAP,
+                    quailora={"calibration_samples": 64, "calibration_length": 32, "show_progress": False},
+                    dynamic_rank={"eval_ranks": [1, R]})
+    two = _axolotl_processes(_config(tiny_model_path, run_dir, "ddp-quailora", **settings), 2)
+    one = _axolotl_processes(_config(tiny_model_path, run_dir, "one-quailora", **settings), 1)
+
+    assert 2 * two[0]["batches"] == one[0]["batches"]  # half of axolotl's train batches on each process ...
+    assert two[0]["tokens"] == two[1]["tokens"] == one[0]["tokens"] > 0  # ... and all of them in the init
+    _same_on_every_process(two)
+    # the init: identical on both processes, equal to one process (fp32 factors: up to the order of the sums)
+    assert any(value.abs().sum() > 0 for name, value in two[0]["init"].items() if "lora_B" in name)  # not B = 0
+    for name, value in two[0]["init"].items():
+        torch.testing.assert_close(value, one[0]["init"][name], rtol=1e-5, atol=1e-6, msg=name)
+    assert (two[0]["rank_scaling"], two[0]["max_rank"]) == ("constant", R)
+    # axolotl's final save (process 0) with the metadata beside it
+    metadata = DynamicRankMetadata.load(run_dir / "ddp-quailora")
+    assert (metadata.quailora, metadata.rank_scaling, metadata.max_rank, metadata.quantization) == (
+        True, "constant", R, "nf4")
+    _assert_saved_factors(run_dir / "ddp-quailora", two[0]["final"])
+
+
+def _assert_saved_factors(output_dir, factors) -> None:
+    from safetensors.torch import load_file
+
+    saved = load_file(output_dir / "adapter_model.safetensors")
+    assert len(saved) == len(factors)
+    for name, value in factors.items():
+        torch.testing.assert_close(saved[name.replace(".default", "")].float(), value, rtol=0, atol=0, msg=name)
+
+
+@require_axolotl
+@require_bitsandbytes
+def test_an_hf_quailora_init_folder_trains_through_lora_model_dir_on_two_processes(run_dir, tiny_model_path):
+    start = _hf_quailora_init(run_dir, tiny_model_path, "ddp-start")
+    path = _config(tiny_model_path, run_dir, "ddp-from-start", plugins=[PLUGIN, PROBE], adapter="qlora",
+                   load_in_4bit=True, lora_model_dir=str(start), dynamic_rank=True, **CPU_DEVICE_MAP)
+    probes = _axolotl_processes(path, 2)
+
+    _same_on_every_process(probes)
+    _assert_saved_factors(start, probes[0]["init"])  # both processes started from the folder's factors
+    assert (probes[0]["rank_scaling"], probes[0]["max_rank"]) == ("constant", 4)
+    metadata = json.loads((run_dir / "ddp-from-start" / METADATA_FILE).read_text())
+    assert (metadata["quailora"], metadata["rank_scaling"], metadata["max_rank"]) == (True, "constant", 4)
+    _assert_saved_factors(run_dir / "ddp-from-start", probes[0]["final"])
 
 
 @pytest.mark.skipif(HAS_AXOLOTL, reason="checks the error without axolotl; with it, see the test below")
