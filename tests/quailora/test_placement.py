@@ -149,8 +149,16 @@ def test_auto_takes_the_cheapest_placement_under_free_memory_and_the_finetuning_
 
 
 def test_auto_meets_the_finetuning_peak_at_every_row_of_the_contract():
-    from bench.bench_init_scaling import REAL_MODELS
+    import os
+    import sys
 
+    from testing_utils import REPO_ROOT
+
+    sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))  # `bench` itself is tests/bench here (tests/conftest.py)
+    try:
+        from bench_init_scaling import REAL_MODELS
+    finally:
+        sys.path.pop(0)
     for name, config in REAL_MODELS.items():
         config = SimpleNamespace(**config)
         target = estimate_finetune_memory(config).training_extra
