@@ -10,6 +10,7 @@ ZeRO-3 (the init refused, partitioned factors trained, saved and exported) is ch
 tests/dynamic_rank/test_trainer_sharded.py, against the same one-process run.
 """
 
+import math
 import os
 import subprocess
 import sys
@@ -61,4 +62,8 @@ def test_zero2_init_before_wrapping_and_training_equal_one_process(tiny_model_pa
     _assert_close(process1["trained"], single["trained"], "trained on process 1")
     _assert_same_files(tmp_path / "two", tmp_path / "one",
                        ("saved/adapter_model.safetensors", "rank-2/adapter_model.safetensors"))
+    for process in (process0, process1):  # evaluate() under ZeRO-2: each rank's loss, as the saved adapter's
+        assert set(process["metrics"]) == {"eval_loss@r2", "eval_loss@r4"}, process["metrics"]
+        for key, value in process["metrics"].items():
+            assert math.isclose(value, process["reference"][key], rel_tol=1e-5), (key, value, process["reference"])
 

@@ -51,6 +51,8 @@ def main(model_dir: str, out_dir: str, stage: str = "0") -> None:
     torch.set_num_threads(1)
     _without_shm_collectives()
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from sharded_start import eval_metrics, reference_losses
+
     from conftest import TINY_TEXTS
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -59,6 +61,7 @@ def main(model_dir: str, out_dir: str, stage: str = "0") -> None:
         gradient_accumulation_steps=2 // world, learning_rate=1e-2,
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, ddp_backend="gloo", max_length=16,
         seed=0, rank_seed=7, bf16=False, deepspeed=_deepspeed_config(int(stage)),
+        per_device_eval_batch_size=2, eval_ranks=[2, 4],
     )
     model, tokenizer = load_quantized_model(model_dir, "nf4")
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
@@ -67,13 +70,20 @@ def main(model_dir: str, out_dir: str, stage: str = "0") -> None:
     snapshot = _Snapshot()  # after the init: at on_init_end (DeepSpeed) or on_train_begin (one process)
     ids = [[(7 * i + j) % (len(tokenizer) - 3) + 3 for j in range(16)] for i in range(8)]
     trainer = DynamicRankTrainer(model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids}),
-                                 processing_class=tokenizer, callbacks=[callback, snapshot])
+                                 eval_dataset=Dataset.from_dict({"input_ids": ids[:4]}), processing_class=tokenizer,
+                                 callbacks=[callback, snapshot])
     trainer.train()
     trainer.save_model(os.path.join(out_dir, "saved"))
     export_rank(trainer.model, 2, os.path.join(out_dir, "rank-2"))
+    evaluation = {}
+    if world > 1:  # per-rank eval under ZeRO: against the saved adapter at each rank, unwrapped, in this process
+        factor_dtype = next(p.dtype for name, p in model.named_parameters() if "lora_" in name)
+        evaluation = {"metrics": eval_metrics(trainer.evaluate()),
+                      "reference": reference_losses(model_dir, os.path.join(out_dir, "saved"), ids[:4],
+                                                    trainer.args.eval_ranks, trainer.rank_scaling, "nf4", factor_dtype)}
     process = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     torch.save({"initialised": snapshot.weights, "trained": _lora_weights(model), "rank_history": trainer.rank_history,
-                "world_size": world, "engine": type(trainer.model_wrapped).__name__},
+                "world_size": world, "engine": type(trainer.model_wrapped).__name__, **evaluation},
                os.path.join(out_dir, f"process-{process}.pt"))
 
 
