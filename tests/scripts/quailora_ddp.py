@@ -1,9 +1,10 @@
 """Run QuAILoRAInitCallback inside SFTTrainer under torchrun (gloo, CPU); each process saves its LoRA weights.
 
-    torchrun --nproc_per_node 2 tests/scripts/quailora_ddp.py MODEL_DIR OUT_DIR [SAMPLES BATCH_SIZE]
+    torchrun --nproc_per_node 2 tests/scripts/quailora_ddp.py MODEL_DIR OUT_DIR [SAMPLES:BATCH_SIZE ...]
 
-SAMPLES calibration texts (default 8) at BATCH_SIZE per forward (default 8); the script also records how many
-forwards each process ran (embedding calls), so a test can check that uneven shares were evened out.
+Per case (default `8:8`), one fresh model and trainer in the same launch, writing `OUT_DIR/SAMPLES-BATCH_SIZE/`:
+SAMPLES calibration texts at BATCH_SIZE per forward; the script also records how many forwards each process ran
+(embedding calls), so a test can check that uneven shares were evened out.
 """
 
 import os
@@ -19,7 +20,6 @@ from hf_quailora.quantization import load_quantized_model
 
 
 def main(model_dir: str, out_dir: str, samples: int = 8, batch_size: int = 8) -> None:
-    torch.set_num_threads(1)
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from conftest import TINY_TEXTS
 
@@ -38,9 +38,13 @@ def main(model_dir: str, out_dir: str, samples: int = 8, batch_size: int = 8) ->
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     weights = {n: p.detach().float().clone() for n, p in model.named_parameters() if "lora_" in n}
+    os.makedirs(out_dir, exist_ok=True)
     torch.save({"weights": weights, "world": world, "tokens": callback.report.num_tokens, "forwards": len(forwards)},
                os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:5]))
+    torch.set_num_threads(1)
+    for case in sys.argv[3:] or ["8:8"]:  # one launch for every case: the imports dominate a tiny run
+        samples, batch_size = map(int, case.split(":"))
+        main(sys.argv[1], os.path.join(sys.argv[2], f"{samples}-{batch_size}"), samples, batch_size)
