@@ -55,9 +55,9 @@ from transformers import AutoTokenizer, HfArgumentParser
 from hf_quailora import load_dataset_any, make_token_windows, resolve
 
 from .._common import write_json, write_results
-from .arms import ARMS, CompareScriptArguments, RunPlan, check_arguments, needs_bos
+from .arms import ARMS, CompareScriptArguments, RunPlan, base_arm, check_arguments, needs_bos
 from .decomposition import decompose, decomposition_markdown
-from .run import load_alpaca_split, run_arm
+from .run import calibration_texts, load_alpaca_split, run_arm
 from .store import arm_path, check_compatible, load_finished, model_slug, resume_settings, start_path
 from .summary import plot_summary, summarize, summary_markdown
 
@@ -66,8 +66,8 @@ logger = logging.getLogger(__name__)
 
 
 def load_model_data(args: CompareScriptArguments, model: str, calibrate: bool):
-    """The tokenizer, Alpaca split, held-out windows and (if `calibrate`) C4 calibration windows of one model; BOS
-    starts every window of models that need it."""
+    """The tokenizer, Alpaca split, held-out windows and (if `calibrate`) the calibration windows of one model (of
+    `--calibration_data`: `run.calibration_texts`); BOS starts every window of models that need it."""
     tokenizer = AutoTokenizer.from_pretrained(resolve(model))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -77,8 +77,8 @@ def load_model_data(args: CompareScriptArguments, model: str, calibrate: bool):
                                  args.eval_windows, add_bos=bos)
     calibration = None
     if calibrate:
-        calibration = make_token_windows(tokenizer, load_dataset_any(args.calibration_data)["text"],
-                                         args.window_length, args.calibration_windows, add_bos=bos)
+        calibration = make_token_windows(tokenizer, calibration_texts(args, train), args.window_length,
+                                         args.calibration_windows, add_bos=bos)
     return tokenizer, train, held_out, train_examples, windows, calibration
 
 
@@ -90,7 +90,7 @@ def run_model(args: CompareScriptArguments, plan: RunPlan, model: str, settings:
     if not todo:
         return
     model_args = replace(args, model_name_or_path=model)
-    calibrate = any(ARMS[arm][1] == "closed_form" for _, _, arm in todo)
+    calibrate = any(ARMS[base_arm(arm)][1] == "closed_form" for _, _, arm in todo)
     tokenizer, train, held_out, train_examples, windows, calibration = load_model_data(model_args, model, calibrate)
     for rank, seed, arm in todo:
         logger.info("=== %s r=%d seed=%d arm %s ===", model, rank, seed, arm)
