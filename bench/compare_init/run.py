@@ -282,7 +282,7 @@ def run_arm(arm, args, tokenizer, train, held_out, windows, calibration, dynamic
     init_seconds = initialize_adapter(trainer, solver, calibration, args.window_length)
 
     result: dict = {"arm": arm, "label": arm_label(arm), "quantization": quantization, "init": solver or "B = 0",
-                    "init_seconds": init_seconds, "learning_rate": args.learning_rate * lr_scale(arm)}
+                    "init_seconds": init_seconds, "learning_rate": trainer.args.learning_rate}
     train_and_evaluate(trainer, perplexity, windows, dynamic_ranks if dynamic else None, result, started, full,
                        start_cache, resume_settings(args), (tokenizer, args.cloze_examples))
     logger.info("%s: ppl %.3f -> %.3f, Alpaca loss %.4f -> %.4f", arm, result["perplexity_start"],

@@ -12,7 +12,9 @@ from testing_utils import require_bitsandbytes
 
 @require_bitsandbytes
 def test_lr_scales_run_as_their_own_arms_with_cloze_accuracy(tiny_model_path, tiny_texts, tmp_path, monkeypatch):
-    import bench.compare_init.run as run_module
+    from bench.compare_init.__main__ import make_parser
+    from bench.compare_init.arms import check_arguments
+    from bench.compare_init.store import arm_path
 
     alpaca, text = write_small_data(tmp_path, tiny_texts)
     out = tmp_path / "out"
@@ -40,11 +42,11 @@ def test_lr_scales_run_as_their_own_arms_with_cloze_accuracy(tiny_model_path, ti
     assert "QuAILoRA (NF4, closed form), lr × 0.5 |" in table and "| accuracy gap closed end |" in table
     assert "| quailora@lr0.5 | held-out perplexity |" in table
 
-    calls = []  # resumable: nothing runs again
-    original = run_module.run_arm
-    monkeypatch.setattr(run_module, "run_arm", lambda arm, *rest: calls.append(arm) or original(arm, *rest))
-    run_recipe(monkeypatch, argv)
-    assert calls == []
+    # resumable: every arm of the plan is found where `run_model` looks for it (it skips what exists)
+    (args,) = make_parser().parse_args_into_dataclasses(argv)
+    plan = check_arguments(args)
+    assert plan.arms == ["qlora", "quailora", "quailora@lr0.5", "int8"]
+    assert all(os.path.isfile(arm_path(str(out), tiny_model_path, 4, 42, arm)) for arm in plan.arms)
 
 
 def test_alpaca_train_calibration_never_holds_the_held_out_examples(tiny_texts, tmp_path):
