@@ -17,7 +17,10 @@ Reported at the start and after fine-tuning (and every `--eval_steps` for the co
 Wikipedia perplexity and the loss on held-out Alpaca responses (the last `--eval_examples` examples, never
 trained on). "gap closed" is the fraction of the NF4 → int8 perplexity gap an arm closes,
 `(ppl_qlora − ppl_arm) / (ppl_qlora − ppl_int8)` (the paper's headline: 75% on average, after fine-tuning).
-The dynamic arm also reports per-rank perplexity and Alpaca loss at `--dynamic_eval_ranks`.
+The dynamic arm also reports per-rank perplexity and Alpaca loss at `--dynamic_eval_ranks`. `--cloze_examples N`
+adds the `quailora_wiki_cloze` accuracy (lm-eval, offline) at the start and the end, and its gap closed;
+`--quailora_lr_scale` runs the `quailora` arm once per learning-rate scale (arms `quailora@lr<scale>`), and
+`--calibration_data alpaca_train` calibrates on the training examples instead of C4.
 
 Launch from the repository root (CPU; see the README for a timed run on the embedded SmolLM2-135M):
 
@@ -26,6 +29,8 @@ Launch from the repository root (CPU; see the README for a timed run on the embe
     python -m bench.compare_init --arms qlora,quailora,int8 --models smollm2-135m,gemma3-270m --ranks 16,64 \
         --seeds 1,2,3 --output_dir outputs/compare_paper        # run again to resume; finished arms are skipped
     python -m bench.compare_init --summary_only --output_dir outputs/compare_paper    # summarise what finished
+    python -m bench.compare_init --arms qlora,quailora,int8 --quailora_lr_scale 1,0.5,0.25 \
+        --calibration_data alpaca_train --cloze_examples 100   # QuAILoRA at 3 learning rates, calibrated on the task
     python -m bench.compare_init --model_name_or_path meta-llama/Llama-3.1-8B --steps 500  # with the Hub and a GPU
 
 Outputs in `--output_dir`: one JSON per finished arm, `runs/<model>/r<rank>/seed<seed>/<arm>.json` (written
