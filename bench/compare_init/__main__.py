@@ -57,12 +57,12 @@ from dataclasses import replace
 import torch
 from transformers import AutoTokenizer, HfArgumentParser
 
-from hf_quailora import load_dataset_any, make_token_windows, resolve
+from hf_quailora import resolve
 
 from .._common import write_json, write_results
 from .arms import ARMS, CompareScriptArguments, RunPlan, base_arm, check_arguments, needs_bos
 from .decomposition import decompose, decomposition_markdown
-from .run import calibration_texts, load_alpaca_split, run_arm
+from .run import load_alpaca_split, run_arm, token_windows
 from .store import arm_path, check_compatible, load_finished, model_slug, resume_settings, start_path
 from .summary import plot_summary, summarize, summary_markdown
 
@@ -72,18 +72,13 @@ logger = logging.getLogger(__name__)
 
 def load_model_data(args: CompareScriptArguments, model: str, calibrate: bool):
     """The tokenizer, Alpaca split, held-out windows and (if `calibrate`) the calibration windows of one model (of
-    `--calibration_data`: `run.calibration_texts`); BOS starts every window of models that need it."""
+    `--calibration_data`: `run.calibration_texts`, never the held-out windows: `run.token_windows`); BOS starts
+    every window of models that need it."""
     tokenizer = AutoTokenizer.from_pretrained(resolve(model))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     train, held_out, train_examples = load_alpaca_split(args)  # the library's hold-out (split_holdout)
-    bos = needs_bos(model)
-    windows = make_token_windows(tokenizer, load_dataset_any(args.perplexity_data)["text"], args.window_length,
-                                 args.eval_windows, add_bos=bos)
-    calibration = None
-    if calibrate:
-        calibration = make_token_windows(tokenizer, calibration_texts(args, train), args.window_length,
-                                         args.calibration_windows, add_bos=bos)
+    windows, calibration = token_windows(args, tokenizer, train, needs_bos(model), calibrate)
     return tokenizer, train, held_out, train_examples, windows, calibration
 
 

@@ -17,6 +17,7 @@ from hf_quailora import (
     QuAILoRAConfig,
     compute_perplexity,
     load_dataset_any,
+    make_token_windows,
     quailora_init,
     use_rank,
 )
@@ -89,6 +90,32 @@ def calibration_texts(args: CompareScriptArguments, train) -> list[str]:
     if args.calibration_data == ALPACA_TRAIN:
         return [example["prompt"] + example["completion"] for example in train]
     return load_dataset_any(args.calibration_data)["text"]
+
+
+def token_windows(args: CompareScriptArguments, tokenizer, train, add_bos: bool, calibrate: bool):
+    """The held-out perplexity windows and (if `calibrate`) the calibration windows, `(windows, calibration)`.
+
+    When both come from the same text (`--calibration_data wiki` with `--perplexity_data wiki`), the calibration
+    windows are the ones after the held-out windows, so that the held-out text never calibrates the start (as in
+    `bench/bench_calibration_size.py`); the held-out windows are the same either way.
+
+    Raises:
+        ValueError: the shared text holds no window after the held-out ones.
+    """
+    texts = load_dataset_any(args.perplexity_data)["text"]
+    if not calibrate:
+        return make_token_windows(tokenizer, texts, args.window_length, args.eval_windows, add_bos=add_bos), None
+    if args.calibration_data != args.perplexity_data:
+        return (make_token_windows(tokenizer, texts, args.window_length, args.eval_windows, add_bos=add_bos),
+                make_token_windows(tokenizer, calibration_texts(args, train), args.window_length,
+                                   args.calibration_windows, add_bos=add_bos))
+    every = make_token_windows(tokenizer, texts, args.window_length, args.eval_windows + args.calibration_windows,
+                               add_bos=add_bos)
+    if every.shape[0] <= args.eval_windows:
+        raise ValueError(f"{args.perplexity_data!r} holds {every.shape[0]} windows of {args.window_length} tokens: "
+                         f"none is left to calibrate on after the {args.eval_windows} held-out ones; lower "
+                         "`--eval_windows` or `--window_length`, or calibrate on other text.")
+    return every[:args.eval_windows], every[args.eval_windows:]
 
 
 def _too_few(args: CompareScriptArguments, size: int, train_examples: int) -> str:

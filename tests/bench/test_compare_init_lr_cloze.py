@@ -107,3 +107,22 @@ def test_bad_lr_scales_and_cloze_are_refused_before_loading(monkeypatch, tmp_pat
     with pytest.raises(ValueError, match=message):
         run_recipe(monkeypatch, ["--model_name_or_path", str(tmp_path / "missing"), "--output_dir", str(tmp_path),
                                  *argv])
+
+
+def test_calibration_on_the_held_out_text_starts_after_the_held_out_windows(tiny_model_path, tiny_texts, tmp_path):
+    from transformers import AutoTokenizer
+
+    from bench.compare_init.arms import CompareScriptArguments
+    from bench.compare_init.run import token_windows
+    from hf_quailora import make_token_windows
+
+    _, text = write_small_data(tmp_path, tiny_texts)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    args = CompareScriptArguments(perplexity_data=text, calibration_data=text, eval_windows=2, window_length=16,
+                                  calibration_windows=3)
+    windows, calibration = token_windows(args, tokenizer, None, False, calibrate=True)
+    every = make_token_windows(tokenizer, tiny_texts, 16, 5)
+    assert windows.equal(every[:2]) and calibration.equal(every[2:])  # the held-out windows never calibrate
+    assert token_windows(args, tokenizer, None, False, calibrate=False)[0].equal(windows)  # and are unchanged
+    with pytest.raises(ValueError, match="none is left to calibrate"):
+        token_windows(CompareScriptArguments(**{**vars(args), "eval_windows": 10**4}), tokenizer, None, False, True)
