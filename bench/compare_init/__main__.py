@@ -17,7 +17,10 @@ Reported at the start and after fine-tuning (and every `--eval_steps` for the co
 Wikipedia perplexity and the loss on held-out Alpaca responses (the last `--eval_examples` examples, never
 trained on). "gap closed" is the fraction of the NF4 → int8 perplexity gap an arm closes,
 `(ppl_qlora − ppl_arm) / (ppl_qlora − ppl_int8)` (the paper's headline: 75% on average, after fine-tuning).
-The dynamic arm also reports per-rank perplexity and Alpaca loss at `--dynamic_eval_ranks`.
+The dynamic arm also reports per-rank perplexity and Alpaca loss at `--dynamic_eval_ranks`. `--cloze_examples N`
+adds the `quailora_wiki_cloze` accuracy (lm-eval, offline) at the start and the end, and its gap closed;
+`--quailora_lr_scale` runs the `quailora` arm once per learning-rate scale (arms `quailora@lr<scale>`), and
+`--calibration_data alpaca_train` calibrates on the training examples instead of C4.
 
 Launch from the repository root (CPU; see the README for a timed run on the embedded SmolLM2-135M):
 
@@ -26,6 +29,8 @@ Launch from the repository root (CPU; see the README for a timed run on the embe
     python -m bench.compare_init --arms qlora,quailora,int8 --models smollm2-135m,gemma3-270m --ranks 16,64 \
         --seeds 1,2,3 --output_dir outputs/compare_paper        # run again to resume; finished arms are skipped
     python -m bench.compare_init --summary_only --output_dir outputs/compare_paper    # summarise what finished
+    python -m bench.compare_init --arms qlora,quailora,int8 --quailora_lr_scale 1,0.5,0.25 \
+        --calibration_data alpaca_train --cloze_examples 100   # QuAILoRA at 3 learning rates, calibrated on the task
     python -m bench.compare_init --model_name_or_path meta-llama/Llama-3.1-8B --steps 500  # with the Hub and a GPU
 
 Outputs in `--output_dir`: one JSON per finished arm, `runs/<model>/r<rank>/seed<seed>/<arm>.json` (written
@@ -52,12 +57,12 @@ from dataclasses import replace
 import torch
 from transformers import AutoTokenizer, HfArgumentParser
 
-from hf_quailora import load_dataset_any, make_token_windows, resolve
+from hf_quailora import resolve
 
 from .._common import write_json, write_results
-from .arms import ARMS, CompareScriptArguments, RunPlan, check_arguments, needs_bos
+from .arms import ARMS, CompareScriptArguments, RunPlan, base_arm, check_arguments, needs_bos
 from .decomposition import decompose, decomposition_markdown
-from .run import load_alpaca_split, run_arm
+from .run import load_alpaca_split, run_arm, token_windows
 from .store import arm_path, check_compatible, load_finished, model_slug, resume_settings, start_path
 from .summary import plot_summary, summarize, summary_markdown
 
@@ -66,19 +71,14 @@ logger = logging.getLogger(__name__)
 
 
 def load_model_data(args: CompareScriptArguments, model: str, calibrate: bool):
-    """The tokenizer, Alpaca split, held-out windows and (if `calibrate`) C4 calibration windows of one model; BOS
-    starts every window of models that need it."""
+    """The tokenizer, Alpaca split, held-out windows and (if `calibrate`) the calibration windows of one model (of
+    `--calibration_data`: `run.calibration_texts`, never the held-out windows: `run.token_windows`); BOS starts
+    every window of models that need it."""
     tokenizer = AutoTokenizer.from_pretrained(resolve(model))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     train, held_out, train_examples = load_alpaca_split(args)  # the library's hold-out (split_holdout)
-    bos = needs_bos(model)
-    windows = make_token_windows(tokenizer, load_dataset_any(args.perplexity_data)["text"], args.window_length,
-                                 args.eval_windows, add_bos=bos)
-    calibration = None
-    if calibrate:
-        calibration = make_token_windows(tokenizer, load_dataset_any(args.calibration_data)["text"],
-                                         args.window_length, args.calibration_windows, add_bos=bos)
+    windows, calibration = token_windows(args, tokenizer, train, needs_bos(model), calibrate)
     return tokenizer, train, held_out, train_examples, windows, calibration
 
 
@@ -90,7 +90,7 @@ def run_model(args: CompareScriptArguments, plan: RunPlan, model: str, settings:
     if not todo:
         return
     model_args = replace(args, model_name_or_path=model)
-    calibrate = any(ARMS[arm][1] == "closed_form" for _, _, arm in todo)
+    calibrate = any(ARMS[base_arm(arm)][1] == "closed_form" for _, _, arm in todo)
     tokenizer, train, held_out, train_examples, windows, calibration = load_model_data(model_args, model, calibrate)
     for rank, seed, arm in todo:
         logger.info("=== %s r=%d seed=%d arm %s ===", model, rank, seed, arm)

@@ -28,6 +28,56 @@ ARM_LABELS = {
     "fp32": "fp32 base (B = 0)",
     "dynamic": "dynamic rank (NF4, QuAILoRA, r_max)",
 }
+SCALED_ARM = "quailora"  # the arm `--quailora_lr_scale` runs once per scale, as `quailora@lr<scale>`
+ALPACA_TRAIN = "alpaca_train"  # `--calibration_data`: windows of the arm's own training examples, never the held-out
+
+
+def base_arm(name: str) -> str:
+    """The arm of `ARMS` behind a run's arm name: `"quailora@lr0.5"` → `"quailora"` (others unchanged)."""
+    return name.partition("@lr")[0]
+
+
+def lr_scale(name: str) -> float:
+    """The learning-rate scale of a run's arm name: `"quailora@lr0.5"` → 0.5; 1 for every unscaled arm."""
+    return float(name.partition("@lr")[2] or 1)
+
+
+def scaled_name(scale: float) -> str:
+    """The arm name of QuAILoRA at `scale` × `--learning_rate`: `"quailora"` at 1 (so it is the stored arm of
+    earlier runs), else `"quailora@lr<scale>"` (e.g. `quailora@lr0.5`)."""
+    return SCALED_ARM if scale == 1 else f"{SCALED_ARM}@lr{scale:g}"
+
+
+def arm_label(name: str) -> str:
+    """The table label of a run's arm name (the scaled QuAILoRA arms carry their learning-rate scale)."""
+    label = ARM_LABELS[base_arm(name)]
+    return label if lr_scale(name) == 1 else f"{label}, lr × {lr_scale(name):g}"
+
+
+def arm_order(name: str) -> tuple[int, float]:
+    """Sort key of run arm names: the order of `ARMS`, then the larger learning rate first."""
+    return list(ARMS).index(base_arm(name)), -lr_scale(name)
+
+
+def parse_lr_scales(text: str) -> list[float]:
+    """`--quailora_lr_scale` → positive finite scales, e.g. `"1,0.5,0.25"` → `[1.0, 0.5, 0.25]`.
+
+    Raises:
+        ValueError: naming `--quailora_lr_scale`, when it is empty, holds a non-number, a value ≤ 0 or not finite,
+            or repeats a scale.
+    """
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    try:
+        scales = [float(part) for part in parts]
+    except ValueError as err:
+        raise ValueError(f"`--quailora_lr_scale` ({text!r}) must be comma-separated numbers, e.g. 1,0.5,0.25.") from err
+    bad = [scale for scale in scales if not (math.isfinite(scale) and scale > 0)]
+    if not scales or bad:
+        raise ValueError(f"`--quailora_lr_scale` ({text!r}) needs positive finite numbers, e.g. 1,0.5,0.25; "
+                         f"{'it is empty' if not scales else f'got {bad}'}.")
+    if len({scaled_name(scale) for scale in scales}) != len(scales):
+        raise ValueError(f"`--quailora_lr_scale` ({text!r}) repeats a scale; name each once.")
+    return scales
 
 
 @dataclass
@@ -70,7 +120,14 @@ class CompareScriptArguments:
             last this many of the evaluated examples; the start and the end are still scored on all of them (on a
             CPU the Alpaca loss on 200 examples costs about twelve times the perplexity on 16 windows).
         perplexity_data (`str`, defaults to `"wiki"`), eval_windows (`int`, defaults to 16), window_length (256).
-        calibration_data (`str`, defaults to `"c4"`), calibration_windows (`int`, defaults to 32).
+        calibration_data (`str`, defaults to `"c4"`), calibration_windows (`int`, defaults to 32):
+            `"alpaca_train"` calibrates on the arm's own training examples (prompt and response, never the held-out
+            tail); any other value is text loaded by `load_dataset_any` (`c4`, `wiki`, a file).
+        quailora_lr_scale (`str`, *optional*): comma-separated scales, e.g. `"1,0.5,0.25"`: the `quailora` arm runs
+            once per scale at `learning_rate × scale`, stored as its own arm `quailora@lr<scale>` (`quailora` at
+            1); every other arm keeps `learning_rate`.
+        cloze_examples (`int`, *optional*): score the offline lm-eval task `quailora_wiki_cloze` (last-word
+            accuracy, chance 25%) on its first this many documents at the start and the end of every arm.
 
         > Evaluation and dynamic rank
 
@@ -124,6 +181,12 @@ class CompareScriptArguments:
     window_length: int = field(default=256, metadata={"help": "Tokens per perplexity/calibration window."})
     calibration_data: str = field(default="c4", metadata={"help": "QuAILoRA calibration text."})
     calibration_windows: int = field(default=32, metadata={"help": "QuAILoRA calibration windows."})
+    quailora_lr_scale: str | None = field(
+        default=None, metadata={"help": "Comma-separated learning-rate scales of the quailora arm, e.g. 1,0.5,0.25."}
+    )
+    cloze_examples: int | None = field(
+        default=None, metadata={"help": "quailora_wiki_cloze documents scored at the start and end (default: none)."}
+    )
     # Evaluation and dynamic rank
     eval_steps: int = field(default=10, metadata={"help": "Evaluate every this many steps."})
     eval_batch_size: int = field(default=8, metadata={"help": "Sequences per evaluation forward."})
@@ -224,6 +287,7 @@ RESUME_KEYS = (
     "target_modules", "steps", "batch_size", "learning_rate", "lr_scheduler_type", "max_length", "adapter_dtype",
     "train_data", "train_examples", "holdout_examples", "eval_examples", "curve_eval_examples", "perplexity_data",
     "eval_windows", "window_length", "calibration_data", "calibration_windows", "eval_steps", "dynamic_update_rule",
+    "cloze_examples",
 )
 
 
@@ -255,6 +319,14 @@ def check_arguments(args: CompareScriptArguments) -> RunPlan:
         raise ValueError(f"`--calibration_windows` ({args.calibration_windows}) must be ≥ 1 for QuAILoRA arms.")
     if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
         raise ValueError(f"`--learning_rate` ({args.learning_rate}) must be a positive number.")
+    if args.cloze_examples is not None and (isinstance(args.cloze_examples, bool) or args.cloze_examples < 1):
+        raise ValueError(f"`--cloze_examples` ({args.cloze_examples}) must be at least 1 (or omitted).")
+    if args.quailora_lr_scale is not None:
+        scales = parse_lr_scales(args.quailora_lr_scale)
+        if SCALED_ARM not in arms:
+            raise ValueError(f"`--quailora_lr_scale` scales the `{SCALED_ARM}` arm; add it to `--arms` ({args.arms!r}).")
+        index = arms.index(SCALED_ARM)
+        arms = arms[:index] + [scaled_name(scale) for scale in scales] + arms[index + 1:]
     dynamic_ranks = None
     if "dynamic" in arms:
         listed = parse_dynamic_eval_ranks(args.dynamic_eval_ranks, max(ranks))

@@ -16,13 +16,16 @@ from hf_quailora import (
     DynamicRankTrainer,
     QuAILoRAConfig,
     compute_perplexity,
+    load_dataset_any,
+    make_token_windows,
     quailora_init,
     use_rank,
 )
 from hf_quailora.embedded.data import load_alpaca_sft, split_holdout
 
 from .._common import peft_model, write_json
-from .arms import ARM_LABELS, ARMS, CompareScriptArguments
+from .arms import ALPACA_TRAIN, ARMS, CompareScriptArguments, arm_label, base_arm, lr_scale
+from .cloze import cloze_accuracy
 from .store import resume_settings
 
 
@@ -80,6 +83,41 @@ def load_alpaca_split(args: CompareScriptArguments):
     return train, held_out, train_examples
 
 
+def calibration_texts(args: CompareScriptArguments, train) -> list[str]:
+    """The text QuAILoRA calibrates on: with `--calibration_data alpaca_train`, the arm's own training examples
+    (`train` of `load_alpaca_split`: prompt followed by response; the held-out tail never enters), else the text of
+    `--calibration_data` (`load_dataset_any`: `c4`, `wiki`, a file)."""
+    if args.calibration_data == ALPACA_TRAIN:
+        return [example["prompt"] + example["completion"] for example in train]
+    return load_dataset_any(args.calibration_data)["text"]
+
+
+def token_windows(args: CompareScriptArguments, tokenizer, train, add_bos: bool, calibrate: bool):
+    """The held-out perplexity windows and (if `calibrate`) the calibration windows, `(windows, calibration)`.
+
+    When both come from the same text (`--calibration_data wiki` with `--perplexity_data wiki`), the calibration
+    windows are the ones after the held-out windows, so that the held-out text never calibrates the start (as in
+    `bench/bench_calibration_size.py`); the held-out windows are the same either way.
+
+    Raises:
+        ValueError: the shared text holds no window after the held-out ones.
+    """
+    texts = load_dataset_any(args.perplexity_data)["text"]
+    if not calibrate:
+        return make_token_windows(tokenizer, texts, args.window_length, args.eval_windows, add_bos=add_bos), None
+    if args.calibration_data != args.perplexity_data:
+        return (make_token_windows(tokenizer, texts, args.window_length, args.eval_windows, add_bos=add_bos),
+                make_token_windows(tokenizer, calibration_texts(args, train), args.window_length,
+                                   args.calibration_windows, add_bos=add_bos))
+    every = make_token_windows(tokenizer, texts, args.window_length, args.eval_windows + args.calibration_windows,
+                               add_bos=add_bos)
+    if every.shape[0] <= args.eval_windows:
+        raise ValueError(f"{args.perplexity_data!r} holds {every.shape[0]} windows of {args.window_length} tokens: "
+                         f"none is left to calibrate on after the {args.eval_windows} held-out ones; lower "
+                         "`--eval_windows` or `--window_length`, or calibrate on other text.")
+    return every[:args.eval_windows], every[args.eval_windows:]
+
+
 def _too_few(args: CompareScriptArguments, size: int, train_examples: int) -> str:
     return (
         f"{args.train_data!r} has {size} examples: too few for --train_examples {train_examples} plus a "
@@ -94,7 +132,7 @@ def training_settings(args: CompareScriptArguments, arm: str) -> dict:
         max_steps=args.steps,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.eval_batch_size,
-        learning_rate=args.learning_rate,
+        learning_rate=args.learning_rate * lr_scale(arm),  # --quailora_lr_scale: quailora@lr<scale> arms
         lr_scheduler_type=args.lr_scheduler_type,
         logging_steps=args.eval_steps,
         eval_strategy="steps",
@@ -124,7 +162,7 @@ def build_trainer(arm, args, model, tokenizer, train, held_out, windows, dynamic
     trainer_kwargs = dict(
         train_dataset=train, eval_dataset=held_out, processing_class=tokenizer, callbacks=[perplexity]
     )
-    if ARMS[arm][2]:
+    if ARMS[base_arm(arm)][2]:
         config = DynamicRankConfig(**settings, min_rank=1, rank_scaling="constant",
                                    update_rule=args.dynamic_update_rule, eval_ranks=dynamic_ranks)
         trainer = DynamicRankTrainer(model, args=config, **trainer_kwargs)
@@ -187,7 +225,8 @@ def evaluate_full(trainer, perplexity, full, curve: bool = True) -> None:
 
 
 def train_and_evaluate(trainer, perplexity, windows, dynamic_ranks, result: dict, started: float,
-                       full=None, start_cache: str | None = None, settings: dict | None = None) -> None:
+                       full=None, start_cache: str | None = None, settings: dict | None = None,
+                       cloze: tuple = (None, None)) -> None:
     """Evaluate at the start, train (evaluating every `--eval_steps`), evaluate at the end; fills `result`.
 
     Args:
@@ -199,6 +238,8 @@ def train_and_evaluate(trainer, perplexity, windows, dynamic_ranks, result: dict
             read when present and run with the same `settings` (entries marked `start_reused`), else written after
             evaluating.
         settings: the arm's `store.resume_settings`, stored with the shared start.
+        cloze: `(tokenizer, documents)`: with `documents` set (`--cloze_examples`), the `quailora_wiki_cloze`
+            accuracy at the start (kept in the shared start) and the end (`cloze_start`, `cloze_end`).
     """
     dynamic = dynamic_ranks is not None
     batch = trainer.args.per_device_eval_batch_size
@@ -209,10 +250,11 @@ def train_and_evaluate(trainer, perplexity, windows, dynamic_ranks, result: dict
     if start_cache is not None and os.path.exists(start_cache):
         with open(start_cache) as handle:
             cached = json.load(handle)
-    if cached is not None and cached["settings"] == settings:
+    if cached is not None and _same_settings(cached["settings"], settings):
         perplexity.history.extend({**entry, "start_reused": True} for entry in cached["history"])
     else:
         evaluate_full(trainer, perplexity, full)
+        _add_cloze(trainer, perplexity.history[0], *cloze)
         if start_cache is not None:
             write_json(start_cache, {"settings": settings, "history": perplexity.history})
     train_started = time.perf_counter()
@@ -221,6 +263,7 @@ def train_and_evaluate(trainer, perplexity, windows, dynamic_ranks, result: dict
     last_done = perplexity.history[-1]["step"] == trainer.state.global_step
     if full is not None or not last_done:
         evaluate_full(trainer, perplexity, full, curve=not last_done)
+    _add_cloze(trainer, perplexity.history[-1], *cloze)
     if dynamic:
         trainer.eval_ranks = dynamic_ranks
         result["per_rank"]["end"] = measure_dynamic_ranks(trainer, windows, dynamic_ranks, batch)
@@ -229,16 +272,35 @@ def train_and_evaluate(trainer, perplexity, windows, dynamic_ranks, result: dict
     result.update(
         perplexity_start=start["perplexity"], perplexity_end=end["perplexity"],
         eval_loss_start=start["eval_loss"], eval_loss_end=end["eval_loss"],
+        cloze_start=start.get("cloze_accuracy"), cloze_end=perplexity.history[-1].get("cloze_accuracy"),
         history=perplexity.history, seconds=time.perf_counter() - started,
         train_loss=[(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry],
     )
+
+
+def _same_settings(stored: dict, settings: dict | None) -> bool:
+    """Whether a shared start was run with `settings`; a setting added since (absent there) matches its None."""
+    return settings is not None and all(stored.get(key) == value for key, value in settings.items()) and all(
+        key in settings for key in stored)
+
+
+def _add_cloze(trainer, entry: dict, tokenizer, documents: int | None) -> None:
+    """Add the `quailora_wiki_cloze` accuracy (and its seconds) of the trainer's model to a history entry."""
+    if documents is None or tokenizer is None:
+        return
+    started = time.perf_counter()
+    entry["cloze_accuracy"] = cloze_accuracy(trainer.model, tokenizer, documents,
+                                             trainer.args.per_device_eval_batch_size)
+    entry["cloze_seconds"] = time.perf_counter() - started
+    logger.info("step %d: quailora_wiki_cloze accuracy %.3f on %d documents", entry["step"],
+                entry["cloze_accuracy"], documents)
 
 
 def run_arm(arm, args, tokenizer, train, held_out, windows, calibration, dynamic_ranks, start_cache=None) -> dict:
     """Fine-tune and evaluate one arm from a freshly loaded model; returns its results (curves included).
 
     `start_cache`: see `train_and_evaluate` (the evaluations at step 0 shared across seeds)."""
-    quantization, solver, dynamic = ARMS[arm]
+    quantization, solver, dynamic = ARMS[base_arm(arm)]
     started = time.perf_counter()
     # the base in the arm's quantization with a fresh LoRA, r = lora_alpha = --rank; the seed: the same A in every arm
     model = peft_model(args.model_name_or_path, quantization, rank=args.rank, target_modules=args.target_modules,
@@ -246,10 +308,10 @@ def run_arm(arm, args, tokenizer, train, held_out, windows, calibration, dynamic
     trainer, perplexity, full = build_trainer(arm, args, model, tokenizer, train, held_out, windows, dynamic_ranks)
     init_seconds = initialize_adapter(trainer, solver, calibration, args.window_length)
 
-    result: dict = {"arm": arm, "label": ARM_LABELS[arm], "quantization": quantization, "init": solver or "B = 0",
-                    "init_seconds": init_seconds}
+    result: dict = {"arm": arm, "label": arm_label(arm), "quantization": quantization, "init": solver or "B = 0",
+                    "init_seconds": init_seconds, "learning_rate": trainer.args.learning_rate}
     train_and_evaluate(trainer, perplexity, windows, dynamic_ranks if dynamic else None, result, started, full,
-                       start_cache, resume_settings(args))
+                       start_cache, resume_settings(args), (tokenizer, args.cloze_examples))
     logger.info("%s: ppl %.3f -> %.3f, Alpaca loss %.4f -> %.4f", arm, result["perplexity_start"],
                 result["perplexity_end"], result["eval_loss_start"], result["eval_loss_end"])
     del trainer, model

@@ -7,7 +7,7 @@ import glob
 import json
 import os
 
-from .arms import ARMS, RESUME_KEYS, CompareScriptArguments
+from .arms import ARMS, RESUME_KEYS, CompareScriptArguments, base_arm
 
 
 def model_slug(model: str) -> str:
@@ -29,9 +29,10 @@ def start_path(output_dir: str, model: str, rank: int, arm: str) -> str | None:
     """Where the evaluations at step 0 of `arm` are shared across seeds, None for the dynamic arm: with B = 0 the
     start is the base model whatever the seed and rank; an SVD or QuAILoRA start overwrites the random A, so it
     depends on the rank only."""
-    quantization, solver, dynamic = ARMS[arm]
+    quantization, solver, dynamic = ARMS[base_arm(arm)]
     if dynamic:
         return None
+    arm = base_arm(arm)  # the start does not depend on the learning rate: quailora@lr<scale> shares quailora's
     name = f"{arm}.json" if solver is None else f"{arm}-r{rank}.json"
     return os.path.join(output_dir, "runs", model_slug(model), "start", name)
 

@@ -9,11 +9,12 @@ import statistics
 from collections import defaultdict
 
 from .._common import gap_closed, write_file
-from .arms import ARM_LABELS, ARMS
+from .arms import arm_label, arm_order
 
 
-METRICS = ("perplexity_start", "perplexity_end", "eval_loss_start", "eval_loss_end")
-GAPS = ("gap_start", "gap_end", "loss_gap_start", "loss_gap_end", "alpaca_ppl_gap_start", "alpaca_ppl_gap_end")
+METRICS = ("perplexity_start", "perplexity_end", "eval_loss_start", "eval_loss_end", "cloze_start", "cloze_end")
+GAPS = ("gap_start", "gap_end", "loss_gap_start", "loss_gap_end", "alpaca_ppl_gap_start", "alpaca_ppl_gap_end",
+        "cloze_gap_start", "cloze_gap_end")
 
 
 def mean_std(values: list[float]) -> dict:
@@ -36,12 +37,13 @@ def _gaps(result: dict, qlora: dict | None, int8: dict | None) -> dict:
     the Alpaca response loss (`loss_gap`) and in the Alpaca validation perplexity, exp(loss) (`alpaca_ppl_gap`).
 
     The last is the paper's metric: the validation perplexity of the fine-tuning data. exp is convex, so it is
-    never below the loss gap for an arm that lies between QLoRA and int8."""
+    never below the loss gap for an arm that lies between QLoRA and int8. `cloze_gap` is the accuracy gap closed
+    on `quailora_wiki_cloze` (`--cloze_examples`; None where an arm was not scored)."""
     out = {}
     for when in ("start", "end"):
         for prefix, key, transform in (("gap", "perplexity", None), ("loss_gap", "eval_loss", None),
-                                       ("alpaca_ppl_gap", "eval_loss", _exp)):
-            values = [arm and arm[f"{key}_{when}"] for arm in (qlora, result, int8)]
+                                       ("alpaca_ppl_gap", "eval_loss", _exp), ("cloze_gap", "cloze", None)):
+            values = [arm and arm.get(f"{key}_{when}") for arm in (qlora, result, int8)]
             if transform is not None:
                 values = [transform(value) for value in values]
             out[f"{prefix}_{when}"] = gap_closed(*values)
@@ -62,11 +64,11 @@ def summarize(records: list[dict]) -> list[dict]:
         per_arm: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
         for seed, arms in sorted(by_seed.items()):
             for arm, result in arms.items():
-                row = {**{key: result[key] for key in METRICS}, **_gaps(result, arms.get("qlora"), arms.get("int8"))}
+                row = {**{key: result.get(key) for key in METRICS}, **_gaps(result, arms.get("qlora"), arms.get("int8"))}
                 row.update(seconds=result["seconds"], seed=seed)
                 for key, value in row.items():
                     per_arm[arm][key].append(value)
-        ordered = sorted(per_arm, key=list(ARMS).index)
+        ordered = sorted(per_arm, key=arm_order)
         summary.append({
             "model": model, "rank": rank, "seeds": sorted(by_seed),
             "arms": {arm: {**{key: mean_std(per_arm[arm][key]) for key in METRICS + GAPS},
@@ -108,14 +110,33 @@ def summary_markdown(summary: list[dict], records: list[dict], meta: dict) -> st
         ]
         for arm, stats in entry["arms"].items():
             lines.append(
-                f"| {ARM_LABELS[arm]} | {len(stats['seeds'])} | {_cell(stats['perplexity_start'], '{:.3f}')} | "
+                f"| {arm_label(arm)} | {len(stats['seeds'])} | {_cell(stats['perplexity_start'], '{:.3f}')} | "
                 f"{_cell(stats['perplexity_end'], '{:.3f}')} | {_cell(stats['eval_loss_start'], '{:.4f}')} | "
                 f"{_cell(stats['eval_loss_end'], '{:.4f}')} | {_cell(stats['gap_start'], '{:.1%}')} | "
                 f"{_cell(stats['gap_end'], '{:.1%}')} | {_cell(stats['loss_gap_end'], '{:.1%}')} | "
                 f"{_cell(stats['alpaca_ppl_gap_end'], '{:.1%}')} |"
             )
-    lines += _rank_trend(summary) + _convergence(summary, records) + _dynamic_ranks(records)
+    lines += _cloze(summary) + _rank_trend(summary) + _convergence(summary, records) + _dynamic_ranks(records)
     return "\n".join(lines) + "\n"
+
+
+def _cloze(summary: list[dict]) -> list[str]:
+    """The `quailora_wiki_cloze` accuracy per arm at the start and the end, and the accuracy gap closed
+    ((acc_qlora − acc_arm) / (acc_qlora − acc_int8), per seed); no lines where no arm was scored."""
+    entries = [entry for entry in summary if any(stats["cloze_end"]["n"] for stats in entry["arms"].values())]
+    if not entries:
+        return []
+    lines = ["", "Accuracy: `quailora_wiki_cloze` (a Wikipedia sentence's last word among 4, chance 25%; "
+             "`--cloze_examples` documents), mean ± std over seeds, and the accuracy gap closed per seed against "
+             "that seed's `qlora` and `int8` arms:", "",
+             "| model | rank | arm | seeds | accuracy start | accuracy end | accuracy gap closed start | "
+             "accuracy gap closed end |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for entry in entries:
+        for arm, stats in entry["arms"].items():
+            lines.append(f"| {entry['model']} | {entry['rank']} | {arm_label(arm)} | {stats['cloze_end']['n']} | "
+                         + " | ".join(_cell(stats[key], "{:.1%}") for key in
+                                      ("cloze_start", "cloze_end", "cloze_gap_start", "cloze_gap_end")) + " |")
+    return lines
 
 
 def last_interval_share(values: list[float]) -> float | None:
@@ -147,7 +168,7 @@ def _convergence(summary: list[dict], records: list[dict]) -> list[str]:
                 continue
             curves[arm] = ppl, loss
             shares = [last_interval_share(curve) for curve in (ppl, loss)]
-            lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(f"{p:.2f} / {l:.3f}" for p, l in zip(ppl, loss))
+            lines.append(f"| {arm_label(arm)} | " + " | ".join(f"{p:.2f} / {l:.3f}" for p, l in zip(ppl, loss))
                          + " | " + " / ".join("–" if s is None else f"{s:.0%}" for s in shares) + " |")
         lines += _gap_rows(curves)
     return lines
@@ -167,7 +188,7 @@ def _gap_rows(curves: dict[str, tuple[list, list]]) -> list[str]:
             gaps = [gap_closed(curves["qlora"][which][index], values[index], curves["int8"][which][index])
                     for which, values in enumerate((ppl, loss))]
             cells.append(" / ".join("–" if gap is None else f"{gap:.1%}" for gap in gaps))
-        rows.append(f"| gap closed: {ARM_LABELS[arm]} | " + " | ".join(cells) + " | – |")
+        rows.append(f"| gap closed: {arm_label(arm)} | " + " | ".join(cells) + " | – |")
     return rows
 
 
