@@ -134,6 +134,27 @@ def test_an_exported_exit_loads_on_a_shallow_base_and_reproduces_the_sub_model(t
     assert DynamicRankMetadata.load(tmp_path / "e1r4").exported_exit == 1
 
 
+def test_an_exported_gemma3_exit_loads_on_its_shallow_base_with_layer_types_cut(tiny_model_path, tmp_path):
+    from hf_quailora import load_dynamic_rank_adapter
+    from tests.families.family_models import build_family_model
+
+    build_family_model(FAMILY_BY_NAME["gemma3"], transformers.AutoTokenizer.from_pretrained(tiny_model_path),
+                       tmp_path / "base")  # layer_types: sliding, full
+    model, _ = make_model(str(tmp_path / "base"))
+    export_rank(model, 4, str(tmp_path / "e1r4"), rank_scaling="per_rank", exit=1)
+    ids = torch.tensor([[1, 7, 20, 41, 90, 3, 5, 9, 11]])  # longer than the sliding window (4)
+    with torch.no_grad(), use_exit(model, 1), use_rank(model, 4, rank_scaling="per_rank"):
+        expected = model(ids).logits
+        assert model.config.layer_types == ["sliding_attention"]
+    assert model.config.layer_types == ["sliding_attention", "full_attention"]  # restored
+    loaded = load_dynamic_rank_adapter(str(tmp_path / "base"), str(tmp_path / "e1r4")).model
+    config = loaded.get_base_model().config
+    assert (config.num_hidden_layers, config.layer_types) == (1, ["sliding_attention"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    config.save_pretrained(tmp_path / "config")  # a valid config: transformers refuses layer_types longer than L
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
