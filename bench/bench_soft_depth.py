@@ -174,21 +174,24 @@ def run_seed(args, model_name, data, start, seed, exits, work):
         seconds = time.perf_counter() - started
         out[arm] = {str(k): score_exit(trainer, k, windows, args.rank) for k in exits}
         out[arm]["train_seconds"] = seconds
+        out[arm]["score_seconds"] = time.perf_counter() - started - seconds
         print(f"[{model_name} seed {seed}] {arm}: {json.dumps(out[arm])}", file=sys.stderr, flush=True)
     from hf_quailora.dynamic_rank.exits import find_depth_path
 
     norm = find_depth_path(trainer.model).outputs[0]
     original = norm.weight.detach().clone()
     out["sft+ict"] = {str(exits[-1]): out["sft"][str(exits[-1])]}  # the full model keeps its own norm
+    started = time.perf_counter()
     for k in exits[:-1]:  # the sft adapter stays frozen; only a per-exit copy of the final norm is tuned
         tune_exit_norm(trainer, k, args.steps, args.ict_learning_rate)
         out["sft+ict"][str(k)] = score_exit(trainer, k, windows, args.rank)
         norm.weight.data.copy_(original)
+    out["sft+ict"]["seconds"] = time.perf_counter() - started
     print(f"[{model_name} seed {seed}] sft+ict: {json.dumps(out['sft+ict'])}", file=sys.stderr, flush=True)
     return out
 
 
-def quality(args, model_name, seeds):
+def quality(args, model_name, seeds, save=None):
     from hf_quailora import exit_layers
     from hf_quailora.dynamic_rank.exits import find_depth_path
 
@@ -196,12 +199,20 @@ def quality(args, model_name, seeds):
     started = time.perf_counter()
     start = quailora_start(args, model_name, data[4])
     init_seconds = time.perf_counter() - started
-    exits = exit_layers([0.25, 0.5, 0.75, 1.0], find_depth_path(fresh_model(args, model_name)).num_layers)
+    model = fresh_model(args, model_name, start)
+    exits = exit_layers([0.25, 0.5, 0.75, 1.0], find_depth_path(model).num_layers)
     runs = {}
     with tempfile.TemporaryDirectory() as work:
+        tokenizer, train, held_out, windows, _ = data  # the start's own sub-models, before any training
+        trainer = build_trainer(args, model, tokenizer, train, held_out, 0, os.path.join(work, "start"), exits=exits)
+        start_scores = {str(k): score_exit(trainer, k, windows, args.rank) for k in exits}
+        print(f"[{model_name}] start: {json.dumps(start_scores)}", file=sys.stderr, flush=True)
+        del model, trainer
         for seed in seeds:
             runs[str(seed)] = run_seed(args, model_name, data, start, seed, exits, os.path.join(work, str(seed)))
-    return {"exits": exits, "init_seconds": init_seconds, "runs": runs}
+            if save is not None:  # each finished seed is kept, should a later one not finish
+                save({"exits": exits, "init_seconds": init_seconds, "start": start_scores, "runs": runs})
+    return {"exits": exits, "init_seconds": init_seconds, "start": start_scores, "runs": runs}
 
 
 def _mean_std(values):
@@ -210,12 +221,16 @@ def _mean_std(values):
 
 def quality_table(model_name, result) -> str:
     exits, runs = result["exits"], list(result["runs"].values())
+    start = result.get("start", {})  # the QuAILoRA start's sub-models, before training (absent in older runs)
     lines = [f"\n#### {model_name}: held-out Alpaca loss / Wikipedia perplexity per exit (mean ± std over "
-             f"{len(runs)} seeds)\n", "| exit | SoFT loss | SFT read-out loss | SFT+ICT loss | SoFT ppl | SFT read-out "
-             "ppl | SFT+ICT ppl |", "|---|---|---|---|---|---|---|"]
+             f"{len(runs)} seeds)\n", "| exit | start loss | SoFT loss | SFT read-out loss | SFT+ICT loss | start ppl | "
+             "SoFT ppl | SFT read-out ppl | SFT+ICT ppl |", "|---|---|---|---|---|---|---|---|---|"]
     for k in exits:
-        cells = []
+        at = start.get(str(k))
+        cells = [f"{at['loss']:.3f}" if at else "–"]
         for metric in ("loss", "perplexity"):
+            if metric == "perplexity":
+                cells.append(f"{at['perplexity']:.3g}" if at else "–")
             for arm in ("soft", "sft", "sft+ict"):
                 mean, std = _mean_std([run[arm][str(k)][metric] for run in runs])
                 cells.append(f"{mean:.3f} ± {std:.3f}" if metric == "loss" else f"{mean:.3g} ± {std:.2g}")
@@ -323,7 +338,11 @@ def main(argv=None):
             results["cost"][model_name] = cost(args, model_name)
             write_json(args.output, results)
         if not args.skip_quality:
-            results["quality"][model_name] = quality(args, model_name, seeds)
+            def save(partial, model_name=model_name):
+                results["quality"][model_name] = partial
+                write_json(args.output, results)
+
+            results["quality"][model_name] = quality(args, model_name, seeds, save)
             write_json(args.output, results)
     print(f"Settings: {json.dumps(vars(args))}")
     for model_name, result in results["quality"].items():

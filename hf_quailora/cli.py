@@ -72,7 +72,8 @@ def make_parser() -> argparse.ArgumentParser:
     _add_model_arguments(export)
     export.add_argument("--rank", type=int, required=True, help="the rank b to export")
     export.add_argument("--exit", type=int, default=None,
-                        help="SoFT by depth: keep only the layers below this exit (load on a base with that many)")
+                        help="SoFT by depth: keep only the layers below this exit (load on a base with that many); "
+                             "with --merged, a model of that many layers")
     export.add_argument("--output_dir", required=True,
                         help="folder for adapter_config.json and the weights (never the --adapter folder)")
     export.add_argument("--overwrite", action="store_true",
@@ -150,6 +151,9 @@ def _evaluate(args) -> None:
 
 
 def _export_merged(args) -> None:
+    import contextlib
+
+    from .dynamic_rank.exits import use_exit
     from .dynamic_rank.merge import check_merged_dir, export_merged
 
     if args.overwrite:
@@ -159,17 +163,19 @@ def _export_merged(args) -> None:
     saved, trained = _read_adapter(args)
     trained.check([args.rank], "--rank")
     loaded = _load(args, saved)
-    path = export_merged(loaded.model, args.rank, args.output_dir, dtype=args.dtype or "bfloat16",
-                         rank_scaling=loaded.rank_scaling, tokenizer=loaded.tokenizer)
-    print(f"Rank {args.rank} merged into the dequantized base, written as a transformers model to {path}")
+    # --exit: merged under use_exit, the model holds only its first k layers (and a config of k layers)
+    with use_exit(loaded.model, args.exit) if args.exit is not None else contextlib.nullcontext():
+        path = export_merged(loaded.model, args.rank, args.output_dir, dtype=args.dtype or "bfloat16",
+                             rank_scaling=loaded.rank_scaling, tokenizer=loaded.tokenizer)
+    at_exit = f" (its first {args.exit} layers)" if args.exit is not None else ""
+    print(f"Rank {args.rank} merged into the dequantized base{at_exit}, written as a transformers model to {path}")
 
 
 def _export(args) -> None:
     from .dynamic_rank.export import check_export_dir, export_rank
 
     if args.merged:
-        if args.exit is not None:
-            raise SystemExit("hf-quailora export: --exit is not supported with --merged yet; export an adapter.")
+        _check_exits(args, {"--exit": None if args.exit is None else [args.exit]})
         return _export_merged(args)
     if args.dtype is not None:
         raise SystemExit("hf-quailora export: --dtype is only used with --merged (an adapter keeps its own dtype).")

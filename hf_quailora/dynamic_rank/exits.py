@@ -220,14 +220,37 @@ def use_exit(model: nn.Module, k: int) -> Iterator[nn.Module]:
     depth = find_depth_path(model)
     check_exits([k], depth.num_layers, "exit")
     layers = depth.layers
-    saved = depth.config.num_hidden_layers
+    saved = depth.config.num_hidden_layers, getattr(depth.config, "layer_types", None)
     setattr(depth.parent, depth.attribute, nn.ModuleList(list(layers)[:k]))
-    depth.config.num_hidden_layers = k
+    shallow_config(depth.config, k)
     try:
         yield model
     finally:
         setattr(depth.parent, depth.attribute, layers)
-        depth.config.num_hidden_layers = saved
+        depth.config.num_hidden_layers = saved[0]
+        if saved[1] is not None:
+            depth.config.layer_types = saved[1]
+
+
+def shallow_config(config, k: int):
+    """Set `config` (its text config) to the first `k` layers: `num_hidden_layers = k` and, where the family lists
+    one type per layer (Gemma 2/3, Qwen2/3, Mistral: `layer_types`), that list cut to its first `k` entries, so the
+    config stays valid (transformers refuses to save one whose `layer_types` is longer than its depth).
+
+    Args:
+        config (`PretrainedConfig`): changed in place.
+        k (`int`): the depth, at most the config's own.
+
+    Returns:
+        the same `config`.
+
+    Example: `model, _ = load_quantized_model(path, config=shallow_config(AutoConfig.from_pretrained(path), 9))`
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text.num_hidden_layers = k
+    if getattr(text, "layer_types", None) is not None:
+        text.layer_types = list(text.layer_types)[:k]
+    return config
 
 
 def check_exit_options(args) -> None:

@@ -42,7 +42,7 @@ from .._dist_utils import (
 )
 from .._io_utils import staged_folder
 from .._peft_utils import adapter_facts, record_adapter_facts, store_config_facts
-from .exits import names_from_exit
+from .exits import names_from_exit, shallow_config
 from .export_dir import WEIGHTS_FILE, check_export_dir
 from .fsdp1 import fsdp1_adapter_state
 from .model_card import carry_card, write_adapter_card
@@ -333,7 +333,9 @@ def load_dynamic_rank_adapter(
     ```
     """
     from peft import PeftModel
+    from transformers import AutoConfig
 
+    from ..embedded.models import resolve
     from ..quantization import load_quantized_model, recorded_quantizations
 
     if quantization is not None:
@@ -349,7 +351,8 @@ def load_dynamic_rank_adapter(
     exit_k = metadata.exported_exit if metadata is not None else None  # export_rank(exit=k): a base of k layers
     if isinstance(base, (str, os.PathLike)):
         _check_loadable(saved, quantization)
-        depth = {} if exit_k is None else {"num_hidden_layers": exit_k}
+        depth = {} if exit_k is None else {"config": shallow_config(AutoConfig.from_pretrained(resolve(base)),
+                                                                    exit_k)}
         base, loaded_tokenizer = load_quantized_model(base, quantization or "none", **depth)
         tokenizer = tokenizer or loaded_tokenizer
     else:

@@ -1,6 +1,10 @@
 """SoFT by depth: use_exit and the exit path per family, the exit losses of training, evaluate() per (exit, rank),
 export of a sub-model, and the refusals."""
 
+import importlib.util
+import os
+import socket
+import subprocess
 import sys
 
 import pytest
@@ -11,7 +15,7 @@ from peft import PeftModel
 from hf_quailora import DynamicRankConfig, exit_layers, export_rank, use_exit, use_rank
 from hf_quailora.dynamic_rank.exits import find_depth_path
 
-from testing_utils import REPO_ROOT, R, make_model, make_trainer, one_thread  # noqa: F401 (autouse fixture)
+from testing_utils import REPO_ROOT, SCRIPTS_DIR, R, make_model, make_trainer, one_thread  # noqa: F401 (autouse)
 
 
 sys.path.insert(0, REPO_ROOT)
@@ -132,6 +136,53 @@ def test_an_exported_exit_loads_on_a_shallow_base_and_reproduces_the_sub_model(t
     from hf_quailora import DynamicRankMetadata
 
     assert DynamicRankMetadata.load(tmp_path / "e1r4").exported_exit == 1
+
+
+def test_an_exported_gemma3_exit_loads_on_its_shallow_base_with_layer_types_cut(tiny_model_path, tmp_path):
+    from hf_quailora import load_dynamic_rank_adapter
+    from tests.families.family_models import build_family_model
+
+    build_family_model(FAMILY_BY_NAME["gemma3"], transformers.AutoTokenizer.from_pretrained(tiny_model_path),
+                       tmp_path / "base")  # layer_types: sliding, full
+    model, _ = make_model(str(tmp_path / "base"))
+    export_rank(model, 4, str(tmp_path / "e1r4"), rank_scaling="per_rank", exit=1)
+    ids = torch.tensor([[1, 7, 20, 41, 90, 3, 5, 9, 11]])  # longer than the sliding window (4)
+    with torch.no_grad(), use_exit(model, 1), use_rank(model, 4, rank_scaling="per_rank"):
+        expected = model(ids).logits
+        assert model.config.layer_types == ["sliding_attention"]
+    assert model.config.layer_types == ["sliding_attention", "full_attention"]  # restored
+    loaded = load_dynamic_rank_adapter(str(tmp_path / "base"), str(tmp_path / "e1r4")).model
+    config = loaded.get_base_model().config
+    assert (config.num_hidden_layers, config.layer_types) == (1, ["sliding_attention"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    config.save_pretrained(tmp_path / "config")  # a valid config: transformers refuses layer_types longer than L
+
+
+def test_exits_under_ddp_train_alike_on_both_processes_and_as_one_process_accumulating(tiny_model_path, tmp_path):
+    script = os.path.join(SCRIPTS_DIR, "dynamic_rank_ddp.py")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               script, tiny_model_path, str(tmp_path), "exits"]
+    # a process that fails makes torchrun end the other; one left waiting in a collective ends at the timeout
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    spec = importlib.util.spec_from_file_location("dynamic_rank_ddp", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(tiny_model_path, str(tmp_path), "exits")  # one process, the same micro-batches accumulated
+    single, *processes = [torch.load(tmp_path / f"process-{i}.pt", weights_only=True) for i in (-1, 0, 1)]
+    assert [state["world_size"] for state in (single, *processes)] == [1, 2, 2]
+    for index, state in enumerate(processes):
+        assert state["rank_history"] == single["rank_history"], index
+        for name, weight in single["weights"].items():
+            torch.testing.assert_close(state["weights"][name], weight, rtol=1e-5, atol=1e-5, msg=f"{index} {name}")
+    assert any(not torch.equal(w, single["weights"][n]) for n, w in make_model(tiny_model_path)[0].named_parameters()
+               if n in single["weights"])  # and training moved the factors
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from hf_quailora import compute_perplexity, export_merged, make_token_windows, use_rank
+from hf_quailora import compute_perplexity, export_merged, make_token_windows, use_exit, use_rank
 from hf_quailora._peft_utils import record_adapter_facts
 from hf_quailora.dynamic_rank import merge as merge_module
 from hf_quailora.quantization import dequantize_weight
@@ -186,6 +186,14 @@ def test_cli_export_merged_writes_the_rank_merged_into_the_recorded_base(nf4_mod
         expected = loaded.model(ids).logits
     with torch.no_grad():
         assert (load_merged(tmp_path / "m")(ids).logits - expected).abs().max() < TOLERANCE["float32"]
+    # SoFT by depth: --exit 1 writes a 1-layer model equal to use_exit(1) + use_rank(3) of base + adapter
+    assert cli_main([*args, "--merged", "--exit", "1", "--dtype", "float32", "--output_dir", str(tmp_path / "e1")]) == 0
+    with torch.no_grad(), use_exit(loaded.model, 1), use_rank(loaded.model, 3):
+        expected = loaded.model(ids).logits
+    shallow = load_merged(tmp_path / "e1")  # no missing or unexpected keys: exactly the first layer's tensors
+    assert shallow.config.num_hidden_layers == 1 and len(loaded.model.get_base_model().model.layers) == 2
+    with torch.no_grad():
+        assert (shallow(ids).logits - expected).abs().max() < TOLERANCE["float32"]
     with pytest.raises(ValueError, match="is the folder of the adapter being merged"):
         cli_main([*args, "--merged", "--output_dir", str(tmp_path / "adapter")])
     with pytest.raises(SystemExit, match="--dtype is only used with --merged"):

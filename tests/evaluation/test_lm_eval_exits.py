@@ -66,7 +66,8 @@ def test_cli_eval_exits_and_export_exit(tiny_model_path, tiny_adapter, tmp_path,
 
 
 @pytest.mark.parametrize("argv", [["eval", "--ranks", "2", "--exits", "1,3", "--tasks", TASK],
-                                  ["export", "--rank", "2", "--exit", "3"]])
+                                  ["export", "--rank", "2", "--exit", "3"],
+                                  ["export", "--rank", "2", "--exit", "3", "--merged"]])
 def test_cli_refuses_an_exit_above_the_depth_before_loading(tiny_model_path, tiny_adapter, tmp_path, monkeypatch,
                                                             argv):
     import hf_quailora.cli as cli

@@ -1,7 +1,10 @@
-"""Two-process DynamicRankTrainer run for tests/test_dynamic_rank_trainer.py.
+"""Two-process DynamicRankTrainer run for tests/dynamic_rank/test_trainer.py.
 
-Launch: `torchrun --nproc_per_node 2 tests/scripts/dynamic_rank_ddp.py MODEL_DIR OUTPUT_DIR` (CPU, gloo).
+Launch: `torchrun --nproc_per_node 2 tests/scripts/dynamic_rank_ddp.py MODEL_DIR OUTPUT_DIR [exits]` (CPU, gloo).
 Each process writes `process-{rank}.pt` with its rank history and final LoRA weights.
+With `exits`: SoFT by depth (`soft_exits=[1, 2]`, weights 0.5 and 1), 3 steps of 2 sequences per process, the
+micro-batches accumulated so that one process (`main(..., "exits")` without torchrun: 2 accumulated micro-batches
+of 2) sees the same ones; no gradient checkpointing.
 """
 
 import os
@@ -10,7 +13,7 @@ import sys
 import torch
 
 
-def main(model_path: str, output_dir: str) -> None:
+def main(model_path: str, output_dir: str, mode: str = "") -> None:
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -23,22 +26,15 @@ def main(model_path: str, output_dir: str) -> None:
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
     texts = [f"Sentence number {i} about low rank adapters and ranks." for i in range(32)]
-    args = DynamicRankConfig(
-        output_dir=output_dir,
-        max_steps=6,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        ddp_backend="gloo",
-        max_length=32,
-        seed=0,
-        rank_seed=7,
-        gradient_checkpointing=True,
-    )
+    settings = dict(max_steps=6, per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2,
+                    logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, ddp_backend="gloo",
+                    max_length=32, seed=0, rank_seed=7, gradient_checkpointing=True)
+    if mode == "exits":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        settings.update(soft_exits=[1, 2], soft_exit_weights=[0.5, 1.0], max_steps=3,
+                        gradient_accumulation_steps=2 // world, gradient_checkpointing=False,
+                        ddp_backend="gloo" if world > 1 else None)  # one process: no process group
+    args = DynamicRankConfig(output_dir=output_dir, **settings)
     trainer = DynamicRankTrainer(
         model, args=args, train_dataset=Dataset.from_dict({"text": texts}), processing_class=tokenizer
     )
@@ -53,4 +49,4 @@ def main(model_path: str, output_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:4])
