@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from hf_quailora import (
     DynamicRankConfig,
     DynamicRankTrainer,
@@ -234,6 +236,9 @@ def main(data_args: RecipeDataArguments, training_args: DynamicRankConfig, model
     if trainer.is_world_process_zero():
         _sweep_and_export((data_args, training_args, model_args, recipe_args), trainer, tokenizer, initial, final,
                           summary, started)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # no collective follows (process 0 sweeps alone): each process leaves the group itself instead of at exit
+        torch.distributed.destroy_process_group()
     return summary
 
 
