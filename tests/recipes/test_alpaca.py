@@ -237,7 +237,10 @@ def test_recipe_runs_data_parallel_on_two_processes(tiny_model_path, tmp_path):
                "--ddp_backend", "gloo", "--use_cpu", "true"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    # every process's errors, not only the tail (process 0's lm-eval log would hide process 1's)
+    errors = [line for line in result.stderr.splitlines() if any(
+        word in line for word in ("Error", "error:", "terminate", "Traceback", "Abort", "what()", "[rank1]"))]
+    assert result.returncode == 0, "\n".join(errors[-60:]) + "\n...\n" + result.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_metrics"]["eval_loss@r8"] > 0
     assert (out / "adapter" / "dynamic_rank.json").is_file()
