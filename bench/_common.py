@@ -130,3 +130,12 @@ def write_json(path: str, record) -> str:
 def write_results(stem: str, markdown: str, record) -> tuple[str, str]:
     """A benchmark's table and data: `markdown` to `stem.md` and `record` to `stem.json`, each atomically."""
     return write_text(stem + ".md", markdown), write_json(stem + ".json", record)
+
+
+def status_bytes(field: str) -> int:
+    """A byte count from this process's `/proc/self/status` (e.g. `"VmHWM"`, the peak RSS)."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")

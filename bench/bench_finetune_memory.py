@@ -35,10 +35,10 @@ import time
 
 
 if __package__:
-    from ._common import peft_model, write_results
+    from ._common import peft_model, status_bytes, write_results
     from .bench_init_scaling import REAL_MODELS, formula_placement
 else:
-    from _common import peft_model, write_results
+    from _common import peft_model, status_bytes, write_results
     from bench_init_scaling import REAL_MODELS, formula_placement
 
 
@@ -109,14 +109,6 @@ def checkpoint(case, device: str = "cpu") -> str:
     return str(build_once(os.path.join(get_cache_dir(), "bench", name + ("" if device == "cpu" else "-bf16")), build))
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _reset_peak() -> int:
     """Free what can be freed, reset VmHWM, and return the RSS the peak is counted from."""
     gc.collect()
@@ -126,7 +118,7 @@ def _reset_peak() -> int:
         pass
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")
-    return _status_bytes("VmRSS")
+    return status_bytes("VmRSS")
 
 
 def _warm_up(model, vocab: int) -> None:
@@ -168,7 +160,7 @@ class _Meter:
         if self.cuda:
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() - self.before
-        return _status_bytes("VmHWM") - self.before
+        return status_bytes("VmHWM") - self.before
 
 
 def _trainer_arguments(trainer_kind: str, args) -> dict:

@@ -46,9 +46,9 @@ import time
 
 
 if __package__:  # imported as `bench.<script>` or run with `python -m`
-    from ._common import peft_model, write_file, write_results
+    from ._common import peft_model, status_bytes, write_file, write_results
 else:  # run as `python bench/<script>.py`: bench/ itself is on sys.path
-    from _common import peft_model, write_file, write_results
+    from _common import peft_model, status_bytes, write_file, write_results
 
 
 DEFAULT_SHAPES = "576x1536x30,1024x4096x16,2048x8192x8"
@@ -182,14 +182,6 @@ def checkpoint(case, device: str = "cpu") -> str:
     return str(build_once(os.path.join(get_cache_dir(), "bench", f"llama-{case_label(case)}{suffix}"), build))
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _return_free_heap() -> None:
     """Give the C heap's free pages back to the OS (glibc `malloc_trim`), so that RSS grows with every new byte."""
     try:
@@ -241,13 +233,13 @@ def run_case(path: str, streaming: str, args) -> dict:
     _return_free_heap()  # freed loading buffers kept by malloc would be reused and hide the init's growth
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")  # reset VmHWM: the loading peak must not hide the initialisation's
-    before = _status_bytes("VmRSS")
+    before = status_bytes("VmRSS")
     started = time.perf_counter()
     report = quailora_init(model, ids, config)
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    cpu_peak = _status_bytes("VmHWM") - before
+    cpu_peak = status_bytes("VmHWM") - before
     result = {"peak_extra": cpu_peak, "seconds": seconds, "streaming": report.streaming, "placement": placement,
               "calibration_seconds": report.calibration_seconds, "solve_seconds": report.solve_seconds}
     if cuda:

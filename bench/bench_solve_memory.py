@@ -27,15 +27,11 @@ import sys
 import time
 
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import status_bytes  # noqa: E402 (run as a script: bench/ on sys.path)
+
+
 MMAP_THRESHOLD = 128 * 1024
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _former_code(solvers) -> None:
@@ -74,7 +70,7 @@ def run_case(out: int, inp: int, variant: str, rank: int, threads: int) -> dict:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")
-    before = _status_bytes("VmRSS")
+    before = status_bytes("VmRSS")
     started = time.perf_counter()
     B, A, _ = solvers.solve_closed_form(E, H, rank)
     H64 = H.to(torch.float64)  # the report's H, in the solve dtype (quailora/init.py)
@@ -85,7 +81,7 @@ def run_case(out: int, inp: int, variant: str, rank: int, threads: int) -> dict:
     else:
         errors = solvers.calibrated_errors(E, H64, [None, (B, A)])
     seconds = time.perf_counter() - started
-    return {"peak_extra": _status_bytes("VmHWM") - before + E.nbytes, "seconds": seconds,
+    return {"peak_extra": status_bytes("VmHWM") - before + E.nbytes, "seconds": seconds,
             "relative_error": float(errors[1] / errors[0])}
 
 
