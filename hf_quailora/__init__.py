@@ -7,6 +7,7 @@ dequantization) and `embedded` (the model and data that ship in PyPI packages).
 
 __version__ = "0.1.0"
 
+from . import _exit_guard
 from ._peft_utils import find_lora_layers
 from .dynamic_rank import (
     DynamicRankConfig,
@@ -29,6 +30,9 @@ from .io import write_file_atomically
 from .quailora import QuAILoRAConfig, QuAILoRAInitCallback, QuAILoRAReport, quailora_init
 from .quantization import disable_bnb_cpu_fast_path, load_quantized_model, quiet_bnb_warnings
 from .tokens import make_token_windows
+
+
+_exit_guard.register()  # distributed runs exit cleanly (gloo worker threads vs. interpreter exit: see the module)
 
 
 __all__ = [

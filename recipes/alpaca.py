@@ -28,7 +28,6 @@ with a FutureWarning.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import math
@@ -238,12 +237,7 @@ def main(data_args: RecipeDataArguments, training_args: DynamicRankConfig, model
         _sweep_and_export((data_args, training_args, model_args, recipe_args), trainer, tokenizer, initial, final,
                           summary, started)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # No collective follows (process 0 sweeps alone), so each process leaves the group itself, after freeing the
-        # DDP wrapper: its reducer holds the group, which would otherwise be torn down only at interpreter exit.
-        trainer.accelerator.free_memory()
-        trainer.model_wrapped = trainer.model
-        del trainer
-        gc.collect()
+        # No collective follows (process 0 sweeps alone). The exit itself is made safe by hf_quailora/_exit_guard.py.
         torch.distributed.destroy_process_group()
     return summary
 
