@@ -38,6 +38,10 @@ else:
     from _common import peft_model, write_json
 
 
+ARMS = ("soft", "sft", "ict")
+EXIT_FRACTIONS = [0.25, 0.5, 0.75, 1.0]  # the exits: about L/4, L/2, 3L/4 and L
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="smollm2-135m,gemma3-270m")
@@ -55,6 +59,11 @@ def parse_args(argv=None):
     parser.add_argument("--calibration-windows", type=int, default=8)
     parser.add_argument("--timing-steps", type=int, default=4, help="timed steps per probe (after one warm-up)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--arms", default="soft,sft,ict",
+                        help="the arms to run, comma-separated, of soft, sft, ict (ict needs sft): e.g. `soft` to "
+                             "measure a SoFT variant against the SFT arms of an earlier run (see --baseline)")
+    parser.add_argument("--soft-exit-weights", help="the SoFT arm's `soft_exit_weights`, comma-separated, one per "
+                                                    "exit (default: 1 each)")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-cost", action="store_true")
     parser.add_argument("--output", default="bench/results/soft_depth.json")
@@ -102,7 +111,33 @@ def quailora_start(args, model_name, calibration):
     return {name: value.detach().clone() for name, value in model.state_dict().items() if "lora_" in name}
 
 
-def build_trainer(args, model, tokenizer, train, held_out, seed, output_dir, exits=None, steps=None):
+def parse_arms(text: str) -> list[str]:
+    """`--arms` as a list; ValueError on an unknown arm, an empty list, or `ict` without `sft`."""
+    arms = [arm.strip() for arm in text.split(",") if arm.strip()]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown or not arms:
+        raise ValueError(f"--arms {text!r}: give a comma-separated subset of {', '.join(ARMS)} (unknown: {unknown}).")
+    if "ict" in arms and "sft" not in arms:
+        raise ValueError(f"--arms {text!r}: ict tunes on the sft adapter, so it needs sft too (e.g. `sft,ict`).")
+    return arms
+
+
+def parse_exit_weights(text: str | None) -> list[float] | None:
+    """`--soft-exit-weights` as floats, one per exit (None: 1 each); ValueError unless 4 positive finite numbers."""
+    if text is None:
+        return None
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError as error:
+        raise ValueError(f"--soft-exit-weights {text!r}: give comma-separated numbers ({error}).") from None
+    if len(weights) != len(EXIT_FRACTIONS) or not all(0 < w < float("inf") for w in weights):
+        raise ValueError(f"--soft-exit-weights {text!r}: give {len(EXIT_FRACTIONS)} positive finite numbers, one "
+                         f"per exit (at {EXIT_FRACTIONS} of the depth), e.g. 0.3,0.3,0.3,1.")
+    return weights
+
+
+def build_trainer(args, model, tokenizer, train, held_out, seed, output_dir, exits=None, steps=None,
+                  exit_weights=None):
     from transformers import PrinterCallback
 
     from hf_quailora import DynamicRankConfig, DynamicRankTrainer
@@ -113,6 +148,7 @@ def build_trainer(args, model, tokenizer, train, held_out, seed, output_dir, exi
         max_length=args.max_length, logging_steps=max(1, args.steps // 4), save_strategy="no", report_to="none",
         use_cpu=True, bf16=False, gradient_checkpointing=False, seed=seed, dataloader_num_workers=0,
         disable_tqdm=True, soft_ranks=[args.rank], eval_ranks=[args.rank], rank_scaling="constant", soft_exits=exits,
+        soft_exit_weights=exit_weights if exits else None,
     )
     trainer = DynamicRankTrainer(model, args=config, train_dataset=train, eval_dataset=held_out,
                                  processing_class=tokenizer)
@@ -165,17 +201,22 @@ def tune_exit_norm(trainer, k, steps, learning_rate):
 
 def run_seed(args, model_name, data, start, seed, exits, work):
     tokenizer, train, held_out, windows, _ = data
-    out = {}
+    out, arms = {}, parse_arms(args.arms)
     for arm, arm_exits in (("soft", exits), ("sft", None)):
+        if arm not in arms:
+            continue
         started = time.perf_counter()
         trainer = build_trainer(args, fresh_model(args, model_name, start), tokenizer, train, held_out, seed,
-                                os.path.join(work, arm), exits=arm_exits)
+                                os.path.join(work, arm), exits=arm_exits,
+                                exit_weights=parse_exit_weights(args.soft_exit_weights))
         trainer.train()
         seconds = time.perf_counter() - started
         out[arm] = {str(k): score_exit(trainer, k, windows, args.rank) for k in exits}
         out[arm]["train_seconds"] = seconds
         out[arm]["score_seconds"] = time.perf_counter() - started - seconds
         print(f"[{model_name} seed {seed}] {arm}: {json.dumps(out[arm])}", file=sys.stderr, flush=True)
+    if "ict" not in arms:
+        return out
     from hf_quailora.dynamic_rank.exits import find_depth_path
 
     norm = find_depth_path(trainer.model).outputs[0]
@@ -200,7 +241,7 @@ def quality(args, model_name, seeds, save=None):
     start = quailora_start(args, model_name, data[4])
     init_seconds = time.perf_counter() - started
     model = fresh_model(args, model_name, start)
-    exits = exit_layers([0.25, 0.5, 0.75, 1.0], find_depth_path(model).num_layers)
+    exits = exit_layers(EXIT_FRACTIONS, find_depth_path(model).num_layers)
     runs = {}
     with tempfile.TemporaryDirectory() as work:
         tokenizer, train, held_out, windows, _ = data  # the start's own sub-models, before any training
@@ -232,6 +273,9 @@ def quality_table(model_name, result) -> str:
             if metric == "perplexity":
                 cells.append(f"{at['perplexity']:.3g}" if at else "–")
             for arm in ("soft", "sft", "sft+ict"):
+                if not all(arm in run for run in runs):  # an arm not run (--arms)
+                    cells.append("–")
+                    continue
                 mean, std = _mean_std([run[arm][str(k)][metric] for run in runs])
                 cells.append(f"{mean:.3f} ± {std:.3f}" if metric == "loss" else f"{mean:.3g} ± {std:.2g}")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
@@ -264,7 +308,7 @@ def probe(args, kind):
     model_name = args.models
     tokenizer, train, held_out, _, _ = load_data(args, model_name)
     model = fresh_model(args, model_name)
-    exits = exit_layers([0.25, 0.5, 0.75, 1.0], find_depth_path(model).num_layers) if kind != "plain" else None
+    exits = exit_layers(EXIT_FRACTIONS, find_depth_path(model).num_layers) if kind != "plain" else None
     with tempfile.TemporaryDirectory() as work:
         trainer = build_trainer(args, model, tokenizer, train, held_out, 0, work, exits=exits,
                                 steps=args.timing_steps + 1)
@@ -330,6 +374,7 @@ def main(argv=None):
         return probe(args, args.probe)
     if args.report:
         return report(args.report)
+    parse_arms(args.arms), parse_exit_weights(args.soft_exit_weights)  # bad input fails before any model loads
     models = [name.strip() for name in args.models.split(",") if name.strip()]
     seeds = [int(seed) for seed in args.seeds.split(",")]
     results = {"settings": vars(args), "quality": {}, "cost": {}}
