@@ -34,12 +34,10 @@ import torch
 
 if __package__:
     from ._common import peft_model, write_json
+    from ._soft_depth_variants import EXIT_FRACTIONS, merge_baseline, parse_arms, parse_exit_weights
 else:
     from _common import peft_model, write_json
-
-
-ARMS = ("soft", "sft", "ict")
-EXIT_FRACTIONS = [0.25, 0.5, 0.75, 1.0]  # the exits: about L/4, L/2, 3L/4 and L
+    from _soft_depth_variants import EXIT_FRACTIONS, merge_baseline, parse_arms, parse_exit_weights
 
 
 def parse_args(argv=None):
@@ -68,6 +66,9 @@ def parse_args(argv=None):
     parser.add_argument("--skip-cost", action="store_true")
     parser.add_argument("--output", default="bench/results/soft_depth.json")
     parser.add_argument("--report", nargs="+", help="print the tables of these result JSON files and stop")
+    parser.add_argument("--baseline", help="with --report: take the arms a reported run left out (--arms) from this "
+                                           "earlier result JSON, after checking it has the same settings, seeds and "
+                                           "start")
     parser.add_argument("--probe", choices=["plain", "soft", "soft-checkpoint"], help=argparse.SUPPRESS)  # a fresh process per case
     return parser.parse_args(argv)
 
@@ -109,31 +110,6 @@ def quailora_start(args, model_name, calibration):
     quailora_init(model, calibration, QuAILoRAConfig(solver="closed_form", calibration_samples=None,
                                                      calibration_length=args.window_length, show_progress=False))
     return {name: value.detach().clone() for name, value in model.state_dict().items() if "lora_" in name}
-
-
-def parse_arms(text: str) -> list[str]:
-    """`--arms` as a list; ValueError on an unknown arm, an empty list, or `ict` without `sft`."""
-    arms = [arm.strip() for arm in text.split(",") if arm.strip()]
-    unknown = sorted(set(arms) - set(ARMS))
-    if unknown or not arms:
-        raise ValueError(f"--arms {text!r}: give a comma-separated subset of {', '.join(ARMS)} (unknown: {unknown}).")
-    if "ict" in arms and "sft" not in arms:
-        raise ValueError(f"--arms {text!r}: ict tunes on the sft adapter, so it needs sft too (e.g. `sft,ict`).")
-    return arms
-
-
-def parse_exit_weights(text: str | None) -> list[float] | None:
-    """`--soft-exit-weights` as floats, one per exit (None: 1 each); ValueError unless 4 positive finite numbers."""
-    if text is None:
-        return None
-    try:
-        weights = [float(w) for w in text.split(",")]
-    except ValueError as error:
-        raise ValueError(f"--soft-exit-weights {text!r}: give comma-separated numbers ({error}).") from None
-    if len(weights) != len(EXIT_FRACTIONS) or not all(0 < w < float("inf") for w in weights):
-        raise ValueError(f"--soft-exit-weights {text!r}: give {len(EXIT_FRACTIONS)} positive finite numbers, one "
-                         f"per exit (at {EXIT_FRACTIONS} of the depth), e.g. 0.3,0.3,0.3,1.")
-    return weights
 
 
 def build_trainer(args, model, tokenizer, train, held_out, seed, output_dir, exits=None, steps=None,
@@ -260,11 +236,14 @@ def _mean_std(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def quality_table(model_name, result) -> str:
+def quality_table(model_name, result, soft_exit_weights=None) -> str:
     exits, runs = result["exits"], list(result["runs"].values())
     start = result.get("start", {})  # the QuAILoRA start's sub-models, before training (absent in older runs)
+    notes = "".join([f"; SoFT exit weights {soft_exit_weights}" if soft_exit_weights else "",
+                     f"; {', '.join(result['baseline_arms'])} from {result['baseline']}" if result.get("baseline_arms")
+                     else ""])
     lines = [f"\n#### {model_name}: held-out Alpaca loss / Wikipedia perplexity per exit (mean ± std over "
-             f"{len(runs)} seeds)\n", "| exit | start loss | SoFT loss | SFT read-out loss | SFT+ICT loss | start ppl | "
+             f"{len(runs)} seeds{notes})\n", "| exit | start loss | SoFT loss | SFT read-out loss | SFT+ICT loss | start ppl | "
              "SoFT ppl | SFT read-out ppl | SFT+ICT ppl |", "|---|---|---|---|---|---|---|---|---|"]
     for k in exits:
         at = start.get(str(k))
@@ -353,16 +332,23 @@ def cost_table(costs) -> str:
     return "\n".join(lines)
 
 
-def report(paths) -> None:
-    quality, costs = {}, {}
+def report(paths, baseline=None) -> None:
+    tables, costs = {}, {}
+    if baseline is not None:
+        with open(baseline) as handle:
+            baseline_record = json.load(handle)
     for path in paths:
         with open(path) as handle:
             record = json.load(handle)
         print(f"{path}: {json.dumps(record['settings'])}")
-        quality.update(record["quality"])
+        if baseline is not None:
+            record = merge_baseline(record, baseline_record, baseline)
+        weights = record["settings"].get("soft_exit_weights")
+        for model_name, result in record["quality"].items():  # one table per model and SoFT weighting
+            tables[model_name, weights] = (model_name, result, weights)
         costs.update(record["cost"])
-    for model_name, result in quality.items():
-        print(quality_table(model_name, result))
+    for table in tables.values():
+        print(quality_table(*table))
     if costs:
         print(cost_table(costs))
 
@@ -373,7 +359,7 @@ def main(argv=None):
     if args.probe:
         return probe(args, args.probe)
     if args.report:
-        return report(args.report)
+        return report(args.report, args.baseline)
     parse_arms(args.arms), parse_exit_weights(args.soft_exit_weights)  # bad input fails before any model loads
     models = [name.strip() for name in args.models.split(",") if name.strip()]
     seeds = [int(seed) for seed in args.seeds.split(",")]
