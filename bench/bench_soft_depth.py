@@ -2,7 +2,8 @@
 
 Per model and seed, from one QuAILoRA start (closed form on C4 windows, shared by the arms and seeds):
 
-- `soft`: `DynamicRankTrainer` with `soft_exits` at about L/4, L/2, 3L/4, L (weight 1 each), N steps;
+- `soft`: `DynamicRankTrainer` with `soft_exits` at about L/4, L/2, 3L/4, L (weight 1 each, or
+  `--soft-exit-weights`), N steps;
 - `sft`: the same trainer without exits, N steps; read out at each exit (`use_exit`);
 - `sft+ict`: the `sft` adapter frozen; for each exit below L a copy of the final norm (the per-exit output head the
   model has besides the shared LM head) tuned N steps on that exit's loss, then evaluated there.
@@ -14,6 +15,12 @@ training phase, each in a fresh process, with the same thread count.
 Usage (the run recorded in bench/RESULTS.md):
 
     HF_HUB_OFFLINE=1 python bench/bench_soft_depth.py --threads 1
+
+A SoFT variant alone, its table then completed with an earlier run's SFT arms (same settings, seeds and start,
+checked; `bench/_soft_depth_variants.py`):
+
+    HF_HUB_OFFLINE=1 python bench/bench_soft_depth.py ... --arms soft --soft-exit-weights 0.1,0.1,0.1,1 --output W.json
+    python bench/bench_soft_depth.py --report W.json --baseline bench/results/soft_depth3-smollm2-135m.json
 
 All runs use `torch.set_num_threads(--threads)`.
 """
