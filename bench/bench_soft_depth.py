@@ -2,7 +2,8 @@
 
 Per model and seed, from one QuAILoRA start (closed form on C4 windows, shared by the arms and seeds):
 
-- `soft`: `DynamicRankTrainer` with `soft_exits` at about L/4, L/2, 3L/4, L (weight 1 each), N steps;
+- `soft`: `DynamicRankTrainer` with `soft_exits` at about L/4, L/2, 3L/4, L (weight 1 each, or
+  `--soft-exit-weights`), N steps;
 - `sft`: the same trainer without exits, N steps; read out at each exit (`use_exit`);
 - `sft+ict`: the `sft` adapter frozen; for each exit below L a copy of the final norm (the per-exit output head the
   model has besides the shared LM head) tuned N steps on that exit's loss, then evaluated there.
@@ -14,6 +15,12 @@ training phase, each in a fresh process, with the same thread count.
 Usage (the run recorded in bench/RESULTS.md):
 
     HF_HUB_OFFLINE=1 python bench/bench_soft_depth.py --threads 1
+
+A SoFT variant alone, its table then completed with an earlier run's SFT arms (same settings, seeds and start,
+checked; `bench/_soft_depth_variants.py`):
+
+    HF_HUB_OFFLINE=1 python bench/bench_soft_depth.py ... --arms soft --soft-exit-weights 0.1,0.1,0.1,1 --output W.json
+    python bench/bench_soft_depth.py --report W.json --baseline bench/results/soft_depth3-smollm2-135m.json
 
 All runs use `torch.set_num_threads(--threads)`.
 """
@@ -34,8 +41,10 @@ import torch
 
 if __package__:
     from ._common import peft_model, write_json
+    from ._soft_depth_variants import EXIT_FRACTIONS, merge_baseline, parse_arms, parse_exit_weights
 else:
     from _common import peft_model, write_json
+    from _soft_depth_variants import EXIT_FRACTIONS, merge_baseline, parse_arms, parse_exit_weights
 
 
 def parse_args(argv=None):
@@ -55,10 +64,18 @@ def parse_args(argv=None):
     parser.add_argument("--calibration-windows", type=int, default=8)
     parser.add_argument("--timing-steps", type=int, default=4, help="timed steps per probe (after one warm-up)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--arms", default="soft,sft,ict",
+                        help="the arms to run, comma-separated, of soft, sft, ict (ict needs sft): e.g. `soft` to "
+                             "measure a SoFT variant against the SFT arms of an earlier run (see --baseline)")
+    parser.add_argument("--soft-exit-weights", help="the SoFT arm's `soft_exit_weights`, comma-separated, one per "
+                                                    "exit (default: 1 each)")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-cost", action="store_true")
     parser.add_argument("--output", default="bench/results/soft_depth.json")
     parser.add_argument("--report", nargs="+", help="print the tables of these result JSON files and stop")
+    parser.add_argument("--baseline", help="with --report: take the arms a reported run left out (--arms) from this "
+                                           "earlier result JSON, after checking it has the same settings, seeds and "
+                                           "start")
     parser.add_argument("--probe", choices=["plain", "soft", "soft-checkpoint"], help=argparse.SUPPRESS)  # a fresh process per case
     return parser.parse_args(argv)
 
@@ -102,7 +119,8 @@ def quailora_start(args, model_name, calibration):
     return {name: value.detach().clone() for name, value in model.state_dict().items() if "lora_" in name}
 
 
-def build_trainer(args, model, tokenizer, train, held_out, seed, output_dir, exits=None, steps=None):
+def build_trainer(args, model, tokenizer, train, held_out, seed, output_dir, exits=None, steps=None,
+                  exit_weights=None):
     from transformers import PrinterCallback
 
     from hf_quailora import DynamicRankConfig, DynamicRankTrainer
@@ -113,6 +131,7 @@ def build_trainer(args, model, tokenizer, train, held_out, seed, output_dir, exi
         max_length=args.max_length, logging_steps=max(1, args.steps // 4), save_strategy="no", report_to="none",
         use_cpu=True, bf16=False, gradient_checkpointing=False, seed=seed, dataloader_num_workers=0,
         disable_tqdm=True, soft_ranks=[args.rank], eval_ranks=[args.rank], rank_scaling="constant", soft_exits=exits,
+        soft_exit_weights=exit_weights if exits else None,
     )
     trainer = DynamicRankTrainer(model, args=config, train_dataset=train, eval_dataset=held_out,
                                  processing_class=tokenizer)
@@ -165,17 +184,22 @@ def tune_exit_norm(trainer, k, steps, learning_rate):
 
 def run_seed(args, model_name, data, start, seed, exits, work):
     tokenizer, train, held_out, windows, _ = data
-    out = {}
+    out, arms = {}, parse_arms(args.arms)
     for arm, arm_exits in (("soft", exits), ("sft", None)):
+        if arm not in arms:
+            continue
         started = time.perf_counter()
         trainer = build_trainer(args, fresh_model(args, model_name, start), tokenizer, train, held_out, seed,
-                                os.path.join(work, arm), exits=arm_exits)
+                                os.path.join(work, arm), exits=arm_exits,
+                                exit_weights=parse_exit_weights(args.soft_exit_weights))
         trainer.train()
         seconds = time.perf_counter() - started
         out[arm] = {str(k): score_exit(trainer, k, windows, args.rank) for k in exits}
         out[arm]["train_seconds"] = seconds
         out[arm]["score_seconds"] = time.perf_counter() - started - seconds
         print(f"[{model_name} seed {seed}] {arm}: {json.dumps(out[arm])}", file=sys.stderr, flush=True)
+    if "ict" not in arms:
+        return out
     from hf_quailora.dynamic_rank.exits import find_depth_path
 
     norm = find_depth_path(trainer.model).outputs[0]
@@ -200,7 +224,7 @@ def quality(args, model_name, seeds, save=None):
     start = quailora_start(args, model_name, data[4])
     init_seconds = time.perf_counter() - started
     model = fresh_model(args, model_name, start)
-    exits = exit_layers([0.25, 0.5, 0.75, 1.0], find_depth_path(model).num_layers)
+    exits = exit_layers(EXIT_FRACTIONS, find_depth_path(model).num_layers)
     runs = {}
     with tempfile.TemporaryDirectory() as work:
         tokenizer, train, held_out, windows, _ = data  # the start's own sub-models, before any training
@@ -219,11 +243,14 @@ def _mean_std(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def quality_table(model_name, result) -> str:
+def quality_table(model_name, result, soft_exit_weights=None) -> str:
     exits, runs = result["exits"], list(result["runs"].values())
     start = result.get("start", {})  # the QuAILoRA start's sub-models, before training (absent in older runs)
+    notes = "".join([f"; SoFT exit weights {soft_exit_weights}" if soft_exit_weights else "",
+                     f"; {', '.join(result['baseline_arms'])} from {result['baseline']}" if result.get("baseline_arms")
+                     else ""])
     lines = [f"\n#### {model_name}: held-out Alpaca loss / Wikipedia perplexity per exit (mean ± std over "
-             f"{len(runs)} seeds)\n", "| exit | start loss | SoFT loss | SFT read-out loss | SFT+ICT loss | start ppl | "
+             f"{len(runs)} seeds{notes})\n", "| exit | start loss | SoFT loss | SFT read-out loss | SFT+ICT loss | start ppl | "
              "SoFT ppl | SFT read-out ppl | SFT+ICT ppl |", "|---|---|---|---|---|---|---|---|---|"]
     for k in exits:
         at = start.get(str(k))
@@ -232,6 +259,9 @@ def quality_table(model_name, result) -> str:
             if metric == "perplexity":
                 cells.append(f"{at['perplexity']:.3g}" if at else "–")
             for arm in ("soft", "sft", "sft+ict"):
+                if not all(arm in run for run in runs):  # an arm not run (--arms)
+                    cells.append("–")
+                    continue
                 mean, std = _mean_std([run[arm][str(k)][metric] for run in runs])
                 cells.append(f"{mean:.3f} ± {std:.3f}" if metric == "loss" else f"{mean:.3g} ± {std:.2g}")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
@@ -264,7 +294,7 @@ def probe(args, kind):
     model_name = args.models
     tokenizer, train, held_out, _, _ = load_data(args, model_name)
     model = fresh_model(args, model_name)
-    exits = exit_layers([0.25, 0.5, 0.75, 1.0], find_depth_path(model).num_layers) if kind != "plain" else None
+    exits = exit_layers(EXIT_FRACTIONS, find_depth_path(model).num_layers) if kind != "plain" else None
     with tempfile.TemporaryDirectory() as work:
         trainer = build_trainer(args, model, tokenizer, train, held_out, 0, work, exits=exits,
                                 steps=args.timing_steps + 1)
@@ -309,16 +339,23 @@ def cost_table(costs) -> str:
     return "\n".join(lines)
 
 
-def report(paths) -> None:
-    quality, costs = {}, {}
+def report(paths, baseline=None) -> None:
+    tables, costs = {}, {}
+    if baseline is not None:
+        with open(baseline) as handle:
+            baseline_record = json.load(handle)
     for path in paths:
         with open(path) as handle:
             record = json.load(handle)
         print(f"{path}: {json.dumps(record['settings'])}")
-        quality.update(record["quality"])
+        if baseline is not None:
+            record = merge_baseline(record, baseline_record, baseline)
+        weights = record["settings"].get("soft_exit_weights")
+        for model_name, result in record["quality"].items():  # one table per model and SoFT weighting
+            tables[model_name, weights] = (model_name, result, weights)
         costs.update(record["cost"])
-    for model_name, result in quality.items():
-        print(quality_table(model_name, result))
+    for table in tables.values():
+        print(quality_table(*table))
     if costs:
         print(cost_table(costs))
 
@@ -329,7 +366,8 @@ def main(argv=None):
     if args.probe:
         return probe(args, args.probe)
     if args.report:
-        return report(args.report)
+        return report(args.report, args.baseline)
+    parse_arms(args.arms), parse_exit_weights(args.soft_exit_weights)  # bad input fails before any model loads
     models = [name.strip() for name in args.models.split(",") if name.strip()]
     seeds = [int(seed) for seed in args.seeds.split(",")]
     results = {"settings": vars(args), "quality": {}, "cost": {}}
