@@ -184,14 +184,13 @@ def tune_exit_norm(trainer, k, steps, learning_rate):
 
 def run_seed(args, model_name, data, start, seed, exits, work):
     tokenizer, train, held_out, windows, _ = data
-    out, arms = {}, parse_arms(args.arms)
+    out, arms, exit_weights = {}, parse_arms(args.arms), parse_exit_weights(args.soft_exit_weights)
     for arm, arm_exits in (("soft", exits), ("sft", None)):
         if arm not in arms:
             continue
         started = time.perf_counter()
         trainer = build_trainer(args, fresh_model(args, model_name, start), tokenizer, train, held_out, seed,
-                                os.path.join(work, arm), exits=arm_exits,
-                                exit_weights=parse_exit_weights(args.soft_exit_weights))
+                                os.path.join(work, arm), exits=arm_exits, exit_weights=exit_weights)
         trainer.train()
         seconds = time.perf_counter() - started
         out[arm] = {str(k): score_exit(trainer, k, windows, args.rank) for k in exits}

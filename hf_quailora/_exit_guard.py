@@ -12,8 +12,9 @@ the other processes, a sweep or an export still running on process 0 included. A
 
 Destroying the process group does not close it: a DDP reducer holds the group, so its worker threads are not
 joined. Releasing the GIL for a moment at exit does: `atexit` handlers run before finalization starts, and the
-waiting worker takes the GIL and finishes. `tests/test_exit_guard.py` holds the measurement (an `all_gather` as the
-last statement of a two-process script aborts in about a third of runs without this, in none with it).
+waiting worker takes the GIL and finishes. docs/launchers.md ("Leaving a gloo run") gives the measurement (an
+`all_gather` as a script's last statement: 23 of 70 two-process launches aborted without a handler, none with it);
+`tests/test_exit_guard.py` runs eight-process launches with it.
 """
 
 from __future__ import annotations
