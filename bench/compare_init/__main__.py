@@ -63,7 +63,15 @@ from .._common import write_json, write_results
 from .arms import ARMS, CompareScriptArguments, RunPlan, base_arm, check_arguments, needs_bos
 from .decomposition import decompose, decomposition_markdown
 from .run import load_alpaca_split, run_arm, token_windows
-from .store import arm_path, check_compatible, load_finished, model_slug, resume_settings, start_path
+from .store import (
+    arm_path,
+    check_compatible,
+    load_finished,
+    model_slug,
+    reference_settings,
+    resume_settings,
+    start_path,
+)
 from .summary import plot_summary, summarize, summary_markdown
 
 
@@ -111,7 +119,7 @@ def write_summary(args: CompareScriptArguments, records: list[dict]) -> list[dic
     """`results.md`, `results.json` and `convergence.png` in `--output_dir` from every finished arm."""
     summary = summarize(records)
     decomposition = decompose(records)
-    meta = {**records[0]["settings"], "threads": sorted({r["meta"]["threads"] for r in records}),
+    meta = {**reference_settings(records), "threads": sorted({r["meta"]["threads"] for r in records}),
             "torch": records[0]["meta"]["torch"], "arm_seconds": sum(r["result"]["seconds"] for r in records),
             "commands": sorted({r["meta"].get("command", "(not recorded)") for r in records})}
     table = (f"Fine-tuning comparison: {len(records)} finished arms; torch {meta['torch']}, "
@@ -147,7 +155,7 @@ def main(args: CompareScriptArguments) -> list[dict]:
         if not finished:
             raise ValueError(f"`--summary_only`: no finished arm under {args.output_dir!r}/runs; run the benchmark "
                              "first, or point `--output_dir` at its output.")
-        check_compatible(finished, finished[0]["settings"])  # one summary, one set of settings
+        check_compatible(finished, reference_settings(finished))  # one summary, one set of settings
         return write_summary(args, finished)
     settings = resume_settings(args)
     check_compatible(finished, settings)

@@ -289,6 +289,7 @@ RESUME_KEYS = (
     "eval_windows", "window_length", "calibration_data", "calibration_windows", "eval_steps", "dynamic_update_rule",
     "cloze_examples",
 )
+CALIBRATION_KEYS = ("calibration_data", "calibration_windows")  # of RESUME_KEYS, those only QuAILoRA's arms depend on
 
 
 def check_arguments(args: CompareScriptArguments) -> RunPlan:

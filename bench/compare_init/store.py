@@ -7,7 +7,7 @@ import glob
 import json
 import os
 
-from .arms import ARMS, RESUME_KEYS, CompareScriptArguments, base_arm
+from .arms import ARMS, CALIBRATION_KEYS, RESUME_KEYS, CompareScriptArguments, base_arm
 
 
 def model_slug(model: str) -> str:
@@ -48,11 +48,27 @@ def load_finished(output_dir: str) -> list[dict]:
     return sorted(records, key=lambda r: (r["model"], r["rank"], r["seed"], r["path"]))
 
 
+def calibrates(arm: str) -> bool:
+    """Whether `arm` (a run's arm name) calibrates: only its result depends on `CALIBRATION_KEYS`."""
+    return ARMS[base_arm(arm)][1] == "closed_form"
+
+
+def reference_settings(records: list[dict]) -> dict:
+    """The settings stored arms are summarised under: those of the first arm that calibrates (else the first arm),
+    so a folder whose QLoRA and int8 arms came from a run with another calibration source names the source of its
+    QuAILoRA arms."""
+    return next((r for r in records if calibrates(r["arm"])), records[0])["settings"]
+
+
 def check_compatible(records: list[dict], settings: dict) -> None:
-    """Raise ValueError when a stored arm was run with other settings than `settings` (it must not be mixed in)."""
+    """Raise ValueError when a stored arm was run with other settings than `settings` (it must not be mixed in).
+
+    An arm that does not calibrate (QLoRA, int8, SVD: `calibrates`) is not checked on `CALIBRATION_KEYS`: its run is
+    the same whatever the calibration text, so one set of those arms serves every calibration source."""
     for record in records:
+        ignored = () if calibrates(record["arm"]) else CALIBRATION_KEYS
         differing = {key: (record["settings"].get(key), value) for key, value in settings.items()
-                     if record["settings"].get(key) != value}
+                     if key not in ignored and record["settings"].get(key) != value}
         if differing:
             described = ", ".join(f"{key}: stored {old!r}, now {new!r}" for key, (old, new) in differing.items())
             raise ValueError(

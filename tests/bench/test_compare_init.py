@@ -311,3 +311,26 @@ def test_compare_init_rejects_too_little_data(tiny_model_path, tiny_texts, monke
 def test_compare_init_rejects_unknown_choice(monkeypatch, tmp_path):
     with pytest.raises(SystemExit):  # argparse `choices`
         run_recipe(monkeypatch, ["--dynamic_update_rule", "sometimes", "--output_dir", str(tmp_path)])
+
+
+def test_compare_init_shares_uncalibrated_arms_across_calibration_sources():
+    """QLoRA and int8 do not calibrate: stored ones serve a QuAILoRA run on another calibration text, while a
+    QuAILoRA arm calibrated on other text, or an uncalibrated arm run with other training settings, is refused."""
+    from bench.compare_init.store import check_compatible, reference_settings
+
+    c4 = {"steps": 40, "calibration_data": "c4", "calibration_windows": 32}
+    alpaca = {**c4, "calibration_data": "alpaca_train"}
+    baselines = [{"arm": arm, "settings": c4, "path": f"{arm}.json"} for arm in ("qlora", "int8", "svd")]
+    check_compatible(baselines, alpaca)  # accepted: none of them depends on the calibration text
+    quailora = {"arm": "quailora@lr0.5", "settings": alpaca, "path": "quailora@lr0.5.json"}
+    check_compatible([*baselines, quailora], alpaca)
+    assert reference_settings([*baselines, quailora]) is alpaca  # the summary names the QuAILoRA arms' source
+    assert reference_settings(baselines) is c4
+    with pytest.raises(ValueError, match=r"quailora@lr0\.5\.json was run with other settings \(calibration_data: "
+                                         r"stored 'alpaca_train', now 'c4'\)"):
+        check_compatible([*baselines, quailora], c4)
+    with pytest.raises(ValueError, match=r"qlora\.json was run with other settings \(steps: stored 40, now 120\)"):
+        check_compatible(baselines, {**alpaca, "steps": 120})
+    dynamic = {"arm": "dynamic", "settings": c4, "path": "dynamic.json"}  # the dynamic arm calibrates too
+    with pytest.raises(ValueError, match="dynamic.json was run with other settings"):
+        check_compatible([dynamic], alpaca)

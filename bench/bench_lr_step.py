@@ -1,0 +1,149 @@
+"""How far one Adam step moves the LoRA product from a QuAILoRA start, against peft's default start (issue 36).
+
+A QuAILoRA start has both factors non-zero and larger than peft's default A (B = 0), so the same learning rate moves
+the product `ΔW = B'A' − BA` further. This script measures that ratio on a real model and compares it with the
+ratio `hf_quailora.quailora_step_ratio` predicts from the factors alone (the rule `lr_rule="auto"` applies):
+
+- `measured`: ‖ΔW‖_F summed over every adapted layer after K AdamW steps (lr 2e-4, the recipe's default) on the same
+  Alpaca training batches, QuAILoRA start over peft's default start (same seed, same base).
+- `predicted`: `quailora_step_ratio(model)` on the QuAILoRA start.
+
+Usage (each model in a fresh process; ≈ 3–8 min each on one thread):
+
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python bench/bench_lr_step.py --model smollm2-135m
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python bench/bench_lr_step.py --model gemma3-270m --report
+
+`--report` prints the table of every JSON written so far (bench/results/lr_step-*.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import time
+
+
+if __package__:  # imported as `bench.<script>` or run with `python -m`
+    from ._common import peft_model, write_json, write_results
+else:  # run as `python bench/<script>.py`: bench/ itself is on sys.path
+    from _common import peft_model, write_json, write_results
+
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def lora_products(model) -> dict[str, "torch.Tensor"]:  # noqa: F821
+    """The product B A × scaling of every LoRA layer, in float32 (detached copies)."""
+    out = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            a = module.lora_A["default"].weight.detach().float()
+            b = module.lora_B["default"].weight.detach().float()
+            out[name] = (b @ a) * module.scaling["default"]
+    return out
+
+
+def step_distance(model, batches, lr: float) -> list[float]:
+    """‖ΔW‖_F over every LoRA layer after each of `len(batches)` AdamW steps (cumulative, from the start)."""
+    import torch
+
+    start = lora_products(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    distances = []
+    model.train()
+    for batch in batches:
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        now = lora_products(model)
+        distances.append(float(sum((now[k] - start[k]).pow(2).sum() for k in start) ** 0.5))
+    return distances
+
+
+def measure(model_name: str, rank: int, steps: int, lr: float, seed: int, calibration_windows: int) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    from hf_quailora import (
+        QuAILoRAConfig,
+        load_dataset_any,
+        make_token_windows,
+        quailora_init,
+        quailora_step_ratio,
+        resolve,
+    )
+    from hf_quailora.embedded.data import load_alpaca_sft, split_holdout
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    tokenizer = AutoTokenizer.from_pretrained(resolve(model_name))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train, _ = split_holdout(load_alpaca_sft("alpaca"), 200)
+    texts = [train[i]["prompt"] + train[i]["completion"] for i in range(4 * steps)]
+    batches = [tokenizer(texts[i:i + 4], return_tensors="pt", padding=True, truncation=True, max_length=256)
+               for i in range(0, len(texts), 4)]
+    calibration = make_token_windows(tokenizer, load_dataset_any("c4")["text"], 256, calibration_windows)
+    result = {"model": model_name, "rank": rank, "steps": steps, "learning_rate": lr, "seed": seed,
+              "calibration_windows": calibration_windows, "threads": torch.get_num_threads()}
+    for arm in ("qlora", "quailora"):
+        started = time.perf_counter()
+        model = peft_model(model_name, "nf4", rank=rank, seed=seed, task_type="CAUSAL_LM")
+        if arm == "quailora":
+            quailora_init(model, calibration, QuAILoRAConfig(calibration_samples=None, calibration_length=256,
+                                                             show_progress=False))
+            result["predicted"] = quailora_step_ratio(model)
+        result[f"{arm}_distance"] = step_distance(model, [dict(b) for b in batches], lr)
+        result[f"{arm}_seconds"] = time.perf_counter() - started
+        del model
+    result["measured"] = [q / n for q, n in zip(result["quailora_distance"], result["qlora_distance"])]
+    return result
+
+
+def stored(results: str) -> list[dict]:
+    """Every `lr_step-<model>.json` under `results`."""
+    rows = []
+    for path in sorted(glob.glob(os.path.join(results, "lr_step-*.json"))):
+        with open(path) as handle:
+            rows.append(json.load(handle))
+    return rows
+
+
+def report(rows: list[dict]) -> str:
+    """The markdown table of `rows` (`stored`)."""
+    lines = ["| model | r | lr | measured ratio after 1 step | after K steps (K) | predicted (`quailora_step_ratio`) "
+             "| scale the rule applies (1 / predicted, at most 1) | threads |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['rank']} | {r['learning_rate']:g} | {r['measured'][0]:.3f} | "
+                     f"{r['measured'][-1]:.3f} ({r['steps']}) | {r['predicted']:.3f} | "
+                     f"{min(1.0, 1 / r['predicted']):.3f} | {r['threads']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--learning_rate", type=float, default=2e-4)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--calibration_windows", type=int, default=32)
+    parser.add_argument("--results_dir", default=RESULTS)
+    parser.add_argument("--report", action="store_true", help="only print the table of the stored results")
+    args = parser.parse_args(argv)
+    if not args.report:
+        result = measure(args.model, args.rank, args.steps, args.learning_rate, args.seed, args.calibration_windows)
+        slug = os.path.basename(args.model.rstrip("/"))
+        print(write_json(os.path.join(args.results_dir, f"lr_step-{slug}.json"), result))
+    rows = stored(args.results_dir)
+    table = report(rows)
+    print(table)
+    write_results(os.path.join(args.results_dir, "lr_step"),
+                  "# One AdamW step from a QuAILoRA start\n\n" + table + "\n", {"rows": rows})
+
+
+if __name__ == "__main__":
+    main()
