@@ -13,7 +13,7 @@
 | `placement` | where the solves run (`solve_device`), overlapped with the next group's calibration |
 | `init` | `quailora_init`: plan → calibrate → solve → write |
 | `report` | `QuAILoRAReport`, `LayerReport` |
-| `lr_rule` | `quailora_step_ratio`: how much further an Adam step moves the product from the start than from peft's |
+| `step_ratio` | `quailora_step_ratio`: how much further an Adam step moves the product from the start than from peft's |
 | `callback` | `QuAILoRAInitCallback`, for any Trainer |
 
 The start knows nothing of dynamic-rank training, which builds on it (never the reverse).
@@ -22,8 +22,8 @@ The start knows nothing of dynamic-rank training, which builds on it (never the 
 from .callback import QuAILoRAInitCallback
 from .config import QuAILoRAConfig
 from .init import quailora_init
-from .lr_rule import quailora_step_ratio
 from .report import LayerReport, QuAILoRAReport
+from .step_ratio import quailora_step_ratio
 
 
 __all__ = ["LayerReport", "QuAILoRAConfig", "QuAILoRAInitCallback", "QuAILoRAReport", "quailora_init", "quailora_step_ratio"]

@@ -29,10 +29,10 @@ from .._peft_utils import require_lora_layers, unwrap_model
 from ..embedded.data import check_token_ids
 from .config import QuAILoRAConfig, rename_options
 from .init import quailora_init
-from .lr_rule import resolve_lr_scale, scale_learning_rate
 from .placement import aim_at_training
 from .report import QuAILoRAReport
 from .sharded import unsupported_sharding
+from .step_ratio import quailora_step_ratio
 
 
 logger = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ class QuAILoRAInitCallback(TrainerCallback):
     Attributes:
         report (`QuAILoRAReport` or `None`): the report of the last initialisation.
         step_ratio (`float` or `None`): the start's `quailora_step_ratio` (how much further an Adam step moves the
-            product than from peft's default start); `config.lr_scale="auto"` divides the learning rate by it.
+            product than from peft's default start), logged; a diagnostic, not a rule (docs/quailora.md).
 
     Raises:
         ValueError / TypeError: bad settings, at construction; before any calibration, a model whose weights this
@@ -234,7 +234,6 @@ class QuAILoRAInitCallback(TrainerCallback):
         # Internal state
         self.report: QuAILoRAReport | None = None
         self._initialised = False  # done at on_init_end (a wrapped run), so on_train_begin has nothing to do
-        self.lr_scale: float | None = None  # what `config.lr_scale` gave for the start, applied at on_train_begin
         self.step_ratio: float | None = None  # the start's `quailora_step_ratio`
 
     def _calibration_for_this_process(self, train_dataloader):
@@ -291,23 +290,13 @@ class QuAILoRAInitCallback(TrainerCallback):
         self._initialised = True
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None, **kwargs):
-        if state.global_step > 0:  # the checkpoint's weights, and its optimizer's and scheduler's rates, are kept
+        if self._initialised:
+            return  # done at on_init_end, before the Trainer wrapped the model
+        if state.global_step > 0:
             logger.info("Resuming at step %d: QuAILoRA initialisation skipped (checkpoint weights kept).", state.global_step)
             return
-        if not self._initialised:  # else done at on_init_end, before the Trainer wrapped the model
-            check_unsharded_training(args, model)  # before unwrapping: FSDP wraps the model itself
-            self._initialise(args, state, model, processing_class, train_dataloader)
-        self._apply_lr_scale(kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
-
-    def _apply_lr_scale(self, optimizer, lr_scheduler) -> None:
-        """`config.lr_scale` on the created optimizer and scheduler (once per initialisation; not on a resume)."""
-        if self.lr_scale is None or self.lr_scale == 1:
-            return
-        if optimizer is None:
-            raise ValueError(f"QuAILoRA's lr_scale ({self.config.lr_scale!r}) needs the trainer's optimizer at "
-                             "`on_train_begin`; none was given. Set `lr_scale=1` and scale the learning rate yourself.")
-        scale_learning_rate(optimizer, lr_scheduler, self.lr_scale)
-        self.lr_scale = None
+        check_unsharded_training(args, model)  # before unwrapping: FSDP wraps the model itself
+        self._initialise(args, state, model, processing_class, train_dataloader)
 
     def _initialise(self, args, state, model, processing_class, train_dataloader) -> None:
         model = unwrap_model(model)
@@ -319,11 +308,11 @@ class QuAILoRAInitCallback(TrainerCallback):
             self.report = quailora_init(model, calibration, config, tokenizer=tokenizer,
                                         full_precision_weights=self.full_precision_weights,
                                         adapter_name=self.adapter_name)
-        self.lr_scale, self.step_ratio = resolve_lr_scale(self.config.lr_scale, model, self.adapter_name)
+        self.step_ratio = quailora_step_ratio(model, self.adapter_name)  # every process: FSDP2 gathers the factors
         if state.is_world_process_zero:
             logger.info(self.report.summary())
-            logger.info("QuAILoRA start: an Adam step moves the LoRA product %.2fx as far as from peft's default start; "
-                        "learning rate x %.3g (lr_scale=%r; 1 keeps it).", self.step_ratio, self.lr_scale, self.config.lr_scale)
+            logger.info("QuAILoRA start: the first Adam steps move the LoRA product %.2fx as far as from peft's default "
+                        "start at the same learning rate (quailora_step_ratio; docs/quailora.md).", self.step_ratio)
             if self.report_file and args.output_dir:
                 os.makedirs(args.output_dir, exist_ok=True)
                 text = json.dumps(self.report.to_dict(), indent=1)

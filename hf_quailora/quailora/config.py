@@ -22,7 +22,6 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from .lr_rule import parse_lr_scale
 from .memory import parse_memory_budget
 
 
@@ -147,16 +146,6 @@ class QuAILoRAConfig:
             report (`calibrated_error_svd`, `frobenius_error_svd`); this doubles the per-layer work of the
             closed form (the `"als"` and `"svd"` solvers compute that SVD anyway and always report it).
 
-        > Fine-tuning from the start
-
-        lr_scale (`str` or `float`, defaults to `"1"`): what `QuAILoRAInitCallback` multiplies the run's learning
-            rate by once the start is written (every parameter group, and the scheduler's base rates; logged).
-            `"auto"`: `min(1, 1 / quailora_step_ratio)`, so that the first Adam steps move the product no further
-            than from peft's default start (`quailora/lr_rule.py`; about 0.45 on SmolLM2-135M and Gemma-3-270m at
-            r = 64). A number multiplies as it is; 1 keeps the learning rate. `quailora_init` alone never changes a
-            learning rate. Measured in bench/RESULTS.md ("Issue 36"): halving QuAILoRA's rate removed Gemma's
-            drift over 40 steps and cost SmolLM2 8 points of gap closed.
-
         > Output
 
         show_progress (`bool`, defaults to `True`): progress bars over calibration batches and layers.
@@ -198,10 +187,6 @@ class QuAILoRAConfig:
     report_svd_baseline: bool = field(
         default=False, metadata={"help": "Also report the uncalibrated SVD start's errors (doubles closed-form work)."}
     )
-    # Fine-tuning from the start
-    lr_scale: str = field(
-        default="1", metadata={"help": "Multiply the learning rate after the init: 'auto' (1 / step ratio) or a number."}
-    )
     # Output
     show_progress: bool = field(default=True, metadata={"help": "Progress bars of the calibration and the solves."})
 
@@ -233,7 +218,6 @@ class QuAILoRAConfig:
                 f"`gram_device` must be one of {GRAM_DEVICES} ('auto', the layer's own device, or the CPU); got "
                 f"{self.gram_device!r}."
             )
-        parse_lr_scale(self.lr_scale)
         self.memory_budget_bytes  # parsed here, so that a bad budget fails before any work
 
     @property

@@ -186,7 +186,7 @@ def _balanced_factors(U: torch.Tensor, S: torch.Tensor, W: torch.Tensor):
 
     Why balanced (issue 36 asked to keep it and say why):
     - Of all splits `b_i = c_i · …`, `a_i = … / c_i` of the same product, the first Adam steps move the product by
-      `‖ΔW‖² ∝ d_out ‖A‖² + d_in ‖B‖²` (quailora/lr_rule.py). Balanced factors make that smallest for a square layer,
+      `‖ΔW‖² ∝ d_out ‖A‖² + d_in ‖B‖²` (quailora/step_ratio.py). Balanced factors make that smallest for a square layer,
       and within `(d_out + d_in) / (2 √(d_out d_in))` of it otherwise (1.12 for SmolLM2-135M's MLP): a lopsided
       split only moves the product further.
     - Truncating to the first b components (dynamic rank) drops whole components; equal norms keep every kept
