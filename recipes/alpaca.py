@@ -59,6 +59,7 @@ from hf_quailora.scripts import (
     load_recipe_model,
     load_sft_splits,
 )
+from hf_quailora.scripts.calibration import TRAIN_CALIBRATION, check_training_text, training_calibration
 
 
 logger = logging.getLogger("recipes.alpaca")
@@ -127,7 +128,12 @@ def _load_data(recipe_args, training_args, model_args, data_args):
     train, held_out, kind = load_sft_splits(data_args, text_field=training_args.dataset_text_field)
     if is_conversational_dataset(train):
         _check_chat_template(model_args, training_args)
-    calibration = load_dataset_any(recipe_args.calibration_dataset) if recipe_args.quailora else None
+    calibration = None
+    if recipe_args.quailora and recipe_args.calibration_dataset == TRAIN_CALIBRATION:
+        check_training_text(train, training_args.dataset_text_field)  # pre-tokenized data: refused now
+        calibration = TRAIN_CALIBRATION  # windows once the tokenizer is loaded (`_train`)
+    elif recipe_args.quailora:
+        calibration = load_dataset_any(recipe_args.calibration_dataset)
     return train, held_out, calibration
 
 
@@ -135,6 +141,8 @@ def _train(recipe_args, quailora_args, training_args, model, tokenizer, data):
     """Step 3: QuAILoRA start, then dynamic-rank training; returns the trainer and the start/end evaluations."""
     train, evaluation, calibration = data
     callbacks = []
+    if isinstance(calibration, str) and calibration == TRAIN_CALIBRATION:  # never the held-out examples; C4 if short
+        calibration = training_calibration(train, tokenizer, quailora_args, training_args.dataset_text_field)
     if recipe_args.quailora:
         callbacks.append(QuAILoRAInitCallback(calibration_dataset=calibration, config=quailora_args))
     trainer = DynamicRankTrainer(model, args=training_args, train_dataset=train, eval_dataset=evaluation,

@@ -133,6 +133,13 @@ def test_init_refuses_a_full_precision_base_before_loading(tiny_model_path, text
         init_adapter(*args)
 
 
+def test_init_refuses_calibrating_on_training_data_it_does_not_have(tiny_model_path, tmp_path):
+    args = make_parser().parse_args_and_config(_argv(tiny_model_path, "train", tmp_path / "x"))
+    with pytest.raises(ValueError, match="`hf-quailora init` has none"):
+        init_adapter(*args)
+    assert not (tmp_path / "x").exists()
+
+
 def test_metadata_calibration_is_optional_and_older_files_still_load(tmp_path):
     DynamicRankMetadata(max_rank=4, quantization="nf4").save(tmp_path)
     assert json.loads((tmp_path / METADATA_FILE).read_text())["calibration"] is None

@@ -274,7 +274,10 @@ class RecipeArguments:
         > QuAILoRA initialisation (its settings: `RecipeQuAILoRAConfig`)
 
         quailora (`bool`, defaults to `True`): initialise LoRA with QuAILoRA (`False`: QLoRA's B = 0 start).
-        calibration_dataset (`str`, defaults to `"c4"`): calibration text (embedded name, file or Hub id).
+        calibration_dataset (`str`, defaults to `"c4"`): calibration text (embedded name, file or Hub id), or
+            `"train"`: the recipe's own training examples, never the held-out ones, as windows of
+            `calibration_length` tokens, with C4 instead (logged) when they fill fewer than `calibration_samples`
+            (`scripts/calibration.py`; `hf-quailora init` has no training data and refuses it).
 
         > Final rank sweep and exports (recipes that train)
 
@@ -286,7 +289,7 @@ class RecipeArguments:
 
     # QuAILoRA initialisation
     quailora: bool = field(default=True, metadata={"help": "Initialise LoRA with QuAILoRA (False: B = 0, QLoRA)."})
-    calibration_dataset: str = field(default="c4", metadata={"help": "Calibration text (embedded name, file, Hub)."})
+    calibration_dataset: str = field(default="c4", metadata={"help": "Calibration text (embedded name, file, Hub), or 'train': the training examples."})
     # Final rank sweep and export
     sweep_tasks: str = field(
         default="quailora_wiki_ppl", metadata={"help": "lm-eval tasks of the final sweep ('' = skip)."}
