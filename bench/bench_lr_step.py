@@ -1,12 +1,15 @@
 """How far one Adam step moves the LoRA product from a QuAILoRA start, against peft's default start (issue 36).
 
-A QuAILoRA start has both factors non-zero and larger than peft's default A (B = 0), so the same learning rate moves
-the product `ΔW = B'A' − BA` further. This script measures that ratio on a real model and compares it with the
-ratio `hf_quailora.quailora_step_ratio` predicts from the factors alone (the rule `lr_rule="auto"` applies):
+A QuAILoRA start has both factors non-zero, peft's default start B = 0 and a small random A, so the same learning
+rate may move the product `ΔW = B'A' − BA` further from one than from the other. This script measures that ratio on a
+real model and compares it with the ratio `hf_quailora.quailora_step_ratio` predicts from the factors alone:
 
 - `measured`: ‖ΔW‖_F summed over every adapted layer after K AdamW steps (lr 2e-4, the recipe's default) on the same
   Alpaca training batches, QuAILoRA start over peft's default start (same seed, same base).
 - `predicted`: `quailora_step_ratio(model)` on the QuAILoRA start.
+- `row_norms`: the median row norm of QuAILoRA's A per layer type (peft's default: 1/√3 ≈ 0.577).
+
+The calibration windows start with BOS where the model needs it (the embedded Gemma), as in `bench/compare_init`.
 
 Usage (each model in a fresh process; ≈ 3–8 min each on one thread):
 
@@ -45,6 +48,16 @@ def lora_products(model) -> dict[str, "torch.Tensor"]:  # noqa: F821
     return out
 
 
+def row_norms(model) -> dict[str, float]:
+    """Median row norm of the adapter's A per layer type (`q_proj`, ...), averaged over the layers of that type."""
+    norms: dict[str, list[float]] = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            a = module.lora_A["default"].weight.detach().float()
+            norms.setdefault(name.rsplit(".", 1)[-1], []).append(float(a.norm(dim=1).median()))
+    return {kind: sum(values) / len(values) for kind, values in norms.items()}
+
+
 def step_distance(model, batches, lr: float) -> list[float]:
     """‖ΔW‖_F over every LoRA layer after each of `len(batches)` AdamW steps (cumulative, from the start)."""
     import torch
@@ -77,6 +90,7 @@ def measure(model_name: str, rank: int, steps: int, lr: float, seed: int, calibr
         resolve,
     )
     from hf_quailora.embedded.data import load_alpaca_sft, split_holdout
+    from hf_quailora.embedded.models import EMBEDDED_MODELS, is_embedded_model
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     tokenizer = AutoTokenizer.from_pretrained(resolve(model_name))
@@ -86,9 +100,11 @@ def measure(model_name: str, rank: int, steps: int, lr: float, seed: int, calibr
     texts = [train[i]["prompt"] + train[i]["completion"] for i in range(4 * steps)]
     batches = [tokenizer(texts[i:i + 4], return_tensors="pt", padding=True, truncation=True, max_length=256)
                for i in range(0, len(texts), 4)]
-    calibration = make_token_windows(tokenizer, load_dataset_any("c4")["text"], 256, calibration_windows)
+    add_bos = is_embedded_model(model_name) and EMBEDDED_MODELS[model_name.lower()].needs_bos
+    calibration = make_token_windows(tokenizer, load_dataset_any("c4")["text"], 256, calibration_windows,
+                                     add_bos=add_bos)
     result = {"model": model_name, "rank": rank, "steps": steps, "learning_rate": lr, "seed": seed,
-              "calibration_windows": calibration_windows, "threads": torch.get_num_threads()}
+              "calibration_windows": calibration_windows, "add_bos": add_bos, "threads": torch.get_num_threads()}
     for arm in ("qlora", "quailora"):
         started = time.perf_counter()
         model = peft_model(model_name, "nf4", rank=rank, seed=seed, task_type="CAUSAL_LM")
@@ -96,6 +112,7 @@ def measure(model_name: str, rank: int, steps: int, lr: float, seed: int, calibr
             quailora_init(model, calibration, QuAILoRAConfig(calibration_samples=None, calibration_length=256,
                                                              show_progress=False))
             result["predicted"] = quailora_step_ratio(model)
+            result["row_norms"] = row_norms(model)
         result[f"{arm}_distance"] = step_distance(model, [dict(b) for b in batches], lr)
         result[f"{arm}_seconds"] = time.perf_counter() - started
         del model
@@ -114,12 +131,14 @@ def stored(results: str) -> list[dict]:
 
 def report(rows: list[dict]) -> str:
     """The markdown table of `rows` (`stored`)."""
-    lines = ["| model | r | lr | measured ratio after 1 step | after K steps (K) | predicted (`quailora_step_ratio`) "
-             "| scale the rule applies (1 / predicted, at most 1) | threads |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | r | lr | BOS | measured ratio after 1 step | after K steps (K) | predicted "
+             "(`quailora_step_ratio`) | QuAILoRA's A, median row norm per layer type (peft: 0.577) | threads |",
+             "|---|---:|---:|---|---:|---:|---:|---|---:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['rank']} | {r['learning_rate']:g} | {r['measured'][0]:.3f} | "
-                     f"{r['measured'][-1]:.3f} ({r['steps']}) | {r['predicted']:.3f} | "
-                     f"{min(1.0, 1 / r['predicted']):.3f} | {r['threads']} |")
+        norms = ", ".join(f"{kind} {value:.2f}" for kind, value in r.get("row_norms", {}).items()) or "–"
+        lines.append(f"| {r['model']} | {r['rank']} | {r['learning_rate']:g} | {r.get('add_bos', False)} | "
+                     f"{r['measured'][0]:.3f} | {r['measured'][-1]:.3f} ({r['steps']}) | {r['predicted']:.3f} | "
+                     f"{norms} | {r['threads']} |")
     return "\n".join(lines)
 
 

@@ -135,7 +135,7 @@ def test_init_refuses_a_full_precision_base_before_loading(tiny_model_path, text
 
 def test_init_refuses_calibrating_on_training_data_it_does_not_have(tiny_model_path, tmp_path):
     args = make_parser().parse_args_and_config(_argv(tiny_model_path, "train", tmp_path / "x"))
-    with pytest.raises(ValueError, match="`hf-quailora init` has none"):
+    with pytest.raises(ValueError, match="`--calibration_dataset train` calibrates a training recipe's start"):
         init_adapter(*args)
     assert not (tmp_path / "x").exists()
 

@@ -35,8 +35,8 @@ Launch from the repository root (CPU; see the README for a timed run on the embe
 
 Outputs in `--output_dir`: one JSON per finished arm, `runs/<model>/r<rank>/seed<seed>/<arm>.json` (written
 atomically; a later run with the same settings skips it, so an interrupted run resumes per arm; QLoRA and int8 arms,
-which do not calibrate, are shared by runs that differ only in `--calibration_data` / `--calibration_windows`), and
-the summary of
+which do not calibrate, may come from a run that differed only in `--calibration_data` / `--calibration_windows`:
+copy their JSONs into a new folder and run only the QuAILoRA arms there), and the summary of
 every finished arm: `results.md` (per model and rank, mean ± std over seeds of perplexity, Alpaca loss and gap
 closed at the start and the end), `results.json` (every arm, curves included, and the summary) and
 `convergence.png` (curves per model and rank, mean over seeds with a ± std band). Every option:

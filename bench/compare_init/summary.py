@@ -95,7 +95,10 @@ def summary_markdown(summary: list[dict], records: list[dict], meta: dict) -> st
         f"{meta['perplexity_data']} tokens; Alpaca loss: responses of the last {meta['eval_examples']} examples "
         f"(the last {meta['holdout_examples']} are held out"
         + (f"; the curve's periodic evaluations score the last {meta['curve_eval_examples']}"
-           if meta.get("curve_eval_examples") else "") + "). Mean ± sample standard deviation over seeds; the gap "
+           if meta.get("curve_eval_examples") else "") + ")"
+        + (f"; QuAILoRA calibrated on {meta['calibration_windows']}×{meta['window_length']} tokens of "
+           f"{meta['calibration_data']}" if meta.get("calibration_data") else "")
+        + ". Mean ± sample standard deviation over seeds; the gap "
         "closed is computed per seed against that seed's `qlora` and `int8` arms: (qlora − arm) / (qlora − int8); "
         "\"Alpaca ppl gap\" is that of the Alpaca validation perplexity exp(loss), the paper's metric.",
     ]

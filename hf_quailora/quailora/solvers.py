@@ -185,15 +185,15 @@ def _balanced_factors(U: torch.Tensor, S: torch.Tensor, W: torch.Tensor):
     """Components `u_i s_i w_iᵀ` (U: out×k, S: k, W: in×k) as factors with equal column/row norms.
 
     Why balanced (issue 36 asked to keep it and say why):
-    - Of all splits `b_i = c_i · …`, `a_i = … / c_i` of the same product, the first Adam steps move the product by
-      `‖ΔW‖² ∝ d_out ‖A‖² + d_in ‖B‖²` (quailora/step_ratio.py). Balanced factors make that smallest for a square layer,
-      and within `(d_out + d_in) / (2 √(d_out d_in))` of it otherwise (1.12 for SmolLM2-135M's MLP): a lopsided
-      split only moves the product further.
+    - Of all splits `b_i = c_i √(σ_i) u_i`, `a_i = √(σ_i) w_i / c_i` of the same product, the first Adam steps move
+      the product by `‖ΔW‖² ∝ d_out ‖A‖² + d_in ‖B‖²` (quailora/step_ratio.py). The smallest such step comes at
+      `c⁴ = d_out / d_in`: balanced (c = 1) for a square layer, and within `(d_out + d_in) / (2 √(d_out d_in))` of
+      it otherwise (1.12 for SmolLM2-135M's MLP, 1.15 for its k/v projections), a gain not worth a per-layer split.
     - Truncating to the first b components (dynamic rank) drops whole components; equal norms keep every kept
       component's two factors on the same scale, whatever b.
-    - The split changed nothing measurable after fine-tuning: A re-split to peft's default row norms, B absorbing the
-      magnitude, gave 28.468 against 28.448 held-out perplexity (SmolLM2-135M, r = 64, 40 steps; issue 36).
-    A start's larger step is the learning rate's business (`QuAILoRAConfig.lr_scale`), not the split's.
+    - Issue 36 reports that the split changed nothing measurable after fine-tuning: A re-split to peft's default
+      row norms, B absorbing the magnitude, gave a held-out perplexity of 28.468 against 28.448 (SmolLM2-135M,
+      r = 64, 40 steps; its author's run, not repeated here).
     """
     w_norm = W.norm(dim=0).clamp_min(torch.finfo(W.dtype).tiny)
     B = U * torch.sqrt(S * w_norm)

@@ -37,6 +37,7 @@ from ..embedded.data import ALPACA_HOLDOUT
 from ..embedded.models import DEFAULT_MODEL
 from ..quailora.config import QuAILoRAConfig, accept_renamed_options
 from ..quantization import QUANTIZATIONS
+from .calibration import TRAIN_CALIBRATION
 
 
 __all__ = [
@@ -277,7 +278,8 @@ class RecipeArguments:
         calibration_dataset (`str`, defaults to `"c4"`): calibration text (embedded name, file or Hub id), or
             `"train"`: the recipe's own training examples, never the held-out ones, as windows of
             `calibration_length` tokens, with C4 instead (logged) when they fill fewer than `calibration_samples`
-            (`scripts/calibration.py`; `hf-quailora init` has no training data and refuses it).
+            (`scripts/calibration.py`; the init-only recipes have no training data and refuse it; a local file
+            named `train` needs a path such as `./train`).
 
         > Final rank sweep and exports (recipes that train)
 
@@ -311,8 +313,8 @@ def check_recipe_arguments(model_args: RecipeModelConfig, recipe_args: RecipeArg
             sweep and export options, and `--quailora false`, are refused rather than ignored.
 
     Raises:
-        ValueError: `--use_peft false`; QuAILoRA on a full-precision base; training-only options given to a recipe
-            that does not train.
+        ValueError: `--use_peft false`; QuAILoRA on a full-precision base; training-only options, or
+            `--calibration_dataset train`, given to a recipe that does not train.
 
     Example:
 
@@ -332,6 +334,9 @@ def check_recipe_arguments(model_args: RecipeModelConfig, recipe_args: RecipeArg
             name = given[0] if given else "quailora"
             raise ValueError(f"`--{name}` applies to recipes that train (recipes/alpaca.py); this one initialises "
                              "LoRA with QuAILoRA only. Remove it.")
+        if recipe_args.calibration_dataset == TRAIN_CALIBRATION:
+            raise ValueError("`--calibration_dataset train` calibrates a training recipe's start on its training "
+                             "data; this one has none: give a calibration text (c4, wiki, a file or a Hub id).")
     if recipe_args.quailora and model_args.quantization == "none":
         raise ValueError(
             "QuAILoRA corrects a quantization error: use a quantized base (`--load_in_4bit`, `--load_in_8bit`) or "

@@ -161,9 +161,6 @@ def init_adapter(init_args: InitAdapterArguments, model_args: RecipeModelConfig,
     from .models import load_recipe_model
 
     check_recipe_arguments(model_args, recipe_args, trains=False)
-    if recipe_args.calibration_dataset == "train":
-        raise ValueError("`--calibration_dataset train` calibrates a training recipe's start on its training data; "
-                         "`hf-quailora init` has none: give a calibration text (c4, wiki, a file or a Hub id).")
     check_init_output_dir(init_args.output_dir, init_args.overwrite)
     if init_args.num_threads:
         torch.set_num_threads(init_args.num_threads)

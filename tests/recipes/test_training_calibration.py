@@ -15,7 +15,9 @@ from hf_quailora.scripts.calibration import check_training_text, training_calibr
 from testing_utils import REPO_ROOT, require_bitsandbytes
 
 
-def test_training_texts_in_every_text_format_and_a_clear_error_without_text():
+def test_training_texts_in_every_text_format_and_a_clear_error_without_text(tiny_model_path):
+    from transformers import AutoTokenizer
+
     pc = datasets.Dataset.from_dict({"prompt": ["Q1 ", "Q2 "], "completion": ["A1", "A2"]})
     assert training_texts(pc) == ["Q1 A1", "Q2 A2"]
     chat = datasets.Dataset.from_dict({"messages": [[{"role": "user", "content": "hi"},
@@ -27,6 +29,9 @@ def test_training_texts_in_every_text_format_and_a_clear_error_without_text():
     text = datasets.Dataset.from_dict({"body": ["one", "two", "three"]})
     assert training_texts(text, text_field="body") == ["one", "two", "three"]
     assert training_texts(text, text_field="body", max_chars=4) == ["one", "two"]  # stops once 4 characters are in
+    templated = AutoTokenizer.from_pretrained(tiny_model_path)  # with a chat template: read as the model trains on it
+    templated.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    assert training_texts(chat, tokenizer=templated) == ["<user>hi<assistant>hello"]
     tokenized = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]]})
     for call in (lambda: training_texts(tokenized), lambda: check_training_text(tokenized)):
         with pytest.raises(ValueError, match=r"needs text in the training data; its columns are \['input_ids'\]"):
