@@ -12,7 +12,7 @@ suspected behind a QuAILoRA start's drift at the recipe's learning rate. (The cr
 out: it vanishes in expectation for sign steps, and the prediction below matches the measurement.)
 `quailora_step_ratio` is the square root of the ratio of the two sums over every adapted layer; the bench
 `bench/bench_lr_step.py` compares it with the step actually measured (bench/RESULTS.md, "Issue 36: the step of a
-QuAILoRA start"): the prediction holds (2.231 against 2.223 on SmolLM2-135M, 0.994 against 0.997 on Gemma-3-270m,
+QuAILoRA start"): the prediction holds (2.231 against 2.223 on SmolLM2-135M, 0.992 against 0.994 on Gemma-3-270m,
 r = 64), but the model whose start takes the larger step (SmolLM2) is the one that does not drift. So no learning
 rate is derived from it: `QuAILoRAInitCallback` logs it, as a diagnostic.
 """
