@@ -39,6 +39,7 @@ from hf_quailora.scripts import (
     check_recipe_arguments,
     load_recipe_model,
 )
+from hf_quailora.scripts.calibration import tokenizer_adds_bos
 from hf_quailora.scripts.init_adapter import calibration_record, save_quailora_start
 
 
@@ -96,12 +97,13 @@ def main(script_args: InitScriptArguments, model_args: RecipeModelConfig, recipe
     eval_text = load_dataset_any(script_args.eval_data)["text"] if script_args.eval_windows > 0 else None
     model, tokenizer = load_recipe_model(model_args, trust_remote_code=script_args.trust_remote_code)
     calibration = make_token_windows(tokenizer, calibration_text, quailora_args.calibration_length,
-                                     quailora_args.calibration_samples)
+                                     quailora_args.calibration_samples, add_bos=tokenizer_adds_bos(tokenizer))
     results: dict = {"model": model_args.model_name_or_path, "quantization": model_args.quantization,
                      "rank": model_args.lora_r, "solver": quailora_args.solver}
     windows = None
     if eval_text is not None:
-        windows = make_token_windows(tokenizer, eval_text, script_args.window_length, script_args.eval_windows)
+        windows = make_token_windows(tokenizer, eval_text, script_args.window_length, script_args.eval_windows,
+                                     add_bos=tokenizer_adds_bos(tokenizer))
         with model.disable_adapter():
             results["perplexity_qlora_start"] = compute_perplexity(model, windows, show_progress=True)
     started = time.perf_counter()

@@ -81,8 +81,9 @@ def training_texts(train, text_field: str = "text", max_chars: int | None = None
     return texts
 
 
-def _adds_bos(tokenizer) -> bool:
-    """Whether the tokenizer starts a text with BOS (Gemma's does, SmolLM2's does not): windows then do too."""
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts a text with BOS (Gemma's does, SmolLM2's does not): calibration windows cut from
+    a token stream (`make_token_windows`) then start with BOS too, as every sequence the model sees does."""
     bos = getattr(tokenizer, "bos_token_id", None)
     ids = tokenizer("a")["input_ids"]
     return bos is not None and len(ids) > 0 and ids[0] == bos
@@ -127,6 +128,6 @@ def _windows(texts: list[str], tokenizer, length: int, wanted: int | None) -> to
     from ..tokens import make_token_windows
 
     try:
-        return make_token_windows(tokenizer, texts, length, wanted, add_bos=_adds_bos(tokenizer))
+        return make_token_windows(tokenizer, texts, length, wanted, add_bos=tokenizer_adds_bos(tokenizer))
     except ValueError:  # not even one window
         return torch.empty(0, length, dtype=torch.long)

@@ -75,3 +75,17 @@ def test_recipe_calibrates_on_its_training_data(tiny_model_path, tmp_path, monke
         runpy.run_path(os.path.join(REPO_ROOT, "recipes", "alpaca.py"), run_name="__main__")
     assert "calibrates on the training data: 4 windows of 32 tokens from" in caplog.text
     assert (out / "quailora_report.json").is_file()
+
+
+def test_calibration_windows_start_with_bos_where_the_tokenizer_does(gemma3_path, tiny_model_path):
+    """Gemma needs BOS first (its tokenizer adds it to every text): windows cut from a token stream for
+    `hf-quailora init` and `--calibration_dataset train` get it too; the tiny Llama's tokenizer adds none."""
+    from transformers import AutoTokenizer
+
+    from hf_quailora.scripts.calibration import tokenizer_adds_bos
+
+    gemma = AutoTokenizer.from_pretrained(gemma3_path)
+    assert tokenizer_adds_bos(gemma) and not tokenizer_adds_bos(AutoTokenizer.from_pretrained(tiny_model_path))
+    train = datasets.Dataset.from_dict({"text": ["The cat sat on the mat. " * 40] * 4})
+    windows = training_calibration(train, gemma, QuAILoRAConfig(calibration_samples=2, calibration_length=32))
+    assert windows.shape == (2, 32) and (windows[:, 0] == gemma.bos_token_id).all()
