@@ -59,7 +59,12 @@ from hf_quailora.scripts import (
     load_recipe_model,
     load_sft_splits,
 )
-from hf_quailora.scripts.calibration import TRAIN_CALIBRATION, check_training_text, training_calibration
+from hf_quailora.scripts.calibration import (
+    TRAIN_CALIBRATION,
+    calibration_source,
+    check_training_text,
+    training_calibration,
+)
 
 
 logger = logging.getLogger("recipes.alpaca")
@@ -128,12 +133,12 @@ def _load_data(recipe_args, training_args, model_args, data_args):
     train, held_out, kind = load_sft_splits(data_args, text_field=training_args.dataset_text_field)
     if is_conversational_dataset(train):
         _check_chat_template(model_args, training_args)
-    calibration = None
-    if recipe_args.quailora and recipe_args.calibration_dataset == TRAIN_CALIBRATION:
+    calibration, source = None, calibration_source(recipe_args.calibration_dataset, trains=True)
+    if recipe_args.quailora and source == TRAIN_CALIBRATION:
         check_training_text(train, training_args.dataset_text_field)  # pre-tokenized data: refused now
         calibration = TRAIN_CALIBRATION  # windows once the tokenizer is loaded (`_train`)
     elif recipe_args.quailora:
-        calibration = load_dataset_any(recipe_args.calibration_dataset)
+        calibration = load_dataset_any(source)
     return train, held_out, calibration
 
 

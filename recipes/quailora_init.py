@@ -39,7 +39,7 @@ from hf_quailora.scripts import (
     check_recipe_arguments,
     load_recipe_model,
 )
-from hf_quailora.scripts.calibration import tokenizer_adds_bos
+from hf_quailora.scripts.calibration import calibration_source, tokenizer_adds_bos
 from hf_quailora.scripts.init_adapter import calibration_record, save_quailora_start
 
 
@@ -93,7 +93,8 @@ def main(script_args: InitScriptArguments, model_args: RecipeModelConfig, recipe
     check_recipe_arguments(model_args, recipe_args, trains=False)
     if script_args.num_threads:
         torch.set_num_threads(script_args.num_threads)
-    calibration_text = load_dataset_any(recipe_args.calibration_dataset)["text"]  # before the model: fails fast
+    source = calibration_source(recipe_args.calibration_dataset, trains=False)  # "auto": C4 (no training data)
+    calibration_text = load_dataset_any(source)["text"]  # before the model: fails fast
     eval_text = load_dataset_any(script_args.eval_data)["text"] if script_args.eval_windows > 0 else None
     model, tokenizer = load_recipe_model(model_args, trust_remote_code=script_args.trust_remote_code)
     calibration = make_token_windows(tokenizer, calibration_text, quailora_args.calibration_length,
@@ -114,7 +115,7 @@ def main(script_args: InitScriptArguments, model_args: RecipeModelConfig, recipe
 
     _print_and_write(script_args, results, report, windows)
     if script_args.save_adapter:
-        calibration = calibration_record(recipe_args.calibration_dataset, quailora_args, report,
+        calibration = calibration_record(source, quailora_args, report,
                                          int(calibration.shape[0]))
         path = save_quailora_start(model, os.path.join(script_args.output_dir, "adapter"), calibration, report)
         print(f"Initialised adapter written to {path} (hf-quailora init writes the same folder)")

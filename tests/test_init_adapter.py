@@ -133,7 +133,11 @@ def test_init_refuses_a_full_precision_base_before_loading(tiny_model_path, text
         init_adapter(*args)
 
 
-def test_init_refuses_calibrating_on_training_data_it_does_not_have(tiny_model_path, tmp_path):
+def test_init_calibrates_auto_on_c4_and_refuses_training_data_it_does_not_have(tiny_model_path, tmp_path):
+    from hf_quailora.scripts.calibration import calibration_source
+
+    args = make_parser().parse_args_and_config(_argv(tiny_model_path, "auto", tmp_path / "x"))
+    assert calibration_source(args[2].calibration_dataset, trains=False) == "c4"
     args = make_parser().parse_args_and_config(_argv(tiny_model_path, "train", tmp_path / "x"))
     with pytest.raises(ValueError, match="`--calibration_dataset train` calibrates a training recipe's start"):
         init_adapter(*args)

@@ -279,7 +279,8 @@ class RecipeArguments:
             `"train"`: the recipe's own training examples, never the held-out ones, as windows of
             `calibration_length` tokens, with C4 instead (logged) when they fill fewer than `calibration_samples`
             (`scripts/calibration.py`; the init-only recipes have no training data and refuse it; a local file
-            named `train` needs a path such as `./train`).
+            named `train` needs a path such as `./train`), or `"auto"`: `"train"` in a recipe that trains, C4 in
+            an init-only one.
 
         > Final rank sweep and exports (recipes that train)
 
@@ -291,7 +292,7 @@ class RecipeArguments:
 
     # QuAILoRA initialisation
     quailora: bool = field(default=True, metadata={"help": "Initialise LoRA with QuAILoRA (False: B = 0, QLoRA)."})
-    calibration_dataset: str = field(default="c4", metadata={"help": "Calibration text (embedded name, file, Hub), or 'train': the training examples."})
+    calibration_dataset: str = field(default="c4", metadata={"help": "Calibration text (embedded name, file, Hub); 'train': the training examples; 'auto'."})
     # Final rank sweep and export
     sweep_tasks: str = field(
         default="quailora_wiki_ppl", metadata={"help": "lm-eval tasks of the final sweep ('' = skip)."}

@@ -24,9 +24,18 @@ import torch
 
 
 TRAIN_CALIBRATION = "train"  # `--calibration_dataset train`: the recipe's own training examples
+AUTO_CALIBRATION = "auto"  # the training examples in a recipe that trains, else C4
 FALLBACK_CALIBRATION = "c4"
 
 logger = logging.getLogger(__name__)
+
+
+def calibration_source(name: str, trains: bool) -> str:
+    """`--calibration_dataset` for a recipe: `"auto"` is `"train"` in one that trains, `"c4"` in an init-only one;
+    any other name is kept."""
+    if name == AUTO_CALIBRATION:
+        return TRAIN_CALIBRATION if trains else FALLBACK_CALIBRATION
+    return name
 
 
 def _as_text(value, tokenizer=None) -> str:

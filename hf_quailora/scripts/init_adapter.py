@@ -158,19 +158,20 @@ def init_adapter(init_args: InitAdapterArguments, model_args: RecipeModelConfig,
     from ..embedded import load_dataset_any
     from ..quailora import quailora_init
     from ..tokens import make_token_windows
-    from .calibration import tokenizer_adds_bos
+    from .calibration import calibration_source, tokenizer_adds_bos
     from .models import load_recipe_model
 
     check_recipe_arguments(model_args, recipe_args, trains=False)
     check_init_output_dir(init_args.output_dir, init_args.overwrite)
     if init_args.num_threads:
         torch.set_num_threads(init_args.num_threads)
-    texts = load_dataset_any(recipe_args.calibration_dataset)["text"]  # before the model: fails fast
+    source = calibration_source(recipe_args.calibration_dataset, trains=False)  # "auto": C4 (no training data)
+    texts = load_dataset_any(source)["text"]  # before the model: fails fast
     model, tokenizer = load_recipe_model(model_args, trust_remote_code=init_args.trust_remote_code)
     windows = make_token_windows(tokenizer, texts, quailora_args.calibration_length, quailora_args.calibration_samples,
                                  add_bos=tokenizer_adds_bos(tokenizer))  # Gemma's windows start with BOS
     report = quailora_init(model, windows, quailora_args, tokenizer=tokenizer)
-    calibration = calibration_record(recipe_args.calibration_dataset, quailora_args, report, int(windows.shape[0]))
+    calibration = calibration_record(source, quailora_args, report, int(windows.shape[0]))
     save_quailora_start(model, init_args.output_dir, calibration, report)
     return model, report
 

@@ -59,8 +59,17 @@ def test_training_calibration_gives_windows_of_the_training_text_or_c4_when_too_
     assert "fewer than calibration_samples=3: QuAILoRA calibrates on c4 instead" in caplog.text
 
 
+def test_auto_is_the_training_data_in_a_recipe_that_trains_and_c4_elsewhere():
+    from hf_quailora.scripts.calibration import calibration_source
+
+    assert calibration_source("auto", trains=True) == "train"
+    assert calibration_source("auto", trains=False) == "c4"
+    assert calibration_source("wiki", trains=True) == "wiki" and calibration_source("train", trains=True) == "train"
+
+
 @require_bitsandbytes
-def test_recipe_calibrates_on_its_training_data(tiny_model_path, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("source", ["train", "auto"])
+def test_recipe_calibrates_on_its_training_data(source, tiny_model_path, tmp_path, monkeypatch, caplog):
     import runpy
 
     out = tmp_path / "run"
@@ -68,7 +77,7 @@ def test_recipe_calibrates_on_its_training_data(tiny_model_path, tmp_path, monke
             "--model_name_or_path", tiny_model_path, "--output_dir", str(out), "--lora_r", "4", "--lora_alpha", "4",
             "--eval_ranks", "4", "--sweep_ranks", "4", "--max_steps", "1", "--eval_steps", "1", "--save_steps", "1",
             "--num_eval_examples", "2", "--num_train_examples", "16", "--max_length", "512",
-            "--calibration_dataset", "train", "--calibration_samples", "4", "--calibration_length", "32",
+            "--calibration_dataset", source, "--calibration_samples", "4", "--calibration_length", "32",
             "--sweep_tasks", "", "--per_device_train_batch_size", "2"]
     monkeypatch.setattr(sys, "argv", argv)
     with caplog.at_level(logging.INFO, logger="hf_quailora.scripts.calibration"):
