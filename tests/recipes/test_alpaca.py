@@ -134,7 +134,7 @@ def test_demo_config_gives_the_quailora_settings_it_gave_before(tmp_path):
             args=["--config", os.path.join(CONFIGS, "alpaca.yaml"), "--output_dir", str(tmp_path)])
     expected = dataclasses.asdict(QuAILoRAConfig(calibration_samples=32, calibration_length=256))
     assert dataclasses.asdict(quailora_args) == expected and training_args.max_length == 192
-    assert recipe_args.quailora and recipe_args.calibration_dataset == "c4"
+    assert recipe_args.quailora and recipe_args.calibration_dataset == "auto"  # the training data since issue 36
 
 
 def test_no_arguments_means_the_dataclass_defaults_not_the_demo_config(tmp_path, monkeypatch):
