@@ -9,7 +9,8 @@ real model and compares it with the ratio `hf_quailora.quailora_step_ratio` pred
 - `predicted`: `quailora_step_ratio(model)` on the QuAILoRA start.
 - `row_norms`: the median row norm of QuAILoRA's A per layer type (peft's default: 1/√3 ≈ 0.577).
 
-The calibration windows start with BOS where the model needs it (the embedded Gemma), as in `bench/compare_init`.
+The calibration windows start with BOS where the tokenizer starts texts with it (the embedded Gemma), as in
+`bench/compare_init`.
 
 Usage (each model in a fresh process; ≈ 3–8 min each on one thread):
 
@@ -39,22 +40,20 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 def lora_products(model) -> dict[str, "torch.Tensor"]:  # noqa: F821
     """The product B A × scaling of every LoRA layer, in float32 (detached copies)."""
-    out = {}
-    for name, module in model.named_modules():
-        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-            a = module.lora_A["default"].weight.detach().float()
-            b = module.lora_B["default"].weight.detach().float()
-            out[name] = (b @ a) * module.scaling["default"]
-    return out
+    from hf_quailora import find_lora_layers
+
+    return {name: (m.lora_B["default"].weight.detach().float() @ m.lora_A["default"].weight.detach().float())
+            * m.scaling["default"] for name, m in find_lora_layers(model).items()}
 
 
 def row_norms(model) -> dict[str, float]:
     """Median row norm of the adapter's A per layer type (`q_proj`, ...), averaged over the layers of that type."""
+    from hf_quailora import find_lora_layers
+
     norms: dict[str, list[float]] = {}
-    for name, module in model.named_modules():
-        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-            a = module.lora_A["default"].weight.detach().float()
-            norms.setdefault(name.rsplit(".", 1)[-1], []).append(float(a.norm(dim=1).median()))
+    for name, module in find_lora_layers(model).items():
+        a = module.lora_A["default"].weight.detach().float()
+        norms.setdefault(name.rsplit(".", 1)[-1], []).append(float(a.norm(dim=1).median()))
     return {kind: sum(values) / len(values) for kind, values in norms.items()}
 
 
@@ -90,7 +89,7 @@ def measure(model_name: str, rank: int, steps: int, lr: float, seed: int, calibr
         resolve,
     )
     from hf_quailora.embedded.data import load_alpaca_sft, split_holdout
-    from hf_quailora.embedded.models import EMBEDDED_MODELS, is_embedded_model
+    from hf_quailora.tokens import tokenizer_adds_bos
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     tokenizer = AutoTokenizer.from_pretrained(resolve(model_name))
@@ -100,7 +99,7 @@ def measure(model_name: str, rank: int, steps: int, lr: float, seed: int, calibr
     texts = [train[i]["prompt"] + train[i]["completion"] for i in range(4 * steps)]
     batches = [tokenizer(texts[i:i + 4], return_tensors="pt", padding=True, truncation=True, max_length=256)
                for i in range(0, len(texts), 4)]
-    add_bos = is_embedded_model(model_name) and EMBEDDED_MODELS[model_name.lower()].needs_bos
+    add_bos = tokenizer_adds_bos(tokenizer)  # the embedded Gemma's tokenizer starts every text with BOS
     calibration = make_token_windows(tokenizer, load_dataset_any("c4")["text"], 256, calibration_windows,
                                      add_bos=add_bos)
     result = {"model": model_name, "rank": rank, "steps": steps, "learning_rate": lr, "seed": seed,
@@ -153,6 +152,11 @@ def main(argv=None) -> None:
     parser.add_argument("--results_dir", default=RESULTS)
     parser.add_argument("--report", action="store_true", help="only print the table of the stored results")
     args = parser.parse_args(argv)
+    for name in ("rank", "steps", "calibration_windows"):  # before any model loads
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not args.learning_rate > 0:
+        parser.error(f"--learning_rate must be positive, got {args.learning_rate}")
     if not args.report:
         result = measure(args.model, args.rank, args.steps, args.learning_rate, args.seed, args.calibration_windows)
         slug = os.path.basename(args.model.rstrip("/"))

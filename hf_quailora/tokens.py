@@ -1,4 +1,5 @@
-"""Token ids: windows of tokenized text for calibration and perplexity, and the check that ids fit a vocabulary.
+"""Token ids: windows of tokenized text for calibration and perplexity (`tokenizer_adds_bos` says whether they start
+with BOS), and the check that ids fit a vocabulary.
 
 Example:
 
@@ -19,6 +20,14 @@ if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts a text with BOS (Gemma's does, SmolLM2's does not): calibration windows cut from
+    a token stream (`make_token_windows`) then start with BOS too, as every sequence the model sees does."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    ids = tokenizer("a")["input_ids"]
+    return bos is not None and len(ids) > 0 and ids[0] == bos
 
 
 def make_token_windows(

@@ -39,8 +39,9 @@ from hf_quailora.scripts import (
     check_recipe_arguments,
     load_recipe_model,
 )
-from hf_quailora.scripts.calibration import calibration_source, tokenizer_adds_bos
+from hf_quailora.scripts.calibration import calibration_source
 from hf_quailora.scripts.init_adapter import calibration_record, save_quailora_start
+from hf_quailora.tokens import tokenizer_adds_bos
 
 
 # This recipe's former flags, still accepted with a FutureWarning: its own names before it took trl's, the

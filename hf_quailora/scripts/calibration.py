@@ -90,14 +90,6 @@ def training_texts(train, text_field: str = "text", max_chars: int | None = None
     return texts
 
 
-def tokenizer_adds_bos(tokenizer) -> bool:
-    """Whether the tokenizer starts a text with BOS (Gemma's does, SmolLM2's does not): calibration windows cut from
-    a token stream (`make_token_windows`) then start with BOS too, as every sequence the model sees does."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    ids = tokenizer("a")["input_ids"]
-    return bos is not None and len(ids) > 0 and ids[0] == bos
-
-
 def training_calibration(train, tokenizer, config, text_field: str = "text"):
     """Calibration windows from the training examples, or C4 when they are too short.
 
@@ -134,7 +126,7 @@ def training_calibration(train, tokenizer, config, text_field: str = "text"):
 
 def _windows(texts: list[str], tokenizer, length: int, wanted: int | None) -> torch.Tensor:
     """`make_token_windows` of `texts`, BOS first where the tokenizer starts texts with it; none: an empty tensor."""
-    from ..tokens import make_token_windows
+    from ..tokens import make_token_windows, tokenizer_adds_bos
 
     try:
         return make_token_windows(tokenizer, texts, length, wanted, add_bos=tokenizer_adds_bos(tokenizer))

@@ -157,8 +157,8 @@ def init_adapter(init_args: InitAdapterArguments, model_args: RecipeModelConfig,
     """
     from ..embedded import load_dataset_any
     from ..quailora import quailora_init
-    from ..tokens import make_token_windows
-    from .calibration import calibration_source, tokenizer_adds_bos
+    from ..tokens import make_token_windows, tokenizer_adds_bos
+    from .calibration import calibration_source
     from .models import load_recipe_model
 
     check_recipe_arguments(model_args, recipe_args, trains=False)

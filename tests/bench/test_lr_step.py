@@ -21,3 +21,13 @@ def test_bench_lr_step_measures_and_predicts_the_step_ratio(tiny_model_path, tmp
     assert result["measured"][0] == pytest.approx(result["predicted"], rel=0.15)
     printed = capsys.readouterr().out
     assert f"| {result['measured'][0]:.3f} |" in printed and (tmp_path / "lr_step.md").is_file()
+
+
+@pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--rank", "-1"), ("--calibration_windows", "0"),
+                                         ("--learning_rate", "0")])
+def test_bench_lr_step_refuses_bad_settings_before_loading(flag, value, tmp_path, capsys):
+    from bench.bench_lr_step import main
+
+    with pytest.raises(SystemExit):
+        main(["--model", "no-such-model", flag, value, "--results_dir", str(tmp_path)])
+    assert f"{flag} must be" in capsys.readouterr().err and not list(tmp_path.iterdir())

@@ -91,7 +91,7 @@ def test_calibration_windows_start_with_bos_where_the_tokenizer_does(gemma3_path
     `hf-quailora init` and `--calibration_dataset train` get it too; the tiny Llama's tokenizer adds none."""
     from transformers import AutoTokenizer
 
-    from hf_quailora.scripts.calibration import tokenizer_adds_bos
+    from hf_quailora.tokens import tokenizer_adds_bos
 
     gemma = AutoTokenizer.from_pretrained(gemma3_path)
     assert tokenizer_adds_bos(gemma) and not tokenizer_adds_bos(AutoTokenizer.from_pretrained(tiny_model_path))
