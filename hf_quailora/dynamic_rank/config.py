@@ -155,6 +155,7 @@ class DynamicRankConfig(SFTConfig):
         if self.bf16 is None and not self.fp16:
             self.bf16 = _has_bf16_accelerator()
         super().__post_init__()
+        _check_warmup(self)
 
         # Rank sampling (max_rank=None: checked against the LoRA r by the trainer)
         upper = self.max_rank if self.max_rank is not None else _NO_MAX_RANK
@@ -186,3 +187,17 @@ class DynamicRankConfig(SFTConfig):
     @property
     def soft_mode(self) -> bool:
         return self.soft_ranks is not None
+
+
+def _check_warmup(args) -> None:
+    """A warmup that the scheduler would drop: transformers' `constant` schedule (`get_constant_schedule`) ignores
+    `warmup_steps`, silently, so a config asking for both trains without the warmup it names (QLoRA's own scripts,
+    and this repository's GPU recipes until they were fixed, did)."""
+    from transformers.trainer_utils import SchedulerType
+
+    if SchedulerType(args.lr_scheduler_type) == SchedulerType.CONSTANT and args.warmup_steps > 0:
+        raise ValueError(
+            f"`warmup_steps` ({args.warmup_steps}) is ignored by `lr_scheduler_type='constant'` (transformers' "
+            "constant schedule has no warmup). Use `lr_scheduler_type='constant_with_warmup'` to warm up, or set "
+            "`warmup_steps` to 0."
+        )

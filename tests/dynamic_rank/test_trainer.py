@@ -72,11 +72,23 @@ def test_config_turns_bf16_off_on_a_cpu_machine_unless_set(tmp_path):
         ({"eval_ranks": []}, ValueError, "`eval_ranks` is empty"),
         ({"max_rank": 4, "eval_ranks": [1, 8]}, ValueError, "`eval_ranks` holds rank 8"),
         ({"max_rank": 4, "soft_ranks": [2, 5]}, ValueError, "`soft_ranks` holds rank 5"),
+        ({"lr_scheduler_type": "constant", "warmup_steps": 30}, ValueError, "constant_with_warmup"),
+        ({"lr_scheduler_type": "constant", "warmup_steps": 0.03}, ValueError, r"`warmup_steps` \(0.03\) is ignored"),
     ],
 )
 def test_config_rejects_bad_values(tmp_path, kwargs, error, match):
     with pytest.raises(error, match=match):
         DynamicRankConfig(output_dir=str(tmp_path), report_to="none", bf16=False, **kwargs)
+
+
+def test_config_keeps_a_warmup_the_scheduler_applies(tmp_path):
+    from transformers.trainer_utils import SchedulerType
+
+    args = DynamicRankConfig(output_dir=str(tmp_path), report_to="none", bf16=False,
+                             lr_scheduler_type="constant_with_warmup", warmup_steps=30)
+    assert args.lr_scheduler_type == SchedulerType.CONSTANT_WITH_WARMUP and args.warmup_steps == 30
+    assert DynamicRankConfig(output_dir=str(tmp_path), report_to="none", bf16=False,
+                             lr_scheduler_type="constant").warmup_steps == 0
 
 
 # Bad input against the model

@@ -120,6 +120,8 @@ def test_configs_parse(name, tmp_path):
     assert training_args.update_rule in ("nested", "frozen")
     assert model_args.quantization == "nf4" and build_quantization_config(model_args).bnb_4bit_use_double_quant
     assert quailora_args.solver == "closed_form" and quailora_args.calibration_samples in (32, 128)
+    # the GPU configs warm up for 30 steps; a `constant` schedule would drop that (DynamicRankConfig refuses it)
+    assert training_args.warmup_steps == 0 or training_args.lr_scheduler_type == "constant_with_warmup"
 
 
 def test_demo_config_gives_the_quailora_settings_it_gave_before(tmp_path):
