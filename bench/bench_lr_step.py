@@ -9,6 +9,13 @@ real model and compares it with the ratio `hf_quailora.quailora_step_ratio` pred
 - `predicted`: `quailora_step_ratio(model)` on the QuAILoRA start.
 - `row_norms`: the median row norm of QuAILoRA's A per layer type (peft's default: 1/√3 ≈ 0.577).
 
+And the same steps in what the model predicts (hf_quailora/quailora/first_step.py):
+
+- `qlora_kl`, `quailora_kl`: the mean per-token KL(start ‖ after k steps) on 8 held-out Alpaca examples;
+- `correction_kl`: KL(QuAILoRA start ‖ NF4 base) on the same examples, the size of the start's correction;
+- `rule`: what `quailora_lr_scale` (the callback's `lr_scale="auto"`) measures and picks at this learning rate, on
+  the 32 C4 calibration windows and on 32 windows of the training examples (the recipes' default calibration).
+
 The calibration windows start with BOS where the tokenizer starts texts with it (the embedded Gemma), as in
 `bench/compare_init`.
 
@@ -57,26 +64,44 @@ def row_norms(model) -> dict[str, float]:
     return {kind: sum(values) / len(values) for kind, values in norms.items()}
 
 
-def step_distance(model, batches, lr: float) -> list[float]:
-    """‖ΔW‖_F over every LoRA layer after each of `len(batches)` AdamW steps (cumulative, from the start)."""
+def log_probs(model, windows) -> list["torch.Tensor"]:  # noqa: F821
+    """The model's next-token log-probabilities on each held-out window (eval mode, no grad)."""
     import torch
 
-    start = lora_products(model)
+    model.eval()
+    with torch.no_grad():
+        return [torch.log_softmax(model(**window).logits[0].float(), dim=-1) for window in windows]
+
+
+def mean_kl(reference: list, other: list) -> float:
+    """Mean per-token KL(reference ‖ other) in nats; both are `log_probs` of the same windows."""
+    total = sum(float((ref.exp() * (ref - cur)).sum()) for ref, cur in zip(reference, other))
+    return total / sum(ref.shape[0] for ref in reference)
+
+
+def step_distance(model, batches, lr: float, windows) -> tuple[list[float], list[float]]:
+    """After each of `len(batches)` AdamW steps (cumulative, from the start): ‖ΔW‖_F over every LoRA layer, and the
+    mean per-token KL(start ‖ now) on the held-out `windows`: the same step in function space."""
+    import torch
+
+    start, reference = lora_products(model), log_probs(model, windows)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    distances = []
-    model.train()
+    distances, kls = [], []
     for batch in batches:
+        model.train()
         loss = model(**batch, labels=batch["input_ids"]).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         now = lora_products(model)
         distances.append(float(sum((now[k] - start[k]).pow(2).sum() for k in start) ** 0.5))
-    return distances
+        kls.append(mean_kl(reference, log_probs(model, windows)))
+    return distances, kls
 
 
-def measure(model_name: str, rank: int, steps: int, lr: float, seed: int, calibration_windows: int) -> dict:
+def measure(model_name: str, rank: int, steps: int, lr: float, seed: int, calibration_windows: int,
+            eval_texts: int = 8) -> dict:
     import torch
     from transformers import AutoTokenizer
 
@@ -85,17 +110,21 @@ def measure(model_name: str, rank: int, steps: int, lr: float, seed: int, calibr
         load_dataset_any,
         make_token_windows,
         quailora_init,
+        quailora_lr_scale,
         quailora_step_ratio,
         resolve,
     )
     from hf_quailora.embedded.data import load_alpaca_sft, split_holdout
+    from hf_quailora.quailora.calibration import make_calibration_batches
     from hf_quailora.tokens import tokenizer_adds_bos
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     tokenizer = AutoTokenizer.from_pretrained(resolve(model_name))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    train, _ = split_holdout(load_alpaca_sft("alpaca"), 200)
+    train, held_out = split_holdout(load_alpaca_sft("alpaca"), 200)
+    windows = [dict(tokenizer(held_out[i]["prompt"] + held_out[i]["completion"], return_tensors="pt",
+                              truncation=True, max_length=256)) for i in range(eval_texts)]
     texts = [train[i]["prompt"] + train[i]["completion"] for i in range(4 * steps)]
     batches = [tokenizer(texts[i:i + 4], return_tensors="pt", padding=True, truncation=True, max_length=256)
                for i in range(0, len(texts), 4)]
@@ -104,7 +133,8 @@ def measure(model_name: str, rank: int, steps: int, lr: float, seed: int, calibr
                                      add_bos=add_bos)
     result = {"model": model_name, "rank": rank, "steps": steps, "learning_rate": lr, "seed": seed,
               "calibration_windows": calibration_windows, "add_bos": add_bos, "threads": torch.get_num_threads()}
-    for arm in ("qlora", "quailora"):
+    qlora_start = None
+    for arm in ("qlora", "quailora"):  # qlora first: its start (the NF4 base) is the correction's reference
         started = time.perf_counter()
         model = peft_model(model_name, "nf4", rank=rank, seed=seed, task_type="CAUSAL_LM")
         if arm == "quailora":
@@ -112,10 +142,27 @@ def measure(model_name: str, rank: int, steps: int, lr: float, seed: int, calibr
                                                              show_progress=False))
             result["predicted"] = quailora_step_ratio(model)
             result["row_norms"] = row_norms(model)
-        result[f"{arm}_distance"] = step_distance(model, [dict(b) for b in batches], lr)
+            # the correction's size in function space: KL(QuAILoRA start ‖ NF4 base, which is QLoRA's start)
+            result["correction_kl"] = mean_kl(log_probs(model, windows), qlora_start)
+            # the rule QuAILoRAInitCallback applies (lr_scale="auto"), measured on C4 windows (this start's
+            # calibration) and on training examples (the recipes' default calibration)
+            train_windows = make_token_windows(tokenizer, texts, 256, calibration_windows, add_bos=add_bos)
+            result["rule"] = {}
+            for source, ids in (("c4", calibration), ("alpaca_train", train_windows)):
+                scale, step = quailora_lr_scale(model, make_calibration_batches(ids), lr)
+                result["rule"][source] = {"scale": scale, "correction_kl": step.correction_kl,
+                                          "step_kl": {str(k): v for k, v in step.step_kl.items()},
+                                          "tokens": step.tokens}
+        else:
+            qlora_start = log_probs(model, windows)
+        result[f"{arm}_distance"], result[f"{arm}_kl"] = step_distance(model, [dict(b) for b in batches], lr,
+                                                                       windows)
         result[f"{arm}_seconds"] = time.perf_counter() - started
         del model
+    result["eval_texts"] = eval_texts
     result["measured"] = [q / n for q, n in zip(result["quailora_distance"], result["qlora_distance"])]
+    result["kl_ratio"] = [q / n for q, n in zip(result["quailora_kl"], result["qlora_kl"])]
+    result["kl_over_correction"] = [q / result["correction_kl"] for q in result["quailora_kl"]]
     return result
 
 
@@ -129,7 +176,7 @@ def stored(results: str) -> list[dict]:
 
 
 def report(rows: list[dict]) -> str:
-    """The markdown table of `rows` (`stored`)."""
+    """The markdown tables of `rows` (`stored`): the step in weight space, then in what the model predicts."""
     lines = ["| model | r | lr | BOS | measured ratio after 1 step | after K steps (K) | predicted "
              "(`quailora_step_ratio`) | QuAILoRA's A, median row norm per layer type (peft: 0.577) | threads |",
              "|---|---:|---:|---|---:|---:|---:|---|---:|"]
@@ -138,6 +185,18 @@ def report(rows: list[dict]) -> str:
         lines.append(f"| {r['model']} | {r['rank']} | {r['learning_rate']:g} | {r.get('add_bos', False)} | "
                      f"{r['measured'][0]:.3f} | {r['measured'][-1]:.3f} ({r['steps']}) | {r['predicted']:.3f} | "
                      f"{norms} | {r['threads']} |")
+    lines += ["", "In what the model predicts (KL in nats per token; correction: KL(QuAILoRA start ‖ NF4 base)):", "",
+              "| model | correction, held-out Alpaca | 1 AdamW step, QLoRA start | 1 step, QuAILoRA start | "
+              "QuAILoRA's step / correction | rule (`quailora_lr_scale`), C4 windows: step / correction → scale | "
+              "rule, training windows |",
+              "|---|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        if "rule" not in r:
+            continue
+        rule = {source: f"{v['step_kl']['1.0'] / v['correction_kl']:.3f} → ×{v['scale']:g}"
+                for source, v in r["rule"].items()}
+        lines.append(f"| {r['model']} | {r['correction_kl']:.4f} | {r['qlora_kl'][0]:.4f} | {r['quailora_kl'][0]:.4f} | "
+                     f"{r['kl_over_correction'][0]:.3f} | {rule['c4']} | {rule['alpaca_train']} |")
     return "\n".join(lines)
 
 

@@ -27,7 +27,15 @@ from .embedded import ensure_embedded_data, load_alpaca_sft, load_dataset_any, r
 from .evaluation.perplexity import compute_perplexity
 from .evaluation.sweep_callback import RankSweepCallback
 from .io import write_file_atomically
-from .quailora import QuAILoRAConfig, QuAILoRAInitCallback, QuAILoRAReport, quailora_init, quailora_step_ratio
+from .quailora import (
+    QuAILoRAConfig,
+    QuAILoRAInitCallback,
+    QuAILoRAReport,
+    quailora_first_step,
+    quailora_init,
+    quailora_lr_scale,
+    quailora_step_ratio,
+)
 from .quantization import disable_bnb_cpu_fast_path, load_quantized_model, quiet_bnb_warnings
 from .tokens import make_token_windows
 
@@ -61,6 +69,8 @@ __all__ = [
     "load_quantized_model",
     "make_token_windows",
     "quailora_init",
+    "quailora_first_step",
+    "quailora_lr_scale",
     "quailora_step_ratio",
     "quiet_bnb_warnings",
     "resolve",

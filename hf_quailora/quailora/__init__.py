@@ -14,6 +14,7 @@
 | `init` | `quailora_init`: plan → calibrate → solve → write |
 | `report` | `QuAILoRAReport`, `LayerReport` |
 | `step_ratio` | `quailora_step_ratio`: how much further an Adam step moves the product from the start than from peft's |
+| `first_step` | `quailora_first_step`, `quailora_lr_scale`: how far Adam's first step moves the start's predictions, and the learning-rate rule built on it |
 | `callback` | `QuAILoRAInitCallback`, for any Trainer |
 
 The start knows nothing of dynamic-rank training, which builds on it (never the reverse).
@@ -21,9 +22,11 @@ The start knows nothing of dynamic-rank training, which builds on it (never the 
 
 from .callback import QuAILoRAInitCallback
 from .config import QuAILoRAConfig
+from .first_step import FirstStep, quailora_first_step, quailora_lr_scale
 from .init import quailora_init
 from .report import LayerReport, QuAILoRAReport
 from .step_ratio import quailora_step_ratio
 
 
-__all__ = ["LayerReport", "QuAILoRAConfig", "QuAILoRAInitCallback", "QuAILoRAReport", "quailora_init", "quailora_step_ratio"]
+__all__ = ["FirstStep", "LayerReport", "QuAILoRAConfig", "QuAILoRAInitCallback", "QuAILoRAReport", "quailora_first_step",
+           "quailora_init", "quailora_lr_scale", "quailora_step_ratio"]

@@ -27,7 +27,15 @@ from transformers import TrainerCallback
 from .._io_utils import write_file_atomically
 from .._peft_utils import require_lora_layers, unwrap_model
 from ..embedded.data import check_token_ids
+from .calibration import make_calibration_batches
 from .config import QuAILoRAConfig, rename_options
+from .first_step import (
+    DEFAULT_BUDGET,
+    TooFewSequencesError,
+    parse_lr_scale,
+    quailora_lr_scale,
+    scale_learning_rate,
+)
 from .init import quailora_init
 from .placement import aim_at_training
 from .report import QuAILoRAReport
@@ -183,6 +191,10 @@ class QuAILoRAInitCallback(TrainerCallback):
         report (`QuAILoRAReport` or `None`): the report of the last initialisation.
         step_ratio (`float` or `None`): the start's `quailora_step_ratio` (how much further an Adam step moves the
             product than from peft's default start), logged; a diagnostic, not a rule (docs/quailora.md).
+        lr_scale (`float` or `None`): what the learning rate was multiplied by (`config.lr_scale`; "auto" measured
+            by `quailora_lr_scale`), applied at `on_train_begin`.
+        first_step (`FirstStep` or `None`): what `lr_scale="auto"` measured (the correction and the first step, in
+            KL), when it did.
 
     Raises:
         ValueError / TypeError: bad settings, at construction; before any calibration, a model whose weights this
@@ -235,6 +247,9 @@ class QuAILoRAInitCallback(TrainerCallback):
         self.report: QuAILoRAReport | None = None
         self._initialised = False  # done at on_init_end (a wrapped run), so on_train_begin has nothing to do
         self.step_ratio: float | None = None  # the start's `quailora_step_ratio`
+        self.lr_scale: float | None = None  # what `config.lr_scale` gave for the start, applied at on_train_begin
+        self.first_step = None  # `FirstStep` of lr_scale="auto"
+        self._scaled = False  # the rate of this run was scaled (once per initialisation, never on a resume)
 
     def _calibration_for_this_process(self, train_dataloader):
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -286,19 +301,63 @@ class QuAILoRAInitCallback(TrainerCallback):
             )
         # A run resumed through `trainer.train(resume_from_checkpoint=...)` calibrates here for nothing: loading the
         # checkpoint then replaces the factors, so its weights are kept all the same.
-        self._initialise(args, state, model, processing_class, None)
+        self._initialise(args, state, model, processing_class, None, wrapped=True)
         self._initialised = True
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None, **kwargs):
-        if self._initialised:
-            return  # done at on_init_end, before the Trainer wrapped the model
-        if state.global_step > 0:
+        if state.global_step > 0:  # the checkpoint's weights, and its optimizer's and scheduler's rates, are kept
             logger.info("Resuming at step %d: QuAILoRA initialisation skipped (checkpoint weights kept).", state.global_step)
             return
-        check_unsharded_training(args, model)  # before unwrapping: FSDP wraps the model itself
-        self._initialise(args, state, model, processing_class, train_dataloader)
+        if not self._initialised:  # else done at on_init_end, before the Trainer wrapped the model
+            check_unsharded_training(args, model)  # before unwrapping: FSDP wraps the model itself
+            self._initialise(args, state, model, processing_class, train_dataloader)
+        self._apply_lr_scale(kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
 
-    def _initialise(self, args, state, model, processing_class, train_dataloader) -> None:
+    def _apply_lr_scale(self, optimizer, lr_scheduler) -> None:
+        """`self.lr_scale` on the created optimizer and scheduler (once per initialisation; not on a resume)."""
+        if self.lr_scale is None or self.lr_scale == 1 or self._scaled:
+            return
+        if optimizer is None:
+            if self.first_step is not None:  # the default rule, called outside a Trainer: say so, do not fail
+                logger.warning("QuAILoRA lr_scale='auto' gave x %g, but on_train_begin got no optimizer to apply it "
+                               "to: multiply the learning rate yourself, or set lr_scale=1.", self.lr_scale)
+                self._scaled = True
+                return
+            raise ValueError(f"QuAILoRA's lr_scale ({self.config.lr_scale!r}) needs the trainer's optimizer at "
+                             "`on_train_begin`; none was given. Set `lr_scale=1` and scale the learning rate yourself.")
+        scale_learning_rate(optimizer, lr_scheduler, self.lr_scale)
+        self._scaled = True
+
+    def _resolve_lr_scale(self, args, model, calibration, tokenizer, wrapped: bool, train_dataloader=None) -> None:
+        """`config.lr_scale` → `self.lr_scale` for this start (every process: "auto" all-reduces under DDP).
+
+        "auto" takes and measures the step on the train batches when the trainer gives them (the data Adam's first
+        step will follow), else on the calibration data: measured on C4, Gemma-3-270m's first step read 0.09 of its
+        correction (rate kept); on its training examples 0.60 (rate halved), bench/RESULTS.md, issue 36."""
+        self._scaled = False
+        scale = parse_lr_scale(self.config.lr_scale)
+        if scale is not None:
+            self.lr_scale = scale
+            return
+        if not args.learning_rate > 0:  # nothing to scale (a run at rate 0 evaluates its start)
+            self.lr_scale = 1.0
+            return
+        if wrapped:  # FSDP / DeepSpeed: initialised before wrapping, from sharded or soon-sharded weights
+            self.lr_scale = 1.0
+            logger.info("QuAILoRA lr_scale='auto' is not measured when FSDP or DeepSpeed wrap the model: the learning "
+                        "rate is kept. Set lr_scale to a number to scale it (quailora/first_step.py).")
+            return
+        source = train_dataloader if train_dataloader is not None else calibration
+        batches = make_calibration_batches(source, tokenizer, 8, self.config.calibration_length,
+                                           self.config.calibration_batch_size)
+        try:
+            self.lr_scale, self.first_step = quailora_lr_scale(model, batches, args.learning_rate,
+                                                               adapter_name=self.adapter_name)
+        except TooFewSequencesError as err:  # raised on every process alike
+            self.lr_scale = 1.0
+            logger.warning("QuAILoRA lr_scale='auto' keeps the learning rate: %s", err)
+
+    def _initialise(self, args, state, model, processing_class, train_dataloader, wrapped: bool = False) -> None:
         model = unwrap_model(model)
         require_lora_layers(model, self.adapter_name)
         tokenizer = self.tokenizer if self.tokenizer is not None else processing_class
@@ -309,10 +368,20 @@ class QuAILoRAInitCallback(TrainerCallback):
                                         full_precision_weights=self.full_precision_weights,
                                         adapter_name=self.adapter_name)
         self.step_ratio = quailora_step_ratio(model, self.adapter_name)  # every process: FSDP2 gathers the factors
+        self._resolve_lr_scale(args, model, calibration, tokenizer, wrapped, train_dataloader)
         if state.is_world_process_zero:
             logger.info(self.report.summary())
             logger.info("QuAILoRA start: the first Adam steps move the LoRA product %.2fx as far as from peft's default "
                         "start at the same learning rate (quailora_step_ratio; docs/quailora.md).", self.step_ratio)
+            if self.first_step is not None:
+                step = self.first_step
+                ratios = ", ".join(f"x{scale:g}: {step.ratio(scale):.3f}" for scale in step.step_kl)
+                logger.info("QuAILoRA start: its correction is %.4g nats of KL; Adam's first step at lr %g times "
+                            "(%s) moves it that fraction of it -> learning rate x %g (lr_scale='auto': the largest "
+                            "within %g; lr_scale=1 keeps it).", step.correction_kl, step.learning_rate, ratios,
+                            self.lr_scale, DEFAULT_BUDGET)
+            elif self.lr_scale != 1:
+                logger.info("QuAILoRA start: learning rate x %g (lr_scale).", self.lr_scale)
             if self.report_file and args.output_dir:
                 os.makedirs(args.output_dir, exist_ok=True)
                 text = json.dumps(self.report.to_dict(), indent=1)

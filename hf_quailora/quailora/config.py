@@ -22,6 +22,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
+from .first_step import parse_lr_scale
 from .memory import parse_memory_budget
 
 
@@ -146,6 +147,18 @@ class QuAILoRAConfig:
             report (`calibrated_error_svd`, `frobenius_error_svd`); this doubles the per-layer work of the
             closed form (the `"als"` and `"svd"` solvers compute that SVD anyway and always report it).
 
+        > Fine-tuning from the start
+
+        lr_scale (`str` or `float`, defaults to `"auto"`): what `QuAILoRAInitCallback` multiplies the run's learning
+            rate by once the start is written (every parameter group and the scheduler's base rates; logged; the
+            training arguments keep what was asked). `"auto"`: the largest of 1, 1/2, 1/4, 1/8 at which Adam's first
+            step moves the start's predictions by at most 0.5 × the start's own correction, both in KL, the step
+            taken on four train sequences and measured on four others (`quailora_lr_scale`,
+            quailora/first_step.py): at 2e-4, r = 64, ×1 on SmolLM2-135M and ×1/2 on Gemma-3-270m, the rates that
+            kept the most of the start's lead after 40 steps (bench/RESULTS.md, issue 36). Not measured when FSDP or
+            DeepSpeed wrap the model (the rate is kept, and the log says so). A number multiplies as it is; `1`
+            keeps the learning rate. `quailora_init` alone never changes a learning rate.
+
         > Output
 
         show_progress (`bool`, defaults to `True`): progress bars over calibration batches and layers.
@@ -187,6 +200,11 @@ class QuAILoRAConfig:
     report_svd_baseline: bool = field(
         default=False, metadata={"help": "Also report the uncalibrated SVD start's errors (doubles closed-form work)."}
     )
+    # Fine-tuning from the start
+    lr_scale: str = field(
+        default="auto", metadata={"help": "Multiply the learning rate after the init: 'auto' (halve until the first "
+                                          "step stays within 0.5 x the start's correction) or a number (1: keep)."}
+    )
     # Output
     show_progress: bool = field(default=True, metadata={"help": "Progress bars of the calibration and the solves."})
 
@@ -218,6 +236,7 @@ class QuAILoRAConfig:
                 f"`gram_device` must be one of {GRAM_DEVICES} ('auto', the layer's own device, or the CPU); got "
                 f"{self.gram_device!r}."
             )
+        parse_lr_scale(self.lr_scale)
         self.memory_budget_bytes  # parsed here, so that a bad budget fails before any work
 
     @property
