@@ -15,6 +15,7 @@
 | `report` | `QuAILoRAReport`, `LayerReport` |
 | `step_ratio` | `quailora_step_ratio`: how much further an Adam step moves the product from the start than from peft's |
 | `first_step` | `quailora_first_step`, `quailora_lr_scale`: how far Adam's first step moves the start's predictions, and the learning-rate rule built on it |
+| `lr_rule` | `lr_scale` as the callback applies it: "auto" kept when it cannot be measured, numbers applied or refused |
 | `callback` | `QuAILoRAInitCallback`, for any Trainer |
 
 The start knows nothing of dynamic-rank training, which builds on it (never the reverse).

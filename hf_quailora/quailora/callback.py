@@ -27,16 +27,10 @@ from transformers import TrainerCallback
 from .._io_utils import write_file_atomically
 from .._peft_utils import require_lora_layers, unwrap_model
 from ..embedded.data import check_token_ids
-from .calibration import make_calibration_batches
 from .config import QuAILoRAConfig, rename_options
-from .first_step import (
-    DEFAULT_BUDGET,
-    TooFewSequencesError,
-    parse_lr_scale,
-    quailora_lr_scale,
-    scale_learning_rate,
-)
+from .first_step import DEFAULT_BUDGET
 from .init import quailora_init
+from .lr_rule import apply_lr_scale, resolve_lr_scale
 from .placement import aim_at_training
 from .report import QuAILoRAReport
 from .sharded import unsupported_sharding
@@ -315,47 +309,16 @@ class QuAILoRAInitCallback(TrainerCallback):
 
     def _apply_lr_scale(self, optimizer, lr_scheduler) -> None:
         """`self.lr_scale` on the created optimizer and scheduler (once per initialisation; not on a resume)."""
-        if self.lr_scale is None or self.lr_scale == 1 or self._scaled:
-            return
-        if optimizer is None:
-            if self.first_step is not None:  # the default rule, called outside a Trainer: say so, do not fail
-                logger.warning("QuAILoRA lr_scale='auto' gave x %g, but on_train_begin got no optimizer to apply it "
-                               "to: multiply the learning rate yourself, or set lr_scale=1.", self.lr_scale)
-                self._scaled = True
-                return
-            raise ValueError(f"QuAILoRA's lr_scale ({self.config.lr_scale!r}) needs the trainer's optimizer at "
-                             "`on_train_begin`; none was given. Set `lr_scale=1` and scale the learning rate yourself.")
-        scale_learning_rate(optimizer, lr_scheduler, self.lr_scale)
-        self._scaled = True
+        if self.lr_scale is not None and self.lr_scale != 1 and not self._scaled:
+            apply_lr_scale(optimizer, lr_scheduler, self.lr_scale, self.config.lr_scale, auto=self.first_step is not None)
+            self._scaled = True
 
     def _resolve_lr_scale(self, args, model, calibration, tokenizer, wrapped: bool, train_dataloader=None) -> None:
-        """`config.lr_scale` → `self.lr_scale` for this start (every process: "auto" all-reduces under DDP).
-
-        "auto" takes and measures the step on the train batches when the trainer gives them (the data Adam's first
-        step will follow), else on the calibration data: measured on C4, Gemma-3-270m's first step read 0.09 of its
-        correction (rate kept); on its training examples 0.60 (rate halved), bench/RESULTS.md, issue 36."""
+        """`config.lr_scale` → `self.lr_scale` for this start (every process: "auto" all-reduces under DDP)."""
         self._scaled = False
-        scale = parse_lr_scale(self.config.lr_scale)
-        if scale is not None:
-            self.lr_scale = scale
-            return
-        if not args.learning_rate > 0:  # nothing to scale (a run at rate 0 evaluates its start)
-            self.lr_scale = 1.0
-            return
-        if wrapped:  # FSDP / DeepSpeed: initialised before wrapping, from sharded or soon-sharded weights
-            self.lr_scale = 1.0
-            logger.info("QuAILoRA lr_scale='auto' is not measured when FSDP or DeepSpeed wrap the model: the learning "
-                        "rate is kept. Set lr_scale to a number to scale it (quailora/first_step.py).")
-            return
-        source = train_dataloader if train_dataloader is not None else calibration
-        batches = make_calibration_batches(source, tokenizer, 8, self.config.calibration_length,
-                                           self.config.calibration_batch_size)
-        try:
-            self.lr_scale, self.first_step = quailora_lr_scale(model, batches, args.learning_rate,
-                                                               adapter_name=self.adapter_name)
-        except TooFewSequencesError as err:  # raised on every process alike
-            self.lr_scale = 1.0
-            logger.warning("QuAILoRA lr_scale='auto' keeps the learning rate: %s", err)
+        self.lr_scale, self.first_step = resolve_lr_scale(
+            self.config, args.learning_rate, model, train_dataloader if train_dataloader is not None else calibration,
+            tokenizer, wrapped, self.adapter_name)
 
     def _initialise(self, args, state, model, processing_class, train_dataloader, wrapped: bool = False) -> None:
         model = unwrap_model(model)
@@ -376,10 +339,11 @@ class QuAILoRAInitCallback(TrainerCallback):
             if self.first_step is not None:
                 step = self.first_step
                 ratios = ", ".join(f"x{scale:g}: {step.ratio(scale):.3f}" for scale in step.step_kl)
+                fits = step.ratio(self.lr_scale) <= DEFAULT_BUDGET
                 logger.info("QuAILoRA start: its correction is %.4g nats of KL; Adam's first step at lr %g times "
-                            "(%s) moves it that fraction of it -> learning rate x %g (lr_scale='auto': the largest "
-                            "within %g; lr_scale=1 keeps it).", step.correction_kl, step.learning_rate, ratios,
-                            self.lr_scale, DEFAULT_BUDGET)
+                            "(%s) moves it that fraction of it -> learning rate x %g (lr_scale='auto': %s %g; "
+                            "lr_scale=1 keeps it).", step.correction_kl, step.learning_rate, ratios, self.lr_scale,
+                            "the largest within" if fits else "the smallest factor; none is within", DEFAULT_BUDGET)
             elif self.lr_scale != 1:
                 logger.info("QuAILoRA start: learning rate x %g (lr_scale).", self.lr_scale)
             if self.report_file and args.output_dir:

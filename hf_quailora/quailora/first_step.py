@@ -14,7 +14,8 @@ optimizer: θ₁ = θ₀ − η · sign(∇L(θ₀)). Measure how far it moves t
 
 On the two embedded real models at η = 2e-4 (r = 64, bench/bench_lr_step.py, bench/RESULTS.md "the first step in
 what the model predicts"), one step moves SmolLM2-135M by 4% of its correction and Gemma-3-270m by 41%: per unit of
-learning rate Gemma's predictions move ten times as far, and its correction is half as large. The weight-space ratio
+learning rate Gemma's predictions move 5.6× as far from a QuAILoRA start (10× from QLoRA's), and its correction is
+1.8× smaller. The weight-space ratio
 of `quailora_step_ratio` missed this (2.2 on SmolLM2, 1.0 on Gemma). Gemma is the model whose QuAILoRA start drifts
 at 2e-4 and keeps its lead at half that rate (58% of the Alpaca perplexity gap closed after 40 steps over 3 seeds,
 against 35%); SmolLM2 loses 13 points when its rate is halved.
@@ -23,7 +24,7 @@ against 35%); SmolLM2 loses 13 points when its rate is halved.
 step stays within `budget` of the correction, S(η · scale) ≤ budget · C. The ratio S / C depends on the text it is
 measured on, so the budget is set on the measurement `QuAILoRAInitCallback` makes, on the recipe's train batches at
 2e-4, r = 64, over six disjoint sets of 8 examples per model (bench/bench_lr_rule.py): SmolLM2 0.12–0.29 at the full
-rate, Gemma 0.69–1.37 at the full rate and 0.22–0.44 at half. Any budget from 0.435 to 0.69 gives both models the
+rate, Gemma 0.69–1.37 at the full rate and 0.22–0.44 at half. With the two recipe checks (Gemma 0.457 at half), any budget from 0.457 to 0.69 gives both models the
 rates that won on every set; 0.5 also gives them on windows of the training examples (the calibration data, used
 without a train dataloader: SmolLM2 0.07, Gemma 0.60 → 0.16). It is a rule fitted to two models, with narrow margins,
 not a law: a third model would test it.
@@ -74,10 +75,13 @@ class FirstStep:
 
 
 def _adapter_parameters(model: torch.nn.Module, adapter_name: str) -> tuple[dict, list[torch.nn.Parameter]]:
+    """The LoRA layers and their trainable factors (Adam never moves a frozen one)."""
     layers = require_lora_layers(model, adapter_name)
     params = []
     for layer in layers.values():
-        params += [layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight]
+        params += [w for w in (layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight) if w.requires_grad]
+    if not params:
+        raise ValueError(f"Adapter {adapter_name!r} has no trainable LoRA factor: there is no first step to measure.")
     return layers, params
 
 
@@ -110,13 +114,15 @@ def _stepped(params: list[torch.nn.Parameter], signs: list[torch.Tensor], step: 
                 p.copy_(old)
 
 
-def _sequences(batches, max_sequences: int, device) -> list[dict[str, torch.Tensor]]:
-    """One sequence per forward (a large vocabulary's logits stay small), padding dropped, at most `max_sequences`."""
+def _sequences(batches, max_sequences: int, device, max_length: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """One sequence per forward (a large vocabulary's logits stay small), padding dropped (left or right), cut to
+    `max_length` tokens, at most `max_sequences`."""
     out = []
     for batch in batches:
-        mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(batch["input_ids"]) if mask is None else mask
         for ids, keep in zip(batch["input_ids"], mask):
-            ids = ids[keep.bool()]
+            ids = ids[keep.to(ids.device).bool()][:max_length]
             if ids.numel() >= 2:
                 out.append({"input_ids": ids[None].to(device)})
             if len(out) == max_sequences:
@@ -147,6 +153,7 @@ def quailora_first_step(
     scales=(1.0, 0.5, 0.25, 0.125),
     max_sequences: int = 8,
     adapter_name: str = "default",
+    max_length: int | None = None,
 ) -> FirstStep:
     """Measure a QuAILoRA start's correction and how far Adam's first step moves it, in KL (see the module).
 
@@ -163,6 +170,7 @@ def quailora_first_step(
         max_sequences (`int`, defaults to 8): sequences to use (per process): the step is taken on every other one
             and measured on the rest.
         adapter_name (`str`, defaults to `"default"`).
+        max_length (`int`, *optional*): tokens kept per sequence (its first ones); `None` keeps all.
 
     Returns:
         `FirstStep`.
@@ -180,7 +188,7 @@ def quailora_first_step(
         raise ValueError("The first step is measured on whole parameters; this model's are sharded (FSDP or tensor "
                          "parallel). Set the learning rate yourself (QuAILoRAConfig(lr_scale=<number>)).")
     layers, params = _adapter_parameters(model, adapter_name)
-    sequences = _sequences(batches, max_sequences, params[0].device)
+    sequences = _sequences(batches, max_sequences, params[0].device, max_length)
     fewest = len(sequences)
     if is_distributed():  # every process decides alike
         count = torch.tensor([fewest], dtype=torch.float64, device=_collective_device())
@@ -198,42 +206,47 @@ def quailora_first_step(
     was_training = model.training
     model.eval()
     try:
-        def local_gradient():  # Adam's first step: the sign of the gradient of the summed token loss
-            grads = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-            with torch.enable_grad():
-                for sequence in step_on:
-                    logits = model(**sequence).logits[0, :-1].float()
-                    loss = torch.nn.functional.cross_entropy(logits, sequence["input_ids"][0, 1:], reduction="sum")
-                    for total, grad in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
-                        if grad is not None:
-                            total += grad.float()
-            return grads
-
-        grads = run_on_every_process(local_gradient, "the gradient of the first-step measurement")
+        grads = run_on_every_process(lambda: _gradient(model, params, step_on), "the first-step gradient")
         if is_distributed():  # DDP's first step follows the gradient summed over processes
             for total in grads:
                 torch.distributed.all_reduce(total)
         signs = [torch.sign(total) for total in grads]
         del grads
-
-        def local_kl():
-            sums, tokens = [0.0] * (1 + len(scales)), 0
-            with torch.no_grad():
-                for sequence in measure_on:
-                    start = _log_probs(model, sequence)
-                    with _adapter_off(layers, adapter_name):
-                        sums[0] += _kl_sum(start, _log_probs(model, sequence))
-                    for i, scale in enumerate(scales, start=1):
-                        with _stepped(params, signs, learning_rate * scale):
-                            sums[i] += _kl_sum(start, _log_probs(model, sequence))
-                    tokens += start.shape[0]
-            return [*sums, float(tokens)]
-
-        totals = run_on_every_process(local_kl, "the KL of the first-step measurement")
+        totals = run_on_every_process(
+            lambda: _kl_sums(model, layers, adapter_name, params, signs, measure_on, learning_rate, scales),
+            "the first-step KL")
     finally:
         model.train(was_training)
     *sums, tokens = _all_reduce(totals)
     return FirstStep(learning_rate, sums[0] / tokens, {s: v / tokens for s, v in zip(scales, sums[1:])}, int(tokens))
+
+
+def _gradient(model, params, sequences) -> list[torch.Tensor]:
+    """The gradient of the summed token loss over `sequences` (float32), by `torch.autograd.grad`: no `.grad`."""
+    grads = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    with torch.enable_grad():
+        for sequence in sequences:
+            logits = model(**sequence).logits[0, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits, sequence["input_ids"][0, 1:], reduction="sum")
+            for total, grad in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
+                if grad is not None:
+                    total += grad.float()
+    return grads
+
+
+def _kl_sums(model, layers, adapter_name, params, signs, sequences, learning_rate, scales) -> list[float]:
+    """Summed KL(start ‖ adapter off) and KL(start ‖ stepped at each scale) over `sequences`, then their tokens."""
+    sums, tokens = [0.0] * (1 + len(scales)), 0
+    with torch.no_grad():
+        for sequence in sequences:
+            start = _log_probs(model, sequence)
+            with _adapter_off(layers, adapter_name):
+                sums[0] += _kl_sum(start, _log_probs(model, sequence))
+            for i, scale in enumerate(scales, start=1):
+                with _stepped(params, signs, learning_rate * scale):
+                    sums[i] += _kl_sum(start, _log_probs(model, sequence))
+            tokens += start.shape[0]
+    return [*sums, float(tokens)]
 
 
 def quailora_lr_scale(
@@ -244,15 +257,29 @@ def quailora_lr_scale(
     min_scale: float = DEFAULT_MIN_SCALE,
     max_sequences: int = 8,
     adapter_name: str = "default",
+    max_length: int | None = None,
 ) -> tuple[float, FirstStep]:
     """The largest of 1, 1/2, 1/4, ... (down to `min_scale`) at which Adam's first step moves the start's predictions
     by at most `budget` × its own correction (see the module): `(scale, measurement)`.
 
-    Returns `min_scale` when even that step is larger than the budget (the caller logs it), and 1 when the adapter
-    makes no correction (C = 0: nothing to keep).
+    Args:
+        model, batches, learning_rate, max_sequences, adapter_name, max_length: as for `quailora_first_step`.
+        budget (`float`, defaults to 0.5): the largest S / C allowed (fitted to two models: see the module).
+        min_scale (`float`, defaults to 0.125): the smallest factor tried.
+
+    Returns:
+        `(scale, FirstStep)`: `min_scale` when even that step is larger than the budget (check
+        `measurement.ratio(scale) > budget`), and 1 when the adapter makes no correction (C = 0: nothing to keep).
 
     Raises:
         ValueError: `budget` not positive, `min_scale` not in (0, 1], and what `quailora_first_step` raises.
+
+    Example:
+
+    ```python
+    batches = make_calibration_batches(texts, tokenizer, 8, 256)
+    scale, step = quailora_lr_scale(model, batches, learning_rate=2e-4)  # after quailora_init(model, ...)
+    ```
     """
     if not (math.isfinite(budget) and budget > 0):
         raise ValueError(f"`budget` ({budget!r}) must be a positive number.")
@@ -261,7 +288,7 @@ def quailora_lr_scale(
     scales = [1.0]
     while scales[-1] / 2 >= min_scale * (1 - 1e-9):
         scales.append(scales[-1] / 2)
-    measured = quailora_first_step(model, batches, learning_rate, scales, max_sequences, adapter_name)
+    measured = quailora_first_step(model, batches, learning_rate, scales, max_sequences, adapter_name, max_length)
     if measured.correction_kl <= 0:
         return 1.0, measured
     for scale in scales:
@@ -273,8 +300,20 @@ def quailora_lr_scale(
 def parse_lr_scale(value) -> float | None:
     """`QuAILoRAConfig.lr_scale` → a positive finite multiplier, or None for `"auto"`.
 
+    Args:
+        value: `"auto"` (any case), a positive number, or its string (as a command-line parser gives it).
+
+    Returns:
+        The multiplier, or `None` for `"auto"`.
+
     Raises:
-        ValueError: anything but `"auto"` or a positive finite number (or its string, as a parser gives it).
+        ValueError: anything else (zero, negative, not finite, a bool, None, another string).
+
+    Example:
+
+    ```python
+    parse_lr_scale("0.5")  # 0.5; parse_lr_scale("auto") is None
+    ```
     """
     if isinstance(value, str) and value.strip().lower() == "auto":
         return None
@@ -290,23 +329,47 @@ def parse_lr_scale(value) -> float | None:
     return scale
 
 
-def scale_learning_rate(optimizer, lr_scheduler, scale: float) -> None:
+SCALED_MARK = "quailora_lr_scale"  # kept in each scaled parameter group (and so in checkpoints): never scaled twice
+
+
+def scale_learning_rate(optimizer, lr_scheduler, scale: float) -> bool:
     """Multiply the learning rate of every parameter group of a created `optimizer` (and the base rates its
-    `lr_scheduler` computes from) by `scale`, before the first step.
+    `lr_scheduler` computes from) by `scale`, before the first step, once: a group already scaled (a second
+    `trainer.train()` on the same optimizer, a restored checkpoint) is left alone.
+
+    Args:
+        optimizer: a torch optimizer (or a wrapper with `param_groups`).
+        lr_scheduler: its scheduler, or `None`. torch's `LRScheduler`s (`base_lrs`) and `ReduceLROnPlateau` follow.
+        scale (`float`): the multiplier.
+
+    Returns:
+        Whether anything was scaled.
 
     Raises:
-        ValueError: a scheduler without `base_lrs` (not a torch `LRScheduler`, e.g. DeepSpeed's own), whose rates
-            could not follow; nothing is changed then.
+        ValueError: another scheduler without `base_lrs` (e.g. one a DeepSpeed config defines), whose rates could not
+            follow; nothing is changed then.
+
+    Example:
+
+    ```python
+    scale_learning_rate(trainer.optimizer, trainer.lr_scheduler, 0.5)
+    ```
     """
-    if lr_scheduler is not None and not hasattr(lr_scheduler, "base_lrs"):
+    plateau = isinstance(lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    if lr_scheduler is not None and not plateau and not hasattr(lr_scheduler, "base_lrs"):
         raise ValueError(
             f"QuAILoRA's `lr_scale` cannot scale the rates of a {type(lr_scheduler).__name__} (no `base_lrs`); set "
             "`lr_scale=1` and lower the learning rate yourself."
         )
-    for group in optimizer.param_groups:
+    todo = [i for i, group in enumerate(optimizer.param_groups) if SCALED_MARK not in group]
+    for i in todo:
+        group = optimizer.param_groups[i]
         group["lr"] = group["lr"] * scale
         if "initial_lr" in group:
             group["initial_lr"] = group["initial_lr"] * scale
-    if lr_scheduler is not None:
-        lr_scheduler.base_lrs = [rate * scale for rate in lr_scheduler.base_lrs]
+        group[SCALED_MARK] = scale
+        if lr_scheduler is not None and not plateau:
+            lr_scheduler.base_lrs[i] = lr_scheduler.base_lrs[i] * scale
+    if lr_scheduler is not None and hasattr(lr_scheduler, "_last_lr"):
         lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return bool(todo)

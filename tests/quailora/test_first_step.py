@@ -53,10 +53,25 @@ def kl_after_adam_step(model, batches, lr):
 def test_first_step_is_adams_first_step_and_leaves_the_adapter(start):
     model, batches = start
     before = adapter_state(model)
+    scalings = [dict(m.scaling) for m in model.modules() if hasattr(m, "scaling") and isinstance(m.scaling, dict)]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     model.train()
     step = quailora_first_step(model, batches, 1e-3, scales=(1.0, 0.5))
     after = adapter_state(model)
     assert all(torch.equal(before[k], after[k]) for k in before) and model.training  # restored exactly
+    assert scalings == [dict(m.scaling) for m in model.modules() if hasattr(m, "scaling") and isinstance(m.scaling, dict)]
+    assert trainable == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(p.grad is None for p in model.parameters())  # autograd.grad: nothing accumulated
+    # padding on the left gives the same sequences, so the same numbers
+    left = []
+    for batch in batches:
+        ids, mask = batch["input_ids"].clone(), batch["attention_mask"].clone()
+        for row in range(ids.shape[0]):
+            keep = int(mask[row].sum())
+            ids[row] = torch.cat([ids[row][~mask[row].bool()], ids[row][mask[row].bool()]])
+            mask[row] = torch.cat([torch.zeros(ids.shape[1] - keep, dtype=mask.dtype), torch.ones(keep, dtype=mask.dtype)])
+        left.append({"input_ids": ids, "attention_mask": mask, "labels": ids})
+    assert quailora_first_step(model, left, 1e-3, scales=(1.0, 0.5)).step_kl == pytest.approx(step.step_kl, rel=1e-4)
     assert step.correction_kl > 0 and step.tokens > 0
     assert step.step_kl[1.0] == pytest.approx(kl_after_adam_step(model, batches, 1e-3), rel=0.02)
     # a small step: KL grows with the square of the rate
@@ -132,6 +147,22 @@ def test_callback_keeps_the_rate_when_too_little_calibration_data(tiny_model_pat
         trainer.train()
     assert callback.lr_scale == 1.0 and callback.first_step is None and "keeps the learning rate" in caplog.text
     assert trainer.optimizer.param_groups[0]["lr"] == 1e-2
+
+
+def test_a_second_train_call_does_not_scale_the_rate_twice(tiny_model_path, tiny_texts, tmp_path):
+    trainer, callback = sft_trainer(tiny_model_path, tiny_texts, tmp_path, "0.25")
+    trainer.train()
+    trainer.train()  # the same optimizer (its groups marked), a new scheduler from their initial rates
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.25)
+    assert trainer.lr_scheduler.base_lrs == pytest.approx([1e-2 * 0.25] * len(trainer.optimizer.param_groups))
+
+
+def test_scale_learning_rate_follows_plateau_schedulers_and_marks_groups():
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([parameter], lr=1.0)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+    assert scale_learning_rate(optimizer, plateau, 0.5) and optimizer.param_groups[0]["lr"] == 0.5
+    assert not scale_learning_rate(optimizer, plateau, 0.5) and optimizer.param_groups[0]["lr"] == 0.5  # once
 
 
 def test_lr_scale_is_not_applied_on_a_resume_and_bad_values_fail_early(tiny_model_path, tiny_texts):

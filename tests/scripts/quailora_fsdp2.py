@@ -128,13 +128,15 @@ def _callback_run(model_dir: str, rounded_dir: str, out_dir: str, world: int, ca
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     callback = QuAILoRAInitCallback(calibration_dataset=TEXTS, full_precision_weights=model_dir, **SETTINGS)
     args = TrainingArguments(output_dir=out_dir, max_steps=1, per_device_train_batch_size=2, use_cpu=True,
-                             report_to="none", save_strategy="no", learning_rate=0.0, ddp_backend="gloo")
+                             report_to="none", save_strategy="no", ddp_backend="gloo",
+                             learning_rate=1e-30)  # > 0, so lr_scale="auto" is considered; too small to move fp32
     ids = [[(7 * i + j) % (len(tokenizer) - 3) + 3 for j in range(16)] for i in range(4)]
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
                       processing_class=tokenizer, callbacks=[callback])
     at_init_end = callback.report is not None
     trainer.train()
-    return {"weights": lora_weights(model), "at_init_end": at_init_end, "tokens": callback.report.num_tokens}
+    return {"weights": lora_weights(model), "at_init_end": at_init_end, "tokens": callback.report.num_tokens,
+            "lr_scale": callback.lr_scale, "measured": callback.first_step is not None}
 
 
 def _failures(model, model_dir: str, rank: int, tokenizer) -> list[str]:
