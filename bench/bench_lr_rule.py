@@ -16,16 +16,16 @@ Usage (each model in a fresh process; ≈ 5–10 min each on one thread):
 from __future__ import annotations
 
 import argparse
-import glob
-import json
 import os
 import statistics
 
 
 if __package__:
     from ._common import peft_model, write_json, write_results
+    from .bench_lr_step import stored
 else:
     from _common import peft_model, write_json, write_results
+    from bench_lr_step import stored
 
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -102,10 +102,7 @@ def main(argv=None) -> None:
         result = measure(args.model, args.rank, args.learning_rate, args.repeats, args.seed)
         slug = os.path.basename(args.model.rstrip("/"))
         print(write_json(os.path.join(args.results_dir, f"lr_rule-{slug}.json"), result))
-    results = []
-    for path in sorted(glob.glob(os.path.join(args.results_dir, "lr_rule-*.json"))):
-        with open(path) as handle:
-            results.append(json.load(handle))
+    results = stored(args.results_dir, "lr_rule")
     table = report(results)
     print(table)
     write_results(os.path.join(args.results_dir, "lr_rule"),

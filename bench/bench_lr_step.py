@@ -166,10 +166,10 @@ def measure(model_name: str, rank: int, steps: int, lr: float, seed: int, calibr
     return result
 
 
-def stored(results: str) -> list[dict]:
-    """Every `lr_step-<model>.json` under `results`."""
+def stored(results: str, prefix: str = "lr_step") -> list[dict]:
+    """Every `<prefix>-<model>.json` under `results` (bench_lr_rule.py reads its own with `prefix="lr_rule"`)."""
     rows = []
-    for path in sorted(glob.glob(os.path.join(results, "lr_step-*.json"))):
+    for path in sorted(glob.glob(os.path.join(results, f"{prefix}-*.json"))):
         with open(path) as handle:
             rows.append(json.load(handle))
     return rows
