@@ -11,6 +11,7 @@ Usage (each model in a fresh process; ≈ 5–10 min each on one thread):
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python bench/bench_lr_rule.py --model smollm2-135m
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python bench/bench_lr_rule.py --model gemma3-270m --report
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python bench/bench_lr_rule.py --model gemma3-270m --rank 16  # lr_rule-gemma3-270m-r16.json
 """
 
 from __future__ import annotations
@@ -71,9 +72,9 @@ def pick(ratios: dict, budget: float) -> float:
 
 
 def report(results: list[dict]) -> str:
-    lines = ["| model | sets | S / C at ×1, mean ± std (min–max) | at ×0.5 | " +
+    lines = ["| model | r | sets | S / C at ×1, mean ± std (min–max) | at ×0.5 | " +
              " | ".join(f"factors at budget {b:g}" for b in BUDGETS) + " |",
-             "|---|---:|---|---|" + "---|" * len(BUDGETS)]
+             "|---|---:|---:|---|---|" + "---|" * len(BUDGETS)]
     for r in results:
         one = [row["ratios"]["1.0"] for row in r["rows"]]
         half = [row["ratios"]["0.5"] for row in r["rows"]]
@@ -82,7 +83,7 @@ def report(results: list[dict]) -> str:
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             return f"{statistics.mean(values):.3f} ± {spread:.3f} ({min(values):.3f}–{max(values):.3f})"
         picks = [", ".join(f"×{pick(row['ratios'], b):g}" for row in r["rows"]) for b in BUDGETS]
-        lines.append(f"| {r['model']} | {len(one)} | {cell(one)} | {cell(half)} | " + " | ".join(picks) + " |")
+        lines.append(f"| {r['model']} | {r['rank']} | {len(one)} | {cell(one)} | {cell(half)} | " + " | ".join(picks) + " |")
     return "\n".join(lines)
 
 
@@ -100,7 +101,7 @@ def main(argv=None) -> None:
         parser.error("--rank and --repeats must be at least 1 and --learning_rate positive")
     if not args.report:
         result = measure(args.model, args.rank, args.learning_rate, args.repeats, args.seed)
-        slug = os.path.basename(args.model.rstrip("/"))
+        slug = os.path.basename(args.model.rstrip("/")) + ("" if args.rank == 64 else f"-r{args.rank}")
         print(write_json(os.path.join(args.results_dir, f"lr_rule-{slug}.json"), result))
     results = stored(args.results_dir, "lr_rule")
     table = report(results)

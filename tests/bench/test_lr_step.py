@@ -44,7 +44,7 @@ def test_bench_lr_rule_repeats_the_callbacks_measurement_on_disjoint_batches(tin
     from bench.bench_lr_rule import BUDGETS, main, pick
 
     main(["--model", tiny_model_path, "--rank", "8", "--repeats", "2", "--results_dir", str(tmp_path)])
-    (path,) = tmp_path.glob("lr_rule-*.json")
+    (path,) = tmp_path.glob("lr_rule-*-r8.json")  # a rank other than 64 is in the name
     result = json.loads(path.read_text())
     assert [row["set"] for row in result["rows"]] == [0, 1]
     first, second = (row["ratios"] for row in result["rows"])
@@ -53,5 +53,5 @@ def test_bench_lr_rule_repeats_the_callbacks_measurement_on_disjoint_batches(tin
     assert pick({"1.0": 0.9, "0.5": 0.3, "0.25": 0.1}, 0.5) == 0.5 and pick({"1.0": 9.0, "0.5": 5.0}, 0.5) == 0.5
     assert pick({"1.0": 0.1, "0.5": 0.03}, 0.2) == 1.0
     printed = capsys.readouterr().out
-    assert all(f"factors at budget {b:g}" in printed for b in BUDGETS)
+    assert all(f"factors at budget {b:g}" in printed for b in BUDGETS) and " | 8 | 2 | " in printed  # r, sets
     assert (tmp_path / "lr_rule.md").is_file()
