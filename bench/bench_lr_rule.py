@@ -22,11 +22,11 @@ import statistics
 
 
 if __package__:
-    from ._common import peft_model, write_json, write_results
-    from .bench_lr_step import stored
+    from ._common import peft_model
+    from .bench_lr_step import store_and_report
 else:
-    from _common import peft_model, write_json, write_results
-    from bench_lr_step import stored
+    from _common import peft_model
+    from bench_lr_step import store_and_report
 
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -99,15 +99,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.rank < 1 or args.repeats < 1 or not args.learning_rate > 0:
         parser.error("--rank and --repeats must be at least 1 and --learning_rate positive")
-    if not args.report:
-        result = measure(args.model, args.rank, args.learning_rate, args.repeats, args.seed)
-        slug = os.path.basename(args.model.rstrip("/")) + ("" if args.rank == 64 else f"-r{args.rank}")
-        print(write_json(os.path.join(args.results_dir, f"lr_rule-{slug}.json"), result))
-    results = stored(args.results_dir, "lr_rule")
-    table = report(results)
-    print(table)
-    write_results(os.path.join(args.results_dir, "lr_rule"),
-                  "# The learning-rate rule's measurement across train batches\n\n" + table + "\n", {"rows": results})
+    result = None if args.report else measure(args.model, args.rank, args.learning_rate, args.repeats, args.seed)
+    slug = os.path.basename(args.model.rstrip("/")) + ("" if args.rank == 64 else f"-r{args.rank}")
+    store_and_report(args.results_dir, "lr_rule", slug, result, report,
+                     "The learning-rate rule's measurement across train batches")
 
 
 if __name__ == "__main__":

@@ -166,6 +166,18 @@ def measure(model_name: str, rank: int, steps: int, lr: float, seed: int, calibr
     return result
 
 
+def store_and_report(results: str, prefix: str, slug: str, result: dict | None, report_rows, title: str) -> list[dict]:
+    """Write `result` (unless `None`: `--report`) as `<prefix>-<slug>.json`, then print and write
+    `<prefix>.md` / `.json` with `report_rows` over every stored result (this script's and bench_lr_rule.py's)."""
+    if result is not None:
+        print(write_json(os.path.join(results, f"{prefix}-{slug}.json"), result))
+    rows = stored(results, prefix)
+    table = report_rows(rows)
+    print(table)
+    write_results(os.path.join(results, prefix), f"# {title}\n\n" + table + "\n", {"rows": rows})
+    return rows
+
+
 def stored(results: str, prefix: str = "lr_step") -> list[dict]:
     """Every `<prefix>-<model>.json` under `results` (bench_lr_rule.py reads its own with `prefix="lr_rule"`)."""
     rows = []
@@ -216,15 +228,10 @@ def main(argv=None) -> None:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if not args.learning_rate > 0:
         parser.error(f"--learning_rate must be positive, got {args.learning_rate}")
-    if not args.report:
-        result = measure(args.model, args.rank, args.steps, args.learning_rate, args.seed, args.calibration_windows)
-        slug = os.path.basename(args.model.rstrip("/"))
-        print(write_json(os.path.join(args.results_dir, f"lr_step-{slug}.json"), result))
-    rows = stored(args.results_dir)
-    table = report(rows)
-    print(table)
-    write_results(os.path.join(args.results_dir, "lr_step"),
-                  "# One AdamW step from a QuAILoRA start\n\n" + table + "\n", {"rows": rows})
+    result = None if args.report else measure(args.model, args.rank, args.steps, args.learning_rate, args.seed,
+                                              args.calibration_windows)
+    store_and_report(args.results_dir, "lr_step", os.path.basename(args.model.rstrip("/")), result, report,
+                     "One AdamW step from a QuAILoRA start")
 
 
 if __name__ == "__main__":
