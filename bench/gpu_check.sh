@@ -19,27 +19,9 @@
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_check.sh OUTPUT_DIR [SECONDS]}
 budget=${2:-420}
+source "$(dirname "$0")/gpu_lib.sh"
 mkdir -p "$out"
-# USE_HUB_KERNELS=NO: offline, transformers' default Hub kernels fail a GPU load (README, Known limits); the
-# benchmark calls from_pretrained itself, so load_quantized_model's use_kernels=False does not reach it.
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false USE_HUB_KERNELS=NO
-start=$SECONDS
-run() {  # DRY_RUN=1: print the command instead of running it
-  if [ -n "${DRY_RUN:-}" ]; then echo "+ $*" >&2; else "$@"; fi
-}
-{
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 - <<'PY'
-import importlib, torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")
-for name in ("transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets"):
-    try:
-        print(name, importlib.import_module(name).__version__)
-    except Exception as err:  # printed, so that a missing package is visible in env.txt
-        print(name, "FAILED:", repr(err))
-PY
-} > "$out/env.txt" 2>&1
-cat "$out/env.txt"
+write_env "$out"
 run python3 -m pytest -q -rA -s -p no:cacheprovider tests/test_cuda_path.py > "$out/cuda_tests.log" 2>&1
 tests_rc=$?
 grep -E "passed|failed|error|differs" "$out/cuda_tests.log" | tail -n 12

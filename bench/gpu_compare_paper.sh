@@ -16,18 +16,9 @@
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_compare_paper.sh OUTPUT_DIR [SECONDS]}
 budget=${2:-540}
+source "$(dirname "$0")/gpu_lib.sh"
 mkdir -p "$out"
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false USE_HUB_KERNELS=NO
-start=$SECONDS
-exec 4>&2  # the dry run's commands go to stderr, past each command's own redirection to the log
-run() {  # DRY_RUN=1: print the command instead of running it
-  if [ -n "${DRY_RUN:-}" ]; then echo "+ $*" >&4; else "$@"; fi
-}
-if [ -z "${DRY_RUN:-}" ]; then
-  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } > "$out/env.txt" 2>&1
-  cat "$out/env.txt"
-fi
+[ -z "${DRY_RUN:-}" ] && write_env "$out"
 common=(--arms qlora,quailora,int8 --steps 200 --eval_steps 25 --batch_size 4 --max_length 256 --eval_windows 16
         --eval_examples 100 --curve_eval_examples 16 --calibration_data alpaca_train --calibration_windows 32
         --threads 8 --output_dir "$out")

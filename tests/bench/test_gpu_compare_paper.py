@@ -4,7 +4,6 @@ check made before a model loads, cover the paper's grid, and give QuAILoRA the r
 import json
 import os
 import shlex
-import statistics
 import subprocess
 
 from hf_quailora.quailora.first_step import DEFAULT_BUDGET
@@ -14,14 +13,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def rule_scale(model: str, rank: int) -> float:
-    """The largest scale of 1, 1/2, 1/4, 1/8 whose mean S/C in the stored `bench_lr_rule.py` run is within budget."""
+    """The factor the rule picks (`bench_lr_rule.pick`) on every train batch set of the stored `bench_lr_rule.py` run."""
+    from bench.bench_lr_rule import pick
+
     name = f"lr_rule-{model}" + ("" if rank == 64 else f"-r{rank}") + ".json"
     with open(os.path.join(ROOT, "bench", "results", name)) as f:
-        rows = json.load(f)["rows"]
-    for scale in ("1.0", "0.5", "0.25", "0.125"):
-        if statistics.mean(row["ratios"][scale] for row in rows) <= DEFAULT_BUDGET:
-            return float(scale)
-    return 0.125
+        picks = {pick(row["ratios"], DEFAULT_BUDGET) for row in json.load(f)["rows"]}
+    assert len(picks) == 1, (model, rank, picks)  # the sets agree (6 of 6, bench/RESULTS.md)
+    return picks.pop()
 
 
 def test_dry_run_commands_parse_and_cover_the_grid(tmp_path):
@@ -47,3 +46,10 @@ def test_dry_run_commands_parse_and_cover_the_grid(tmp_path):
         grid.add((model, rank, seed))
     assert grid == {(m, r, s) for m in ("smollm2-135m", "gemma3-270m") for r in (16, 64) for s in (1, 2, 3)}
     assert not (tmp_path / "out" / "runs").exists()  # the dry run ran nothing
+
+
+def test_bad_arguments_fail_before_anything_runs(tmp_path):
+    for argv, message in (([], "usage"), ([str(tmp_path / "out"), "ten"], "SECONDS")):
+        done = subprocess.run(["bash", "bench/gpu_compare_paper.sh", *argv], cwd=ROOT, timeout=60,
+                              env={**os.environ, "DRY_RUN": "1"}, capture_output=True, text=True)
+        assert done.returncode != 0 and message in done.stderr and "+ " not in done.stderr
